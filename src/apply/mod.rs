@@ -1,0 +1,289 @@
+//! Apply: one batch of messages in one database transaction. For each
+//! message, in order: its idempotency key is checked, the ledger rules run on
+//! the loaded ledger, and what they change is kept only if they succeed; the
+//! journal entries, outbox rows (complete outbound CloudEvents and rendered
+//! emails) and idempotency records of every message are then written and
+//! committed together. Nothing may be acknowledged before this returns.
+
+use std::collections::{BTreeSet, HashSet};
+
+use chrono::Duration;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::decode::{Decoded, EventKey};
+use crate::domain::command::Command;
+use crate::domain::ledger::Effect;
+use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, Policy};
+use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
+use crate::notify::Mailer;
+use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+
+/// Namespace of the ids derived for outbound events and emails: the same
+/// cause always yields the same ids.
+const OUTBOX_NAMESPACE: Uuid = Uuid::from_u128(0x6c1e_5d0a_7b2f_4e8e_9a43_1d2c_3b4a_5f60);
+
+/// One unit of work for the ledger: an inbound event or a scheduled job.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub key: EventKey,
+    pub digest: String,
+    /// `causation_id` of what it produces: the inbound event id, or
+    /// `schedule:JOB:INSTANT`.
+    pub causation_id: String,
+    pub command: Command,
+}
+
+impl From<Decoded> for Input {
+    fn from(decoded: Decoded) -> Input {
+        Input {
+            causation_id: decoded.key.id.clone(),
+            key: decoded.key,
+            digest: decoded.digest,
+            command: decoded.command,
+        }
+    }
+}
+
+/// What the rules need beyond the ledger: policy, who counts as staff, and
+/// how outbound events and emails are addressed.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    pub admin_sources: HashSet<String>,
+    pub event_source: String,
+    pub portal_url: String,
+}
+
+pub struct Applier<S> {
+    store: S,
+    mailer: Mailer,
+    settings: Settings,
+}
+
+impl<S: Store> Applier<S> {
+    pub fn new(store: S, settings: Settings) -> Applier<S> {
+        Applier {
+            mailer: Mailer::new(&settings.portal_url),
+            store,
+            settings,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Applies `batch` as of `now` in one transaction and returns one outcome
+    /// per input, in order. An error means nothing was written: the whole
+    /// batch is to be tried again.
+    pub async fn apply(&self, batch: &[Input], now: Ts) -> Result<Vec<Outcome>, StoreError> {
+        let wanted = wanted(batch, now);
+        self.store
+            .transact(&wanted, |loaded| self.run(batch, loaded, now))
+            .await
+    }
+
+    fn run(&self, batch: &[Input], loaded: Loaded, now: Ts) -> (Vec<Outcome>, Writes) {
+        let Loaded {
+            mut ledger,
+            mut seen,
+        } = loaded;
+        let mut writes = Writes {
+            reminder_stages: self.settings.policy.reminder_stages.clone(),
+            now: Some(now),
+            ..Writes::default()
+        };
+        let mut accounts: BTreeSet<Id> = BTreeSet::new();
+        let mut requests: BTreeSet<Id> = BTreeSet::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for input in batch {
+            if let Some(digest) = seen.get(&input.key) {
+                outcomes.push(if *digest == input.digest {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::dead(
+                        DeadReason::IdConflict,
+                        format!(
+                            "event `{}` from `{}` was seen before with another body",
+                            input.key.id, input.key.source
+                        ),
+                    )
+                });
+                continue;
+            }
+            let ctx = Ctx {
+                now,
+                staff: self.settings.admin_sources.contains(&input.key.source),
+                event_id: &input.key.id,
+                fingerprint: &input.digest,
+                policy: &self.settings.policy,
+                fresh_code: Code::generate(),
+            };
+            let (outcome, changes) = rules::handle(&ledger, &input.command, &ctx);
+            if matches!(outcome, Outcome::Retry { .. } | Outcome::Dead { .. }) {
+                outcomes.push(outcome);
+                continue;
+            }
+            ledger.absorb(&changes);
+            accounts.extend(changes.accounts.into_keys());
+            requests.extend(changes.requests.into_keys());
+            let cause = &input.causation_id;
+            writes
+                .journal
+                .extend(changes.journal.into_iter().map(|e| (e, cause.clone())));
+            writes
+                .audit
+                .extend(changes.audit.into_iter().map(|e| (e, cause.clone())));
+            writes.attempts.extend(changes.attempts);
+            writes
+                .outbox
+                .extend(self.outbox_rows(input, &changes.effects, now));
+            writes
+                .processed
+                .push((input.key.clone(), input.digest.clone(), outcome.label()));
+            seen.insert(input.key.clone(), input.digest.clone());
+            outcomes.push(outcome);
+        }
+        writes.accounts = accounts
+            .iter()
+            .filter_map(|id| ledger.accounts.get(id).cloned())
+            .collect();
+        writes.requests = requests
+            .iter()
+            .filter_map(|id| ledger.requests.get(id).cloned())
+            .collect();
+        (outcomes, writes)
+    }
+
+    /// The outbox rows of one input's effects, with ids derived from the
+    /// input's key so that they are the same however often it is applied.
+    fn outbox_rows(&self, input: &Input, effects: &[Effect], now: Ts) -> Vec<OutboxRow> {
+        let mut rows = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Event {
+                    kind,
+                    account_id,
+                    data,
+                } => {
+                    let id = derived_id(&input.key, rows.len());
+                    let event = self.cloud_event(
+                        &id,
+                        kind,
+                        account_id.as_ref(),
+                        data,
+                        &input.causation_id,
+                        now,
+                    );
+                    rows.push(OutboxRow {
+                        id,
+                        kind: OutboxKind::Event,
+                        payload: event.to_string(),
+                        created_at: now,
+                    });
+                }
+                Effect::Email { to, template, vars } => {
+                    for recipient in to {
+                        let id = derived_id(&input.key, rows.len());
+                        let email = self
+                            .mailer
+                            .render(
+                                template,
+                                vars,
+                                recipient,
+                                format!("<{id}@training-credits>"),
+                                &input.causation_id,
+                            )
+                            .expect("every template renders with the variables the rules give it");
+                        rows.push(OutboxRow {
+                            id,
+                            kind: OutboxKind::Email,
+                            payload: serde_json::to_string(&email).expect("an email serialises"),
+                            created_at: now,
+                        });
+                    }
+                }
+                Effect::Report(report) => {
+                    let id = derived_id(&input.key, rows.len());
+                    rows.push(OutboxRow {
+                        id,
+                        kind: OutboxKind::Report,
+                        payload: json!({"request": report, "causation_id": input.causation_id})
+                            .to_string(),
+                        created_at: now,
+                    });
+                }
+            }
+        }
+        rows
+    }
+
+    /// A complete outbound CloudEvent (SPEC §5.2).
+    fn cloud_event(
+        &self,
+        id: &str,
+        kind: &str,
+        account_id: Option<&Id>,
+        data: &Value,
+        causation_id: &str,
+        now: Ts,
+    ) -> Value {
+        let mut data = data.clone();
+        data["account_id"] = json!(account_id);
+        data["causation_id"] = json!(causation_id);
+        let mut event = json!({
+            "specversion": "1.0",
+            "id": id,
+            "source": self.settings.event_source,
+            "type": kind,
+            "time": now,
+            "datacontenttype": "application/json",
+            "data": data,
+        });
+        if let Some(account_id) = account_id {
+            event["subject"] = json!(account_id);
+        }
+        event
+    }
+}
+
+fn derived_id(key: &EventKey, index: usize) -> String {
+    let name = format!("{}\n{}\n{index}", key.source, key.id);
+    Uuid::new_v5(&OUTBOX_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// Everything `batch` refers to, for one load.
+fn wanted(batch: &[Input], now: Ts) -> Wanted {
+    let mut wanted = Wanted::default();
+    for input in batch {
+        wanted.keys.push(input.key.clone());
+        let command = &input.command;
+        wanted.account_ids.extend(command.account_id().cloned());
+        wanted.request_ids.extend(command.request_id().cloned());
+        match command {
+            Command::AccountOpened(c) => {
+                wanted
+                    .owner_emails
+                    .extend(c.owners.iter().map(|o| o.email.clone()));
+                wanted.code_keys.extend(c.code.as_ref().map(Code::key));
+            }
+            Command::OwnerAdded(c) => wanted.owner_emails.push(c.owner.email.clone()),
+            Command::CodeRotated(c) => wanted.code_keys.extend(c.code.as_ref().map(Code::key)),
+            Command::AccountClosed(c) => wanted.pending_of.push(c.account_id.clone()),
+            Command::Sweep { account_id } => wanted.pending_of.push(account_id.clone()),
+            Command::RedemptionRequested(c) => {
+                wanted.code_keys.push(CodeKey::of(&c.code));
+                wanted.learner_ids.push(c.learner.id.clone());
+                wanted.attempts_since =
+                    Some(now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES)));
+            }
+            _ => {}
+        }
+    }
+    wanted
+}

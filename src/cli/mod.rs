@@ -1,0 +1,89 @@
+//! The command line (SPEC §3), one file per command. Each returns the exit
+//! code; failures come back as errors, which `main` prints on one line.
+
+mod account;
+mod migrate;
+mod sweep;
+mod verify;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DatabaseUrl, redact};
+use crate::store::{PgStore, SqliteStore, Store};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "training-credits",
+    version,
+    about = "Prepaid training credits: the ledger worker"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+    /// Inspect accounts.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Run every scheduled job once (expiry sweep, reminders, pending timeout).
+    Sweep {
+        /// The instant to run them as of (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Recompute every balance from the journal and check every invariant.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Print one account as a JSON object.
+    Show { account_id: String },
+}
+
+/// Opens the configured ledger, migrating it if needed, and runs `$body` with
+/// it bound to `$store`, whichever backend it is.
+macro_rules! with_store {
+    ($config:expr, |$store:ident| $body:expr) => {
+        match &$config.database_url {
+            DatabaseUrl::Sqlite(url) => {
+                let $store = SqliteStore::connect(url)
+                    .await
+                    .with_context(|| format!("cannot open {}", redact(url)))?;
+                $store.migrate().await?;
+                $body
+            }
+            DatabaseUrl::Postgres(url) => {
+                let $store = PgStore::connect(url)
+                    .await
+                    .with_context(|| format!("cannot connect to {}", redact(url)))?;
+                $store.migrate().await?;
+                $body
+            }
+        }
+    };
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::from_env().context("bad configuration")?;
+    match cli.command {
+        Command::Migrate => with_store!(config, |store| migrate::run(&store).await),
+        Command::Account {
+            command: AccountCommand::Show { account_id },
+        } => with_store!(config, |store| account::show(&store, &account_id).await),
+        Command::Sweep { at } => {
+            with_store!(config, |store| sweep::run(store, &config, at.as_deref())
+                .await)
+        }
+        Command::Verify => with_store!(config, |store| verify::run(&store).await),
+    }
+}

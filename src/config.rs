@@ -1,0 +1,290 @@
+//! Typed settings from the environment (SPEC §2). Every variable is read and
+//! checked at start; a bad value stops the program with a message naming the
+//! variable, so the worker never starts half-configured. Secrets in URLs are
+//! redacted whenever a setting is shown.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::apply::Settings;
+use crate::domain::rules::Policy;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+/// Which ledger database, from `DATABASE_URL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(String),
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+        if url.starts_with("sqlite:") {
+            Ok(DatabaseUrl::Sqlite(url.to_owned()))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(url.to_owned()))
+        } else {
+            Err(format!(
+                "`{}` is neither sqlite://PATH nor postgres://…",
+                redact(url)
+            ))
+        }
+    }
+}
+
+/// Replaces the password of a URL with `***`.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: DatabaseUrl,
+    pub amqp_url: String,
+    pub smtp_url: Option<url::Url>,
+    pub mail_dir: PathBuf,
+    pub mail_from: lettre::message::Mailbox,
+    pub portal_url: String,
+    pub http_addr: SocketAddr,
+    pub reports_dir: PathBuf,
+    pub event_source: String,
+    pub admin_sources: HashSet<String>,
+    pub retry_delays: Vec<Duration>,
+    pub policy: Policy,
+    pub sweep_cron: String,
+    pub statement_cron: String,
+    pub report_cron: String,
+}
+
+struct Vars<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    fn get(&self, variable: &'static str, default: &str) -> (String, &'static str) {
+        (
+            (self.0)(variable)
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| default.to_owned()),
+            variable,
+        )
+    }
+
+    fn parse<T>(
+        &self,
+        variable: &'static str,
+        default: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let (value, variable) = self.get(variable, default);
+        parse(value.trim()).map_err(|problem| ConfigError { variable, problem })
+    }
+}
+
+fn days(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(n) if (0..=3650).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a whole number of days from 0 to 3650"
+        )),
+    }
+}
+
+/// `1s`, `500ms`, `5m`, `1h`.
+fn duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}` has an unknown unit (ms, s, m or h)")),
+    }
+}
+
+fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(item)
+        .collect()
+}
+
+fn cron(text: &str) -> Result<String, String> {
+    if text.split_whitespace().count() == 6 {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("`{text}` must have six fields, seconds first"))
+    }
+}
+
+fn http_url(text: &str) -> Result<String, String> {
+    match url::Url::parse(text) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {
+            Ok(text.trim_end_matches('/').to_owned())
+        }
+        _ => Err(format!("`{text}` is not an http(s) URL")),
+    }
+}
+
+impl Config {
+    /// Reads the process environment (after a `.env` file, if any).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_vars(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let vars = Vars(var);
+        Ok(Config {
+            database_url: vars.parse(
+                "DATABASE_URL",
+                "sqlite://training-credits.db",
+                DatabaseUrl::parse,
+            )?,
+            amqp_url: vars.parse("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", |v| {
+                match url::Url::parse(v) {
+                    Ok(u) if matches!(u.scheme(), "amqp" | "amqps") => Ok(v.to_owned()),
+                    _ => Err(format!("`{}` is not an amqp:// or amqps:// URL", redact(v))),
+                }
+            })?,
+            smtp_url: vars.parse("SMTP_URL", "", |v| {
+                if v.is_empty() {
+                    return Ok(None);
+                }
+                match url::Url::parse(v) {
+                    Ok(u) if matches!(u.scheme(), "smtp" | "smtps") && u.host().is_some() => {
+                        Ok(Some(u))
+                    }
+                    _ => Err(format!(
+                        "`{}` is not smtp://host:port or smtps://host:port",
+                        redact(v)
+                    )),
+                }
+            })?,
+            mail_dir: vars.parse("MAIL_DIR", "./mail", |v| Ok(PathBuf::from(v)))?,
+            mail_from: vars.parse("MAIL_FROM", "Training Credits <no-reply@localhost>", |v| {
+                v.parse()
+                    .map_err(|e| format!("`{v}` is not a mailbox: {e}"))
+            })?,
+            portal_url: vars.parse("PORTAL_URL", "http://localhost:8080", http_url)?,
+            http_addr: vars.parse("HTTP_ADDR", "127.0.0.1:9090", |v| {
+                v.parse().map_err(|_| format!("`{v}` is not HOST:PORT"))
+            })?,
+            reports_dir: vars.parse("REPORTS_DIR", "./reports", |v| Ok(PathBuf::from(v)))?,
+            event_source: vars.parse("EVENT_SOURCE", "training-credits", |v| Ok(v.to_owned()))?,
+            admin_sources: vars.parse("ADMIN_SOURCES", "admin", |v| {
+                Ok(list(v, |s| Ok(s.to_owned()))?.into_iter().collect())
+            })?,
+            retry_delays: vars.parse("RETRY_DELAYS", "1s,10s,60s,300s", |v| {
+                let delays = list(v, duration)?;
+                if delays.is_empty() || delays.len() > 20 {
+                    return Err("give 1 to 20 delays, like 1s,10s,60s".to_owned());
+                }
+                Ok(delays)
+            })?,
+            policy: Policy {
+                refund_window_days: vars.parse("REFUND_WINDOW_DAYS", "14", days)?,
+                pending_timeout_days: vars.parse("PENDING_TIMEOUT_DAYS", "14", days)?,
+                reminder_stages: vars.parse("EXPIRY_REMINDER_DAYS", "30,7,1", |v| {
+                    let mut stages = list(v, |s| {
+                        s.parse::<u32>()
+                            .ok()
+                            .filter(|d| (1..=3650).contains(d))
+                            .ok_or_else(|| format!("`{s}` is not a number of days from 1 to 3650"))
+                    })?;
+                    stages.sort_unstable_by(|a, b| b.cmp(a));
+                    stages.dedup();
+                    Ok(stages)
+                })?,
+            },
+            sweep_cron: vars.parse("SWEEP_CRON", "0 */5 * * * *", cron)?,
+            statement_cron: vars.parse("STATEMENT_CRON", "0 0 6 1 * *", cron)?,
+            report_cron: vars.parse("REPORT_CRON", "0 0 2 * * *", cron)?,
+        })
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            policy: self.policy.clone(),
+            admin_sources: self.admin_sources.clone(),
+            event_source: self.event_source.clone(),
+            portal_url: self.portal_url.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_work_on_one_machine() {
+        let config = config(&[]).unwrap();
+        assert_eq!(
+            config.database_url,
+            DatabaseUrl::Sqlite("sqlite://training-credits.db".into())
+        );
+        assert_eq!(config.policy, Policy::default());
+        assert_eq!(config.retry_delays.len(), 4);
+        assert!(config.admin_sources.contains("admin"));
+        assert!(config.smtp_url.is_none());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (variable, value) in [
+            ("DATABASE_URL", "mysql://x"),
+            ("REFUND_WINDOW_DAYS", "-1"),
+            ("RETRY_DELAYS", "1s,ten"),
+            ("EXPIRY_REMINDER_DAYS", "30,zero"),
+            ("HTTP_ADDR", "nowhere"),
+            ("SMTP_URL", "http://mail"),
+            ("SWEEP_CRON", "*/5 * * * *"),
+            ("MAIL_FROM", "not a mailbox"),
+        ] {
+            let error = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(error.variable, variable);
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let error = config(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]).unwrap_err();
+        assert!(!error.to_string().contains("hunter2"));
+        assert_eq!(redact("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn reminder_stages_are_kept_largest_first() {
+        let config = config(&[("EXPIRY_REMINDER_DAYS", "1, 30,7")]).unwrap();
+        assert_eq!(config.policy.reminder_stages, vec![30, 7, 1]);
+    }
+}

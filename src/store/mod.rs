@@ -1,0 +1,153 @@
+//! Storage: one trait, [`Store`], with a SQLite and a PostgreSQL
+//! implementation written once (see `sql.rs`) and instantiated for each.
+//!
+//! A batch is one call to [`Store::transact`]: lock and load what the batch
+//! names ([`Wanted`]), let the caller run the rules on that [`Ledger`], write
+//! what changed ([`Writes`]) and commit, all in one transaction.
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::future::Future;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::decode::EventKey;
+use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger};
+use crate::domain::model::{Account, Redemption};
+use crate::domain::{CodeKey, Email, Id, Ts};
+
+/// A database failure. Every one is worth retrying later: the database may be
+/// down, busy, or have lost a race with another worker; a message is only
+/// dead-lettered for it once its retries are spent.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt(what.to_string())
+    }
+}
+
+/// What a batch refers to, so that it can all be loaded (and locked) at once.
+#[derive(Clone, Debug, Default)]
+pub struct Wanted {
+    pub keys: Vec<EventKey>,
+    pub account_ids: Vec<Id>,
+    pub code_keys: Vec<CodeKey>,
+    pub request_ids: Vec<Id>,
+    pub owner_emails: Vec<Email>,
+    /// Learners whose active redemptions and recent invalid codes matter.
+    pub learner_ids: Vec<Id>,
+    /// Accounts whose pending requests must all be loaded (closing, sweep).
+    pub pending_of: Vec<Id>,
+    /// Invalid-code attempts after this instant count.
+    pub attempts_since: Option<Ts>,
+}
+
+/// What a batch found: the ledger view and the digests of events seen before.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub ledger: Ledger,
+    pub seen: HashMap<EventKey, String>,
+}
+
+/// One outbox row: an outbound event, an email or a report job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: String,
+    pub kind: OutboxKind,
+    pub payload: String,
+    pub created_at: Ts,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboxKind {
+    Event,
+    Email,
+    Report,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Event => "event",
+            OutboxKind::Email => "email",
+            OutboxKind::Report => "report",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OutboxKind> {
+        [OutboxKind::Event, OutboxKind::Email, OutboxKind::Report]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+}
+
+/// Everything a batch writes, in the same transaction as its loads.
+#[derive(Clone, Debug, Default)]
+pub struct Writes {
+    /// Changed accounts; of their lots only those marked dirty are written,
+    /// and their owners only when `owners_dirty`.
+    pub accounts: Vec<Account>,
+    pub requests: Vec<Redemption>,
+    pub journal: Vec<(JournalEntry, String)>,
+    pub audit: Vec<(AuditEntry, String)>,
+    pub processed: Vec<(EventKey, String, &'static str)>,
+    pub attempts: Vec<(Id, Ts)>,
+    pub outbox: Vec<OutboxRow>,
+    /// Reminder stages, to index each written lot by its next reminder.
+    pub reminder_stages: Vec<u32>,
+    pub now: Option<Ts>,
+}
+
+/// The ledger's storage. Implemented for SQLite and PostgreSQL by the same
+/// code; the test suite runs against both.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Creates or upgrades the schema.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// One batch in one transaction: lock and load `wanted`, run `work` on it,
+    /// write what it returns, commit. `work` runs once per call; a failed
+    /// commit returns the error and nothing is written.
+    fn transact<T, F>(
+        &self,
+        wanted: &Wanted,
+        work: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send
+    where
+        T: Send,
+        F: FnOnce(Loaded) -> (T, Writes) + Send;
+
+    /// Loads without locking or writing, for read-only commands.
+    fn snapshot(&self, wanted: &Wanted) -> impl Future<Output = Result<Ledger, StoreError>> + Send;
+
+    /// Accounts with work for the scheduled jobs at `at`: lots to expire or to
+    /// remind of, and requests pending since before `pending_before`.
+    fn sweep_candidates(
+        &self,
+        at: Ts,
+        pending_before: Ts,
+    ) -> impl Future<Output = Result<Vec<Id>, StoreError>> + Send;
+
+    /// Recomputes every lot from the journal and checks the invariants of
+    /// SPEC §6; returns one sentence per problem found.
+    fn verify(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The outbox rows not yet dispatched, oldest first (for tests and the
+    /// dispatcher).
+    fn pending_outbox(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+}

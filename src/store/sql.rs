@@ -1,0 +1,597 @@
+//! The storage code shared by both backends. The SQL is portable between
+//! SQLite and PostgreSQL (numbered binds, `ON CONFLICT … DO UPDATE`, row
+//! values); the few differences (how a write transaction begins, row locks)
+//! are parameters of [`sql_store!`], which each backend instantiates.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StoreError;
+use crate::domain::Id;
+
+/// Binds per statement stay well under SQLite's and PostgreSQL's limits.
+pub(super) const BINDS_PER_STATEMENT_MAX: usize = 30_000;
+/// Values per `IN (…)` list.
+pub(super) const IN_LIST_MAX: usize = 5_000;
+
+pub(super) fn id(text: String) -> Result<Id, StoreError> {
+    text.parse().map_err(StoreError::corrupt)
+}
+
+pub(super) fn opt_id(text: Option<String>) -> Result<Option<Id>, StoreError> {
+    text.map(id).transpose()
+}
+
+/// A snake_case enum from its stored text.
+pub(super) fn from_text<T: DeserializeOwned>(text: String) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(text)).map_err(StoreError::corrupt)
+}
+
+/// The stored text of a snake_case enum.
+pub(super) fn to_text<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        other => unreachable!("a unit enum serialises to a string, not {other:?}"),
+    }
+}
+
+pub(super) fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(StoreError::corrupt)
+}
+
+pub(super) fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("ledger values serialise to JSON")
+}
+
+/// Implements [`Store`](super::Store) for `$store` (a struct with a
+/// `pool: sqlx::Pool<$db>` field).
+macro_rules! sql_store {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, migrator = $migrator:expr) => {
+        use std::collections::{BTreeSet, HashMap};
+
+        use sqlx::{QueryBuilder, Row};
+
+        use $crate::decode::EventKey;
+        use $crate::domain::ledger::{EntryKind, Ledger};
+        use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
+        use $crate::domain::{Credits, Id, Ts};
+        use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX, IN_LIST_MAX};
+        use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+
+        type Conn = <$db as sqlx::Database>::Connection;
+        type DbRow = <$db as sqlx::Database>::Row;
+
+        /// Runs `head IN (items…) tail` in chunks and gathers the rows.
+        async fn fetch_in(
+            conn: &mut Conn,
+            head: &str,
+            items: &[String],
+            tail: &str,
+        ) -> Result<Vec<DbRow>, sqlx::Error> {
+            let mut rows = Vec::new();
+            for chunk in items.chunks(IN_LIST_MAX) {
+                let mut query = QueryBuilder::<$db>::new(head);
+                query.push(" IN (");
+                let mut list = query.separated(", ");
+                for item in chunk {
+                    list.push_bind(item.clone());
+                }
+                query.push(")");
+                query.push(tail);
+                rows.extend(query.build().fetch_all(&mut *conn).await?);
+            }
+            Ok(rows)
+        }
+
+        fn strings<T: AsRef<str>>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+            let set: BTreeSet<String> = items.into_iter().map(|i| i.as_ref().to_owned()).collect();
+            set.into_iter().collect()
+        }
+
+        fn credits(cents: i64) -> Credits {
+            Credits::from_cents(cents)
+        }
+
+        fn account_from(row: &DbRow) -> Result<Account, StoreError> {
+            Ok(Account {
+                id: id(row.try_get("account_id")?)?,
+                name: row.try_get("name")?,
+                status: from_text(row.try_get("status")?)?,
+                approval_mode: from_text(row.try_get("approval_mode")?)?,
+                owners: Vec::new(),
+                code: row.try_get::<String, _>("code")?.parse().map_err(StoreError::corrupt)?,
+                scope: from_json(&row.try_get::<String, _>("scope")?)?,
+                low_balance_threshold: row.try_get::<Option<i64>, _>("low_balance_threshold")?.map(credits),
+                notes: row.try_get("notes")?,
+                created_at: row.try_get("created_at")?,
+                lots: Vec::new(),
+                owners_dirty: false,
+            })
+        }
+
+        fn lot_from(row: &DbRow) -> Result<Lot, StoreError> {
+            let price_paid = match (
+                row.try_get::<Option<i64>, _>("price_amount")?,
+                row.try_get::<Option<String>, _>("price_currency")?,
+            ) {
+                (Some(amount), Some(currency)) => Some(Price { amount: credits(amount), currency }),
+                _ => None,
+            };
+            Ok(Lot {
+                purchase_id: id(row.try_get("purchase_id")?)?,
+                credits: credits(row.try_get("credits")?),
+                remaining: credits(row.try_get("remaining")?),
+                held: credits(row.try_get("held")?),
+                expired: credits(row.try_get("expired")?),
+                purchased_at: row.try_get("purchased_at")?,
+                expires_at: row.try_get("expires_at")?,
+                price_paid,
+                channel: row.try_get("channel")?,
+                reminded_stage: row
+                    .try_get::<Option<i64>, _>("reminded_stage")?
+                    .map(|s| u32::try_from(s).map_err(StoreError::corrupt))
+                    .transpose()?,
+                fingerprint: row.try_get("fingerprint")?,
+                dirty: false,
+            })
+        }
+
+        fn request_from(row: &DbRow) -> Result<Redemption, StoreError> {
+            Ok(Redemption {
+                request_id: id(row.try_get("request_id")?)?,
+                account_id: opt_id(row.try_get("account_id")?)?,
+                learner: Learner {
+                    id: id(row.try_get("learner_id")?)?,
+                    email: row.try_get::<String, _>("learner_email")?.parse().map_err(StoreError::corrupt)?,
+                    name: row.try_get("learner_name")?,
+                },
+                item: Item {
+                    id: id(row.try_get("item_id")?)?,
+                    kind: from_text(row.try_get("item_kind")?)?,
+                    title: row.try_get("item_title")?,
+                    group_ids: from_json(&row.try_get::<String, _>("item_group_ids")?)?,
+                },
+                cost: credits(row.try_get("cost")?),
+                status: from_text(row.try_get("status")?)?,
+                reason: row.try_get("reason")?,
+                requested_at: row.try_get("requested_at")?,
+                created_at: row.try_get("created_at")?,
+                decided_by: row.try_get("decided_by")?,
+                decided_at: row.try_get("decided_at")?,
+                allocations: from_json::<Vec<Allocation>>(&row.try_get::<String, _>("allocations")?)?,
+                refunded: credits(row.try_get("refunded")?),
+                fingerprint: row.try_get("fingerprint")?,
+            })
+        }
+
+        const ACCOUNT_COLUMNS: &str = "SELECT account_id, name, status, approval_mode, code, scope, \
+            low_balance_threshold, notes, created_at FROM accounts WHERE account_id";
+        const LOT_COLUMNS: &str = "SELECT account_id, purchase_id, credits, remaining, held, expired, \
+            purchased_at, expires_at, price_amount, price_currency, channel, reminded_stage, fingerprint \
+            FROM lots WHERE account_id";
+        const REQUEST_COLUMNS: &str = "SELECT request_id, account_id, learner_id, learner_email, learner_name, \
+            item_id, item_kind, item_title, item_group_ids, cost, status, reason, requested_at, created_at, \
+            decided_by, decided_at, allocations, refunded, fingerprint FROM redemptions WHERE";
+
+        /// Loads what `wanted` names; with `lock`, the accounts are locked
+        /// for the rest of the transaction (in a stable order, so that two
+        /// workers never deadlock).
+        async fn load(conn: &mut Conn, wanted: &Wanted, lock: bool) -> Result<Loaded, StoreError> {
+            let mut loaded = Loaded::default();
+            let mut account_ids: BTreeSet<String> = strings(&wanted.account_ids).into_iter().collect();
+            for row in fetch_in(conn, "SELECT request_id, account_id FROM redemptions WHERE request_id", &strings(&wanted.request_ids), "").await? {
+                if let Some(account) = row.try_get::<Option<String>, _>("account_id")? {
+                    account_ids.insert(account);
+                }
+            }
+            for row in fetch_in(conn, "SELECT code_key, account_id FROM accounts WHERE code_key", &strings(wanted.code_keys.iter().map(|k| k.as_str())), "").await? {
+                let account: String = row.try_get("account_id")?;
+                loaded.ledger.codes.insert($crate::domain::CodeKey::of(&row.try_get::<String, _>("code_key")?), id(account.clone())?);
+                account_ids.insert(account);
+            }
+            for row in fetch_in(conn, "SELECT email, account_id FROM owners WHERE email", &strings(&wanted.owner_emails), "").await? {
+                loaded.ledger.owner_of.insert(
+                    row.try_get::<String, _>("email")?.parse().map_err(StoreError::corrupt)?,
+                    id(row.try_get("account_id")?)?,
+                );
+            }
+            let account_ids: Vec<String> = account_ids.into_iter().collect();
+            let tail = if lock { concat!(" ORDER BY account_id", $lock) } else { " ORDER BY account_id" };
+            let mut accounts: HashMap<Id, Account> = HashMap::new();
+            for row in fetch_in(conn, ACCOUNT_COLUMNS, &account_ids, tail).await? {
+                let account = account_from(&row)?;
+                accounts.insert(account.id.clone(), account);
+            }
+            for row in fetch_in(conn, "SELECT account_id, email, name FROM owners WHERE account_id", &account_ids, " ORDER BY account_id, position").await? {
+                if let Some(account) = accounts.get_mut(&id(row.try_get("account_id")?)?) {
+                    account.owners.push(Owner {
+                        email: row.try_get::<String, _>("email")?.parse().map_err(StoreError::corrupt)?,
+                        name: row.try_get("name")?,
+                    });
+                }
+            }
+            for row in fetch_in(conn, LOT_COLUMNS, &account_ids, "").await? {
+                if let Some(account) = accounts.get_mut(&id(row.try_get("account_id")?)?) {
+                    account.lots.push(lot_from(&row)?);
+                }
+            }
+            for (_, mut account) in accounts {
+                account.sort_lots();
+                loaded.ledger.insert_account(account);
+            }
+            let mut requests = fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await?;
+            requests.extend(fetch_in(conn, &format!("{REQUEST_COLUMNS} status IN ('pending', 'approved') AND learner_id"), &strings(&wanted.learner_ids), "").await?);
+            requests.extend(fetch_in(conn, &format!("{REQUEST_COLUMNS} status = 'pending' AND account_id"), &strings(&wanted.pending_of), "").await?);
+            for row in requests {
+                loaded.ledger.insert_request(request_from(&row)?);
+            }
+            if let Some(since) = wanted.attempts_since {
+                for row in fetch_in(conn, "SELECT learner_id, at FROM code_attempts WHERE learner_id", &strings(&wanted.learner_ids), "").await? {
+                    let at: Ts = row.try_get("at")?;
+                    if at > since {
+                        loaded.ledger.attempts.entry(id(row.try_get("learner_id")?)?).or_default().push(at);
+                    }
+                }
+            }
+            let keys: Vec<&EventKey> = wanted.keys.iter().collect();
+            for chunk in keys.chunks(IN_LIST_MAX) {
+                let mut query = QueryBuilder::<$db>::new("SELECT source, event_id, digest FROM processed WHERE (source, event_id) IN (");
+                query.push_values(chunk.iter(), |mut row, key| {
+                    row.push_bind(key.source.clone()).push_bind(key.id.clone());
+                });
+                query.push(")");
+                for row in query.build().fetch_all(&mut *conn).await? {
+                    loaded.seen.insert(
+                        EventKey { source: row.try_get("source")?, id: row.try_get("event_id")? },
+                        row.try_get("digest")?,
+                    );
+                }
+            }
+            Ok(loaded)
+        }
+
+        /// Inserts `rows` with as many rows per statement as the bind limit allows.
+        async fn insert_rows<T>(
+            conn: &mut Conn,
+            head: &str,
+            columns: usize,
+            rows: &[T],
+            tail: &str,
+            mut bind: impl FnMut(&mut sqlx::query_builder::Separated<'_, $db, &'static str>, &T),
+        ) -> Result<(), sqlx::Error> {
+            for chunk in rows.chunks((BINDS_PER_STATEMENT_MAX / columns).max(1)) {
+                let mut query = QueryBuilder::<$db>::new(head);
+                query.push_values(chunk.iter(), |mut row, item| bind(&mut row, item));
+                query.push(tail);
+                query.build().execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
+        async fn write(conn: &mut Conn, writes: &Writes) -> Result<(), StoreError> {
+            let now = writes.now.unwrap_or_else(Ts::now);
+            insert_rows(conn, "INSERT INTO accounts (account_id, name, status, approval_mode, code, code_key, scope, \
+                low_balance_threshold, notes, created_at) ", 10, &writes.accounts,
+                " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, status = excluded.status, \
+                approval_mode = excluded.approval_mode, code = excluded.code, code_key = excluded.code_key, \
+                scope = excluded.scope, low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
+                |row, a| {
+                    row.push_bind(a.id.to_string())
+                        .push_bind(a.name.clone())
+                        .push_bind(to_text(&a.status))
+                        .push_bind(to_text(&a.approval_mode))
+                        .push_bind(a.code.to_string())
+                        .push_bind(a.code.key().as_str().to_owned())
+                        .push_bind(to_json(&a.scope))
+                        .push_bind(a.low_balance_threshold.map(Credits::cents))
+                        .push_bind(a.notes.clone())
+                        .push_bind(a.created_at);
+                }).await?;
+            let reowned: Vec<String> = writes.accounts.iter().filter(|a| a.owners_dirty).map(|a| a.id.to_string()).collect();
+            for chunk in reowned.chunks(IN_LIST_MAX) {
+                let mut query = QueryBuilder::<$db>::new("DELETE FROM owners WHERE account_id IN (");
+                let mut list = query.separated(", ");
+                for account in chunk {
+                    list.push_bind(account.clone());
+                }
+                query.push(")");
+                query.build().execute(&mut *conn).await?;
+            }
+            let owners: Vec<(&Account, usize, &Owner)> = writes.accounts.iter()
+                .filter(|a| a.owners_dirty)
+                .flat_map(|a| a.owners.iter().enumerate().map(move |(i, o)| (a, i, o)))
+                .collect();
+            insert_rows(conn, "INSERT INTO owners (email, account_id, name, position) ", 4, &owners, "", |row, (a, i, o)| {
+                row.push_bind(o.email.to_string())
+                    .push_bind(a.id.to_string())
+                    .push_bind(o.name.clone())
+                    .push_bind(i64::try_from(*i).expect("an account has few owners"));
+            }).await?;
+            let lots: Vec<(&Account, &Lot)> = writes.accounts.iter()
+                .flat_map(|a| a.lots.iter().filter(|l| l.dirty).map(move |l| (a, l)))
+                .collect();
+            let stages = &writes.reminder_stages;
+            insert_rows(conn, "INSERT INTO lots (account_id, purchase_id, credits, remaining, held, expired, purchased_at, \
+                expires_at, price_amount, price_currency, channel, reminded_stage, remind_at, fingerprint) ", 14, &lots,
+                " ON CONFLICT (account_id, purchase_id) DO UPDATE SET remaining = excluded.remaining, held = excluded.held, \
+                expired = excluded.expired, expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
+                remind_at = excluded.remind_at",
+                |row, (a, l)| {
+                    row.push_bind(a.id.to_string())
+                        .push_bind(l.purchase_id.to_string())
+                        .push_bind(l.credits.cents())
+                        .push_bind(l.remaining.cents())
+                        .push_bind(l.held.cents())
+                        .push_bind(l.expired.cents())
+                        .push_bind(l.purchased_at)
+                        .push_bind(l.expires_at)
+                        .push_bind(l.price_paid.as_ref().map(|p| p.amount.cents()))
+                        .push_bind(l.price_paid.as_ref().map(|p| p.currency.clone()))
+                        .push_bind(l.channel.clone())
+                        .push_bind(l.reminded_stage.map(i64::from))
+                        .push_bind(l.next_reminder_at(stages))
+                        .push_bind(l.fingerprint.clone());
+                }).await?;
+            insert_rows(conn, "INSERT INTO redemptions (request_id, account_id, learner_id, learner_email, learner_name, \
+                item_id, item_kind, item_title, item_group_ids, cost, status, reason, requested_at, created_at, decided_by, \
+                decided_at, allocations, refunded, fingerprint) ", 19, &writes.requests,
+                " ON CONFLICT (request_id) DO UPDATE SET status = excluded.status, reason = excluded.reason, \
+                decided_by = excluded.decided_by, decided_at = excluded.decided_at, refunded = excluded.refunded",
+                |row, r| {
+                    row.push_bind(r.request_id.to_string())
+                        .push_bind(r.account_id.as_ref().map(Id::to_string))
+                        .push_bind(r.learner.id.to_string())
+                        .push_bind(r.learner.email.to_string())
+                        .push_bind(r.learner.name.clone())
+                        .push_bind(r.item.id.to_string())
+                        .push_bind(to_text(&r.item.kind))
+                        .push_bind(r.item.title.clone())
+                        .push_bind(to_json(&r.item.group_ids))
+                        .push_bind(r.cost.cents())
+                        .push_bind(r.status.as_str())
+                        .push_bind(r.reason.clone())
+                        .push_bind(r.requested_at)
+                        .push_bind(r.created_at)
+                        .push_bind(r.decided_by.clone())
+                        .push_bind(r.decided_at)
+                        .push_bind(to_json(&r.allocations))
+                        .push_bind(r.refunded.cents())
+                        .push_bind(r.fingerprint.clone());
+                }).await?;
+            insert_rows(conn, "INSERT INTO journal (at, account_id, entry, purchase_id, request_id, amount, held_delta, \
+                balance_after, actor, causation_id) ", 10, &writes.journal, "", |row, (e, cause)| {
+                row.push_bind(e.at)
+                    .push_bind(e.account_id.to_string())
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.purchase_id.to_string())
+                    .push_bind(e.request_id.as_ref().map(Id::to_string))
+                    .push_bind(e.amount.cents())
+                    .push_bind(e.held_delta.cents())
+                    .push_bind(e.balance_after.cents())
+                    .push_bind(e.actor.clone())
+                    .push_bind(cause.clone());
+            }).await?;
+            insert_rows(conn, "INSERT INTO audit (at, account_id, actor, field, old_value, new_value, causation_id) ", 7,
+                &writes.audit, "", |row, (e, cause)| {
+                row.push_bind(e.at)
+                    .push_bind(e.account_id.to_string())
+                    .push_bind(e.actor.clone())
+                    .push_bind(e.field.clone())
+                    .push_bind(e.old.to_string())
+                    .push_bind(e.new.to_string())
+                    .push_bind(cause.clone());
+            }).await?;
+            insert_rows(conn, "INSERT INTO processed (source, event_id, digest, outcome, processed_at) ", 5,
+                &writes.processed, "", |row, (key, digest, outcome)| {
+                row.push_bind(key.source.clone())
+                    .push_bind(key.id.clone())
+                    .push_bind(digest.clone())
+                    .push_bind(*outcome)
+                    .push_bind(now);
+            }).await?;
+            if !writes.attempts.is_empty() {
+                // Attempts older than the window never count again.
+                let horizon = now.plus(-chrono::Duration::minutes($crate::domain::rules::INVALID_CODE_WINDOW_MINUTES));
+                sqlx::query("DELETE FROM code_attempts WHERE at <= $1").bind(horizon).execute(&mut *conn).await?;
+            }
+            insert_rows(conn, "INSERT INTO code_attempts (learner_id, at) ", 2, &writes.attempts, "", |row, (learner, at)| {
+                row.push_bind(learner.to_string()).push_bind(*at);
+            }).await?;
+            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, &writes.outbox, "",
+                |row, o| {
+                row.push_bind(o.id.clone())
+                    .push_bind(o.kind.as_str())
+                    .push_bind(o.payload.clone())
+                    .push_bind(o.created_at)
+                    .push_bind(o.created_at);
+            }).await?;
+            Ok(())
+        }
+
+        impl Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                $migrator.run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn transact<T, F>(&self, wanted: &Wanted, work: F) -> Result<T, StoreError>
+            where
+                T: Send,
+                F: FnOnce(Loaded) -> (T, Writes) + Send,
+            {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let loaded = load(&mut *tx, wanted, true).await?;
+                let (result, writes) = work(loaded);
+                write(&mut *tx, &writes).await?;
+                tx.commit().await?;
+                Ok(result)
+            }
+
+            async fn snapshot(&self, wanted: &Wanted) -> Result<Ledger, StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                Ok(load(&mut *conn, wanted, false).await?.ledger)
+            }
+
+            async fn sweep_candidates(&self, at: Ts, pending_before: Ts) -> Result<Vec<Id>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT account_id FROM lots WHERE remaining > held AND expires_at <= $1 \
+                     UNION SELECT account_id FROM lots WHERE remaining > held AND remind_at <= $1 \
+                     UNION SELECT account_id FROM redemptions WHERE status = 'pending' AND created_at <= $2 \
+                     ORDER BY account_id",
+                )
+                .bind(at)
+                .bind(pending_before)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|row| id(row.try_get("account_id")?)).collect()
+            }
+
+            async fn verify(&self) -> Result<Vec<String>, StoreError> {
+                let mut problems = Vec::new();
+                let mut conn = self.pool.acquire().await?;
+                let sums = sqlx::query(
+                    "SELECT l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired, \
+                     COALESCE(SUM(j.amount), 0) AS journal_remaining, \
+                     COALESCE(SUM(j.held_delta), 0) AS journal_held, \
+                     COALESCE(SUM(CASE WHEN j.entry = 'purchase' THEN j.amount ELSE 0 END), 0) AS journal_credits, \
+                     COALESCE(SUM(CASE WHEN j.entry IN ('expire', 'reinstate') THEN -j.amount ELSE 0 END), 0) AS journal_expired, \
+                     COUNT(j.seq) AS entries \
+                     FROM lots l LEFT JOIN journal j ON j.account_id = l.account_id AND j.purchase_id = l.purchase_id \
+                     GROUP BY l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut held_by_pending: HashMap<(String, String), i64> = HashMap::new();
+                for row in sums {
+                    let account: String = row.try_get("account_id")?;
+                    let purchase: String = row.try_get("purchase_id")?;
+                    let [credits, remaining, held, expired]: [i64; 4] = [
+                        row.try_get("credits")?, row.try_get("remaining")?, row.try_get("held")?, row.try_get("expired")?,
+                    ];
+                    let journal: [i64; 4] = [
+                        row.try_get("journal_credits")?, row.try_get("journal_remaining")?,
+                        row.try_get("journal_held")?, row.try_get("journal_expired")?,
+                    ];
+                    for (name, kept, from_journal) in [
+                        ("credits", credits, journal[0]),
+                        ("remaining", remaining, journal[1]),
+                        ("held", held, journal[2]),
+                        ("expired", expired, journal[3]),
+                    ] {
+                        if kept != from_journal {
+                            problems.push(format!(
+                                "lot {purchase} of {account}: {name} is {} but the journal gives {}",
+                                credits_text(kept), credits_text(from_journal)
+                            ));
+                        }
+                    }
+                    if !(0 <= held && held <= remaining && remaining <= credits && expired >= 0) {
+                        problems.push(format!(
+                            "lot {purchase} of {account}: 0 ≤ held ({}) ≤ remaining ({}) ≤ credits ({}) does not hold",
+                            credits_text(held), credits_text(remaining), credits_text(credits)
+                        ));
+                    }
+                    held_by_pending.insert((account, purchase), 0);
+                }
+                let orphans: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM journal j WHERE NOT EXISTS \
+                     (SELECT 1 FROM lots l WHERE l.account_id = j.account_id AND l.purchase_id = j.purchase_id)",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+                if orphans > 0 {
+                    problems.push(format!("{orphans} journal entries name no lot"));
+                }
+                let requests = QueryBuilder::<$db>::new(format!("{REQUEST_COLUMNS} status IN ('pending', 'approved', 'refunded', 'unenrolled')"))
+                    .build()
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for row in requests {
+                    let request = request_from(&row)?;
+                    let Some(account) = &request.account_id else {
+                        problems.push(format!("request {} is {} without an account", request.request_id, request.status.as_str()));
+                        continue;
+                    };
+                    if request.allocated() != request.cost {
+                        problems.push(format!(
+                            "request {}: allocations of {} do not make its cost {}",
+                            request.request_id, request.allocated(), request.cost
+                        ));
+                    }
+                    if request.status == RedemptionStatus::Refunded && request.refunded != request.cost {
+                        problems.push(format!("request {}: refunded {} of {}", request.request_id, request.refunded, request.cost));
+                    }
+                    if request.status == RedemptionStatus::Pending {
+                        for allocation in &request.allocations {
+                            *held_by_pending
+                                .entry((account.to_string(), allocation.purchase_id.to_string()))
+                                .or_default() += allocation.amount.cents();
+                        }
+                    }
+                }
+                let lots = sqlx::query("SELECT account_id, purchase_id, held FROM lots").fetch_all(&mut *conn).await?;
+                for row in lots {
+                    let key: (String, String) = (row.try_get("account_id")?, row.try_get("purchase_id")?);
+                    let held: i64 = row.try_get("held")?;
+                    let pending = held_by_pending.get(&key).copied().unwrap_or_default();
+                    if held != pending {
+                        problems.push(format!(
+                            "lot {} of {}: held {} but pending requests hold {}",
+                            key.1, key.0, credits_text(held), credits_text(pending)
+                        ));
+                    }
+                }
+                let ownerless: Vec<String> = sqlx::query_scalar(
+                    "SELECT account_id FROM accounts a WHERE NOT EXISTS (SELECT 1 FROM owners o WHERE o.account_id = a.account_id)",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                for account in ownerless {
+                    problems.push(format!("account {account} has no owner"));
+                }
+                let unclosed: Vec<String> = sqlx::query_scalar(
+                    "SELECT DISTINCT l.account_id FROM lots l JOIN accounts a ON a.account_id = l.account_id \
+                     WHERE a.status = 'closed' AND l.remaining <> 0",
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                for account in unclosed {
+                    problems.push(format!("closed account {account} still has credits"));
+                }
+                let kinds: Vec<String> = sqlx::query_scalar("SELECT DISTINCT entry FROM journal").fetch_all(&mut *conn).await?;
+                for kind in kinds {
+                    if EntryKind::parse(&kind).is_none() {
+                        problems.push(format!("journal entry kind `{kind}` is unknown"));
+                    }
+                }
+                Ok(problems)
+            }
+
+            async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, kind, payload, created_at FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let kind: String = row.try_get("kind")?;
+                        Ok(OutboxRow {
+                            id: row.try_get("id")?,
+                            kind: OutboxKind::parse(&kind).ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?,
+                            payload: row.try_get("payload")?,
+                            created_at: row.try_get("created_at")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
+        fn credits_text(cents: i64) -> String {
+            Credits::from_cents(cents).to_string()
+        }
+    };
+}
+
+pub(super) use sql_store;
