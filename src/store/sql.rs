@@ -451,11 +451,10 @@ macro_rules! sql_store {
                 let mut conn = self.pool.acquire().await?;
                 let sums = sqlx::query(
                     "SELECT l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired, \
-                     COALESCE(SUM(j.amount), 0) AS journal_remaining, \
-                     COALESCE(SUM(j.held_delta), 0) AS journal_held, \
-                     COALESCE(SUM(CASE WHEN j.entry = 'purchase' THEN j.amount ELSE 0 END), 0) AS journal_credits, \
-                     COALESCE(SUM(CASE WHEN j.entry IN ('expire', 'reinstate') THEN -j.amount ELSE 0 END), 0) AS journal_expired, \
-                     COUNT(j.seq) AS entries \
+                     CAST(COALESCE(SUM(j.amount), 0) AS BIGINT) AS journal_remaining, \
+                     CAST(COALESCE(SUM(j.held_delta), 0) AS BIGINT) AS journal_held, \
+                     CAST(COALESCE(SUM(CASE WHEN j.entry = 'purchase' THEN j.amount ELSE 0 END), 0) AS BIGINT) AS journal_credits, \
+                     CAST(COALESCE(SUM(CASE WHEN j.entry IN ('expire', 'reinstate') THEN -j.amount ELSE 0 END), 0) AS BIGINT) AS journal_expired \
                      FROM lots l LEFT JOIN journal j ON j.account_id = l.account_id AND j.purchase_id = l.purchase_id \
                      GROUP BY l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired",
                 )

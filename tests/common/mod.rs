@@ -1,0 +1,467 @@
+//! The test harness: a [`World`] per test, with its own database (a SQLite
+//! file in a temporary folder, or a PostgreSQL database created for it and
+//! dropped after), a controlled clock, and helpers that drive the ledger by
+//! steps: send a message, run the jobs, read the outbox, verify.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+use training_credits::apply::{Applier, Input, Settings};
+use training_credits::decode::{Malformed, Schemas, decode};
+use training_credits::domain::model::Account;
+use training_credits::domain::rules::Policy;
+use training_credits::domain::{Id, Outcome, Ts};
+use training_credits::notify::Email;
+use training_credits::schedule::{JobsReport, run_jobs_at};
+use training_credits::store::{OutboxKind, PgStore, SqliteStore, Store, Wanted};
+
+/// Runs each named generic test `async fn NAME<S: Store>(world: World<S>)`
+/// once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::sqlite_world().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::pg_world().await).await
+                }
+            )*
+        }
+    };
+}
+
+pub const STAFF: &str = "admin";
+
+pub fn settings() -> Settings {
+    Settings {
+        policy: Policy::default(),
+        admin_sources: [STAFF.to_owned()].into_iter().collect(),
+        event_source: "training-credits".to_owned(),
+        portal_url: "http://portal.test".to_owned(),
+    }
+}
+
+/// Drops the test's PostgreSQL database when the test ends.
+pub struct PgGuard {
+    name: String,
+}
+
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on itself.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleaning up");
+            runtime.block_on(async move {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin_url()).await {
+                    let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub enum Keep {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgGuard),
+}
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique_name() -> String {
+    format!(
+        "tc_test_{}_{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A fresh SQLite ledger and its URL.
+pub async fn sqlite_store() -> (SqliteStore, String, Keep) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let store = SqliteStore::connect(&url).await.expect("SQLite opens");
+    store.migrate().await.expect("SQLite migrates");
+    (store, url, Keep::Sqlite(dir))
+}
+
+/// A fresh PostgreSQL database and its URL.
+pub async fn pg_store() -> (PgStore, String, Keep) {
+    let name = unique_name();
+    let admin = sqlx::PgPool::connect(&admin_url())
+        .await
+        .expect("PostgreSQL is running (see README)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("a test database is created");
+    admin.close().await;
+    let base = admin_url();
+    let url = format!(
+        "{}/{name}",
+        &base[..base.rfind('/').expect("a URL with a database")]
+    );
+    let store = PgStore::connect(&url).await.expect("PostgreSQL connects");
+    store.migrate().await.expect("PostgreSQL migrates");
+    (store, url, Keep::Postgres(PgGuard { name }))
+}
+
+pub async fn sqlite_world() -> World<SqliteStore> {
+    let (store, url, keep) = sqlite_store().await;
+    World::new(store, url, keep)
+}
+
+pub async fn pg_world() -> World<PgStore> {
+    let (store, url, keep) = pg_store().await;
+    World::new(store, url, keep)
+}
+
+pub struct World<S: Store> {
+    pub applier: Applier<S>,
+    pub schemas: Schemas,
+    /// The ledger's clock: every step is applied as of this instant.
+    pub now: Ts,
+    pub url: String,
+    seq: u64,
+    _keep: Keep,
+}
+
+pub fn ts(text: &str) -> Ts {
+    Ts::parse(text).expect("a test instant")
+}
+
+pub fn id(text: &str) -> Id {
+    text.parse().expect("a test identifier")
+}
+
+impl<S: Store> World<S> {
+    pub fn new(store: S, url: String, keep: Keep) -> World<S> {
+        World::with_settings(store, url, keep, settings())
+    }
+
+    pub fn with_settings(store: S, url: String, keep: Keep, settings: Settings) -> World<S> {
+        World {
+            applier: Applier::new(store, settings),
+            schemas: Schemas::load().expect("the schemas compile"),
+            now: ts("2026-01-01T09:00:00Z"),
+            url,
+            seq: COUNTER.fetch_add(1, Ordering::Relaxed) * 1_000_000,
+            _keep: keep,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        self.applier.store()
+    }
+
+    /// A complete inbound CloudEvent with a fresh id.
+    pub fn event(&mut self, source: &str, type_name: &str, data: Value) -> Value {
+        self.seq += 1;
+        json!({
+            "specversion": "1.0",
+            "id": format!("ev-{}", self.seq),
+            "source": source,
+            "type": type_name,
+            "time": self.now,
+            "datacontenttype": "application/json",
+            "data": data,
+        })
+    }
+
+    /// Decodes and applies raw bytes, as the worker would.
+    pub async fn deliver(&mut self, bytes: &[u8]) -> Result<Outcome, Malformed> {
+        let decoded = decode(&self.schemas, bytes)?;
+        let outcomes = self
+            .applier
+            .apply(&[Input::from(decoded)], self.now)
+            .await
+            .expect("the database answers");
+        Ok(outcomes.into_iter().next().expect("one outcome per input"))
+    }
+
+    /// Applies a whole batch of events in one transaction.
+    pub async fn deliver_batch(&mut self, events: &[Value]) -> Vec<Result<Outcome, Malformed>> {
+        let mut results: Vec<Option<Result<Outcome, Malformed>>> = Vec::new();
+        let mut inputs = Vec::new();
+        let mut slots = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            match decode(&self.schemas, event.to_string().as_bytes()) {
+                Ok(decoded) => {
+                    inputs.push(Input::from(decoded));
+                    slots.push(i);
+                    results.push(None);
+                }
+                Err(malformed) => results.push(Some(Err(malformed))),
+            }
+        }
+        let outcomes = self
+            .applier
+            .apply(&inputs, self.now)
+            .await
+            .expect("the database answers");
+        for (slot, outcome) in slots.into_iter().zip(outcomes) {
+            results[slot] = Some(Ok(outcome));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every slot filled"))
+            .collect()
+    }
+
+    /// Sends an event from `source` and returns what became of it; panics if
+    /// it is malformed.
+    pub async fn send_from(&mut self, source: &str, type_name: &str, data: Value) -> Outcome {
+        let event = self.event(source, type_name, data);
+        self.deliver(event.to_string().as_bytes())
+            .await
+            .unwrap_or_else(|m| panic!("{type_name} was malformed: {m:?}"))
+    }
+
+    /// Sends an event from the portal.
+    pub async fn send(&mut self, type_name: &str, data: Value) -> Outcome {
+        self.send_from("portal", type_name, data).await
+    }
+
+    /// Sends an event from a staff source.
+    pub async fn send_staff(&mut self, type_name: &str, data: Value) -> Outcome {
+        self.send_from(STAFF, type_name, data).await
+    }
+
+    pub fn advance_days(&mut self, days: i64) {
+        self.now = self.now.plus_days(days);
+    }
+
+    pub fn advance(&mut self, duration: chrono::Duration) {
+        self.now = self.now.plus(duration);
+    }
+
+    pub async fn sweep(&mut self) -> JobsReport {
+        run_jobs_at(&self.applier, self.now)
+            .await
+            .expect("the jobs run")
+    }
+
+    pub async fn account(&self, account_id: &str) -> Account {
+        self.find_account(account_id)
+            .await
+            .unwrap_or_else(|| panic!("account {account_id} exists"))
+    }
+
+    pub async fn find_account(&self, account_id: &str) -> Option<Account> {
+        let wanted = Wanted {
+            account_ids: vec![id(account_id)],
+            ..Wanted::default()
+        };
+        let mut ledger = self.store().snapshot(&wanted).await.expect("a snapshot");
+        ledger.accounts.remove(&id(account_id))
+    }
+
+    /// `available` of an account now, as a two-decimal string.
+    pub async fn available(&self, account_id: &str) -> String {
+        self.account(account_id)
+            .await
+            .available_at(self.now)
+            .to_string()
+    }
+
+    /// Every outbound event in the outbox, each checked against its schema.
+    pub async fn events(&self) -> Vec<Value> {
+        let rows = self
+            .store()
+            .pending_outbox(1_000_000)
+            .await
+            .expect("the outbox");
+        rows.into_iter()
+            .filter(|row| row.kind == OutboxKind::Event)
+            .map(|row| {
+                let event: Value = serde_json::from_str(&row.payload).expect("an event is JSON");
+                if let Err(problem) = self.schemas.check_outbound(&event) {
+                    panic!("outbound event breaks its schema: {problem}\n{event:#}");
+                }
+                event
+            })
+            .collect()
+    }
+
+    /// The `data` of every outbound event of `type_name`.
+    pub async fn events_of(&self, type_name: &str) -> Vec<Value> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == type_name)
+            .map(|e| e["data"].clone())
+            .collect()
+    }
+
+    /// The `data` of the last outbound event of `type_name`.
+    pub async fn last_event(&self, type_name: &str) -> Value {
+        self.events_of(type_name)
+            .await
+            .pop()
+            .unwrap_or_else(|| panic!("an event {type_name} was produced"))
+    }
+
+    pub async fn emails(&self) -> Vec<Email> {
+        let rows = self
+            .store()
+            .pending_outbox(1_000_000)
+            .await
+            .expect("the outbox");
+        rows.into_iter()
+            .filter(|row| row.kind == OutboxKind::Email)
+            .map(|row| serde_json::from_str(&row.payload).expect("an email row"))
+            .collect()
+    }
+
+    pub async fn emails_to(&self, address: &str) -> Vec<Email> {
+        self.emails()
+            .await
+            .into_iter()
+            .filter(|e| e.to_email == address)
+            .collect()
+    }
+
+    /// Asserts that `verify` finds nothing wrong.
+    pub async fn verify_ok(&self) {
+        let problems = self.store().verify().await.expect("verify runs");
+        assert!(problems.is_empty(), "verify found: {problems:#?}");
+    }
+
+    // Builders for the usual messages.
+
+    pub async fn open(&mut self, account_id: &str, mode: &str, owner: &str, code: &str) -> Outcome {
+        self.send(
+            "credits.account.opened",
+            json!({
+                "account_id": account_id,
+                "owners": [{"email": owner, "name": "Owner"}],
+                "approval_mode": mode,
+                "code": code,
+            }),
+        )
+        .await
+    }
+
+    pub async fn purchase(
+        &mut self,
+        account_id: &str,
+        purchase_id: &str,
+        credits: &str,
+    ) -> Outcome {
+        let purchased_at = self.now;
+        self.send_from(
+            "shop",
+            "credits.purchase.completed",
+            json!({
+                "account_id": account_id,
+                "purchase_id": purchase_id,
+                "credits": credits,
+                "purchased_at": purchased_at,
+            }),
+        )
+        .await
+    }
+
+    pub async fn purchase_expiring(
+        &mut self,
+        account_id: &str,
+        purchase_id: &str,
+        credits: &str,
+        expires_at: Ts,
+    ) -> Outcome {
+        let purchased_at = self.now;
+        self.send_from(
+            "shop",
+            "credits.purchase.completed",
+            json!({
+                "account_id": account_id,
+                "purchase_id": purchase_id,
+                "credits": credits,
+                "purchased_at": purchased_at,
+                "expires_at": expires_at,
+            }),
+        )
+        .await
+    }
+
+    pub async fn request(
+        &mut self,
+        request_id: &str,
+        code: &str,
+        learner: &str,
+        item: &str,
+        cost: &str,
+    ) -> Outcome {
+        let requested_at = self.now;
+        self.send_from(
+            "lms",
+            "credits.redemption.requested",
+            json!({
+                "request_id": request_id,
+                "code": code,
+                "learner": {"id": learner, "email": format!("{learner}@learners.test"), "name": format!("Learner {learner}")},
+                "item": {"id": item, "kind": "course", "title": format!("Course {item}")},
+                "cost": cost,
+                "requested_at": requested_at,
+            }),
+        )
+        .await
+    }
+
+    pub async fn approve(&mut self, request_id: &str, approver: &str) -> Outcome {
+        self.send(
+            "credits.redemption.approved",
+            json!({"request_id": request_id, "approver": approver}),
+        )
+        .await
+    }
+
+    pub async fn deny(&mut self, request_id: &str, approver: &str) -> Outcome {
+        self.send(
+            "credits.redemption.denied",
+            json!({"request_id": request_id, "approver": approver, "reason": "not this quarter"}),
+        )
+        .await
+    }
+
+    pub async fn cancel(&mut self, request_id: &str, learner: &str) -> Outcome {
+        self.send_from(
+            "lms",
+            "credits.redemption.cancelled",
+            json!({"request_id": request_id, "learner_id": learner}),
+        )
+        .await
+    }
+
+    pub async fn unenroll(&mut self, request_id: &str) -> Outcome {
+        let unenrolled_at = self.now;
+        self.send_from(
+            "lms",
+            "credits.enrollment.unenrolled",
+            json!({"request_id": request_id, "unenrolled_at": unenrolled_at}),
+        )
+        .await
+    }
+}
