@@ -24,19 +24,54 @@ const REQUESTS: usize = 12;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Open { account: usize, manual: bool, threshold: Option<u32> },
-    Purchase { account: usize, lot: usize, credits: u32, days: i64 },
-    Request { request: usize, account: usize, learner: usize, item: usize, cost: u32 },
-    Approve { request: usize, stranger: bool },
-    Deny { request: usize },
-    Cancel { request: usize, other_learner: bool },
-    Unenroll { request: usize },
-    Extend { account: usize, lot: usize, days: i64 },
-    Close { account: usize },
-    Advance { days: i64 },
+    Open {
+        account: usize,
+        manual: bool,
+        threshold: Option<u32>,
+    },
+    Purchase {
+        account: usize,
+        lot: usize,
+        credits: u32,
+        days: i64,
+    },
+    Request {
+        request: usize,
+        account: usize,
+        learner: usize,
+        item: usize,
+        cost: u32,
+    },
+    Approve {
+        request: usize,
+        stranger: bool,
+    },
+    Deny {
+        request: usize,
+    },
+    Cancel {
+        request: usize,
+        other_learner: bool,
+    },
+    Unenroll {
+        request: usize,
+    },
+    Extend {
+        account: usize,
+        lot: usize,
+        days: i64,
+    },
+    Close {
+        account: usize,
+    },
+    Advance {
+        days: i64,
+    },
     Sweep,
     /// Delivers an earlier message again.
-    Redeliver { back: usize },
+    Redeliver {
+        back: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -91,7 +126,11 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
         };
         let learner = |n: usize| json!({"id": format!("l{n}"), "email": format!("l{n}@x.test"), "name": format!("L {n}")});
         let message = match op {
-            Op::Open { account, manual, threshold } => {
+            Op::Open {
+                account,
+                manual,
+                threshold,
+            } => {
                 let mut data = json!({
                     "account_id": format!("a{account}"),
                     "owners": [{"email": owner(*account), "name": "O"}],
@@ -103,7 +142,12 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                 }
                 Some(event("portal", "credits.account.opened", data))
             }
-            Op::Purchase { account, lot, credits, days } => Some(event(
+            Op::Purchase {
+                account,
+                lot,
+                credits,
+                days,
+            } => Some(event(
                 "shop",
                 "credits.purchase.completed",
                 json!({
@@ -112,7 +156,13 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                     "expires_at": now.plus_days(*days),
                 }),
             )),
-            Op::Request { request, account, learner: l, item, cost } => Some(event(
+            Op::Request {
+                request,
+                account,
+                learner: l,
+                item,
+                cost,
+            } => Some(event(
                 "lms",
                 "credits.redemption.requested",
                 json!({
@@ -131,7 +181,10 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                 "credits.redemption.denied",
                 json!({"request_id": format!("r{request}"), "approver": "staff@x.test"}),
             )),
-            Op::Cancel { request, other_learner } => Some(event(
+            Op::Cancel {
+                request,
+                other_learner,
+            } => Some(event(
                 "lms",
                 "credits.redemption.cancelled",
                 json!({"request_id": format!("r{request}"), "learner_id": if *other_learner { "nobody" } else { "l0" }}),
@@ -163,7 +216,10 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                 steps.push(Step::Sweep);
                 None
             }
-            Op::Redeliver { back } => messages.len().checked_sub(*back).map(|i| messages[i].clone()),
+            Op::Redeliver { back } => messages
+                .len()
+                .checked_sub(*back)
+                .map(|i| messages[i].clone()),
         };
         if let Some(message) = message {
             messages.push(message.clone());
@@ -180,10 +236,18 @@ async fn check_invariants<S: Store>(w: &World<S>) {
     for account in ledger.accounts.values() {
         let balances = account.balances_at(w.now);
         assert!(balances.balance >= Credits::ZERO && balances.held >= Credits::ZERO);
-        assert!(balances.available >= Credits::ZERO, "{} overdrawn", account.id);
+        assert!(
+            balances.available >= Credits::ZERO,
+            "{} overdrawn",
+            account.id
+        );
         let mut pending_holds: BTreeMap<String, Credits> = BTreeMap::new();
         let mut spent = Credits::ZERO;
-        for request in ledger.requests.values().filter(|r| r.account_id.as_ref() == Some(&account.id)) {
+        for request in ledger
+            .requests
+            .values()
+            .filter(|r| r.account_id.as_ref() == Some(&account.id))
+        {
             let allocated = request.allocated();
             match request.status {
                 RedemptionStatus::Pending => {
@@ -205,7 +269,13 @@ async fn check_invariants<S: Store>(w: &World<S>) {
         let mut expired = Credits::ZERO;
         for lot in &account.lots {
             assert!(lot.is_consistent(), "lot {:?}", lot);
-            assert_eq!(lot.held, pending_holds.get(lot.purchase_id.as_str()).copied().unwrap_or_default());
+            assert_eq!(
+                lot.held,
+                pending_holds
+                    .get(lot.purchase_id.as_str())
+                    .copied()
+                    .unwrap_or_default()
+            );
             purchased += lot.credits;
             left += lot.remaining;
             expired += lot.expired;
@@ -214,7 +284,12 @@ async fn check_invariants<S: Store>(w: &World<S>) {
             assert_eq!(left, Credits::ZERO, "a closed account keeps nothing");
         } else {
             // Conservation: what was bought is still there, was spent, or expired.
-            assert_eq!(purchased, left + spent + expired, "credits of {} leaked", account.id);
+            assert_eq!(
+                purchased,
+                left + spent + expired,
+                "credits of {} leaked",
+                account.id
+            );
         }
     }
     w.verify_ok().await;
@@ -230,13 +305,20 @@ fn everything() -> Wanted {
 
 /// Applies the steps, each message `copies` times, grouping the messages
 /// between two clock moves into batches of `batch` messages.
-async fn play<S: Store>(w: &mut World<S>, steps: &[Step], copies: usize, batch: usize, check: bool) {
+async fn play<S: Store>(
+    w: &mut World<S>,
+    steps: &[Step],
+    copies: usize,
+    batch: usize,
+    check: bool,
+) {
     let mut pending: Vec<Input> = Vec::new();
     for step in steps {
         match step {
             Step::Message(event) => {
                 for _ in 0..copies {
-                    let decoded = decode(&w.schemas, event.to_string().as_bytes()).expect("well-formed");
+                    let decoded =
+                        decode(&w.schemas, event.to_string().as_bytes()).expect("well-formed");
                     pending.push(Input::from(decoded));
                 }
                 if pending.len() >= batch {
@@ -261,7 +343,10 @@ async fn play<S: Store>(w: &mut World<S>, steps: &[Step], copies: usize, batch: 
 
 async fn flush<S: Store>(w: &mut World<S>, pending: &mut Vec<Input>) {
     if !pending.is_empty() {
-        w.applier.apply(pending, w.now).await.expect("the database answers");
+        w.applier
+            .apply(pending, w.now)
+            .await
+            .expect("the database answers");
         pending.clear();
     }
 }
@@ -269,8 +354,16 @@ async fn flush<S: Store>(w: &mut World<S>, pending: &mut Vec<Input>) {
 /// The ledger and outbox as comparable text.
 async fn state<S: Store>(w: &World<S>) -> String {
     let ledger = w.store().snapshot(&everything()).await.expect("a snapshot");
-    let accounts: BTreeMap<_, _> = ledger.accounts.iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect();
-    let requests: BTreeMap<_, _> = ledger.requests.iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect();
+    let accounts: BTreeMap<_, _> = ledger
+        .accounts
+        .iter()
+        .map(|(k, v)| (k.to_string(), format!("{v:?}")))
+        .collect();
+    let requests: BTreeMap<_, _> = ledger
+        .requests
+        .iter()
+        .map(|(k, v)| (k.to_string(), format!("{v:?}")))
+        .collect();
     let outbox: Vec<String> = w
         .store()
         .pending_outbox(1_000_000)
@@ -283,11 +376,17 @@ async fn state<S: Store>(w: &World<S>) -> String {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(12)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(12)
 }
 
 macro_rules! properties_on {
@@ -296,7 +395,7 @@ macro_rules! properties_on {
             use super::*;
 
             proptest! {
-                #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+                #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
                 #[test]
                 fn invariants_hold_after_every_step(ops in prop::collection::vec(op(), 1..40)) {

@@ -18,7 +18,7 @@ CREATE TABLE owners (
     email TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts (account_id),
     name TEXT NOT NULL,
-    position INTEGER NOT NULL
+    position BIGINT NOT NULL
 );
 CREATE INDEX owners_by_account ON owners (account_id, position);
 
@@ -36,7 +36,7 @@ CREATE TABLE lots (
     price_amount BIGINT,
     price_currency TEXT,
     channel TEXT,
-    reminded_stage INTEGER,
+    reminded_stage BIGINT,
     remind_at TIMESTAMPTZ,
     fingerprint TEXT NOT NULL,
     PRIMARY KEY (account_id, purchase_id),
@@ -126,7 +126,7 @@ CREATE TABLE outbox (
     kind TEXT NOT NULL CHECK (kind IN ('event', 'email', 'report')),
     payload TEXT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0,
     next_attempt_at TIMESTAMPTZ NOT NULL,
     dispatched_at TIMESTAMPTZ,
     last_error TEXT

@@ -13,6 +13,8 @@ pub async fn run<S: Store>(store: &S) -> anyhow::Result<ExitCode> {
     for problem in &problems {
         println!("{problem}");
     }
-    eprintln!("training-credits: {} problems found", problems.len());
+    let count = problems.len();
+    let noun = if count == 1 { "problem" } else { "problems" };
+    eprintln!("training-credits: {count} {noun} found in the ledger");
     Ok(ExitCode::from(1))
 }

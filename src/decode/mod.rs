@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::DeadReason;
 use crate::domain::command::Command;
+use crate::domain::rules::{
+    PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, REDEMPTION_COST_MAX, REDEMPTION_COST_MIN,
+};
 
 /// SPEC §5: a larger message is dead-lettered `too_large`.
 pub const MESSAGE_BYTES_MAX: usize = 256 * 1024;
@@ -64,6 +67,11 @@ struct Envelope {
     data: Value,
 }
 
+/// Longest `detail` kept, in characters: it travels in the `x-error-detail`
+/// header of the dead letter and is what an operator reads in `dlq list`, so
+/// it must stay one short line however large the offending value is.
+pub const DETAIL_CHARS_MAX: usize = 300;
+
 /// Turns the bytes of one message into a command, or says why it cannot be.
 pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
     if bytes.len() > MESSAGE_BYTES_MAX {
@@ -73,19 +81,28 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         ));
     }
     let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Malformed::new(DeadReason::InvalidJson, e.to_string()))?;
+        .map_err(|e| Malformed::new(DeadReason::InvalidJson, short(e.to_string())))?;
     let key = peek_key(&value);
     let with_key = |reason, detail: String| Malformed {
         reason,
-        detail,
+        detail: short(detail),
         key: key.clone(),
         type_name: value.get("type").and_then(Value::as_str).map(str::to_owned),
     };
     if let Err(error) = schemas.envelope().validate(&value) {
         return Err(with_key(
             DeadReason::InvalidEnvelope,
-            format!("{} at `{}`", error, error.instance_path()),
+            format!("{error}{}", at(&error.instance_path().to_string())),
         ));
+    }
+    if let Some(path) = value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| *name != "data")
+        .find_map(|(name, attribute)| nul_in(attribute, format!("/{name}")))
+    {
+        return Err(with_key(DeadReason::InvalidEnvelope, nul_detail(&path)));
     }
     let envelope: Envelope = serde_json::from_value(value.clone())
         .map_err(|e| with_key(DeadReason::InvalidEnvelope, e.to_string()))?;
@@ -98,12 +115,18 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
     if let Err(error) = validator.validate(&envelope.data) {
         return Err(with_key(
             DeadReason::SchemaViolation,
-            format!("{} at `{}`", error, error.instance_path()),
+            format!("{error}{}", at(&format!("/data{}", error.instance_path()))),
         ));
+    }
+    if let Some(path) = nul_in(&envelope.data, "/data".to_owned()) {
+        return Err(with_key(DeadReason::SchemaViolation, nul_detail(&path)));
     }
     let tagged = serde_json::json!({"type": envelope.type_name, "data": envelope.data});
     let command: Command = serde_json::from_value(tagged)
         .map_err(|e| with_key(DeadReason::SchemaViolation, e.to_string()))?;
+    if let Err(detail) = check_ranges(&command) {
+        return Err(with_key(DeadReason::SchemaViolation, detail));
+    }
     Ok(Decoded {
         key: EventKey {
             source: envelope.source,
@@ -113,6 +136,91 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         type_name: envelope.type_name,
         command,
     })
+}
+
+fn at(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!(" at `{path}`")
+    }
+}
+
+/// One line of at most [`DETAIL_CHARS_MAX`] characters. A long detail is
+/// mostly the offending value quoted at its start; its end says what is wrong
+/// and where, so the middle is what goes.
+fn short(detail: String) -> String {
+    let chars: Vec<char> = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if chars.len() <= DETAIL_CHARS_MAX {
+        return chars.into_iter().collect();
+    }
+    let head = DETAIL_CHARS_MAX / 3;
+    let tail = DETAIL_CHARS_MAX - head - 1;
+    chars[..head]
+        .iter()
+        .chain(std::iter::once(&'…'))
+        .chain(&chars[chars.len() - tail..])
+        .collect()
+}
+
+/// Where in `value` a string or key holds U+0000, which PostgreSQL cannot
+/// keep in text: such a message could never be stored as sent, and failing
+/// in the database would spoil the other messages of its batch.
+fn nul_in(value: &Value, path: String) -> Option<String> {
+    match value {
+        Value::String(text) if text.contains('\0') => Some(path),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, format!("{path}/{i}"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(format!("{path}/{key}"))
+            } else {
+                nul_in(item, format!("{path}/{key}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
+fn nul_detail(path: &str) -> String {
+    format!("a NUL character (U+0000) cannot be stored, at `{path}`")
+}
+
+/// SPEC §5 ranges and orderings that need the typed values. They are data
+/// errors whatever the ledger holds, so they go to the dead-letter queue at
+/// once, even when the account they name is not known yet.
+fn check_ranges(command: &Command) -> Result<(), String> {
+    match command {
+        Command::PurchaseCompleted(c) => {
+            if !(PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&c.credits) {
+                return Err(format!(
+                    "credits {} outside {PURCHASE_CREDITS_MIN} … {PURCHASE_CREDITS_MAX} at `/data/credits`",
+                    c.credits
+                ));
+            }
+            match c.expires_at {
+                Some(expires_at) if expires_at <= c.purchased_at => Err(format!(
+                    "expires_at {expires_at} is not after purchased_at {} at `/data/expires_at`",
+                    c.purchased_at
+                )),
+                _ => Ok(()),
+            }
+        }
+        Command::RedemptionRequested(c)
+            if !(REDEMPTION_COST_MIN..=REDEMPTION_COST_MAX).contains(&c.cost) =>
+        {
+            Err(format!(
+                "cost {} outside {REDEMPTION_COST_MIN} … {REDEMPTION_COST_MAX} at `/data/cost`",
+                c.cost
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn peek_key(value: &Value) -> Option<EventKey> {
@@ -155,6 +263,23 @@ fn hash_canonical(hasher: &mut Sha256, value: &Value) {
             }
             hasher.update(b"]");
         }
+        Value::Number(number) => hasher.update(canonical_number(number).as_bytes()),
         scalar => hasher.update(scalar.to_string().as_bytes()),
+    }
+}
+
+/// A number as a publisher may re-serialise it: `100`, `100.0` and `1e2`
+/// are one number (JavaScript writes all three as `100`), and `19.50` was
+/// already read as `19.5`.
+fn canonical_number(number: &serde_json::Number) -> String {
+    const EXACT_INTEGER_MAX: f64 = 9_007_199_254_740_992.0; // 2^53
+    match number.as_f64() {
+        Some(float)
+            if number.is_f64() && float.fract() == 0.0 && float.abs() <= EXACT_INTEGER_MAX =>
+        {
+            // Exact: an integer of at most 2^53 fits in an i64.
+            format!("{}", float as i64)
+        }
+        _ => number.to_string(),
     }
 }

@@ -158,10 +158,13 @@ impl<'a> Step<'a> {
             .cloned()
     }
 
-    fn known_request(&self, id: &Id) -> Result<Redemption, Outcome> {
+    /// A request a command may act on. One that was rejected at once was
+    /// never pending: the command is refused, and announced like any other
+    /// refusal.
+    fn known_request(&mut self, command: &'static str, id: &Id) -> Result<Redemption, Outcome> {
         match self.request(id) {
             Some(r) if r.status != RedemptionStatus::Rejected => Ok(r),
-            Some(_) => Err(self.refused_now(Refusal::NotPending)),
+            Some(r) => Err(self.refuse(command, r.account_id.as_ref(), Refusal::NotPending)),
             None => Err(retry(
                 RetryReason::UnknownRequest,
                 format!("request `{id}` is not known (yet)"),
@@ -732,8 +735,26 @@ fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
     pending.sort_by(|a, b| a.request_id.cmp(&b.request_id));
     let old_status = account.status;
     account.status = AccountStatus::Closed;
+    for request in &pending {
+        step.release_holds(&mut account, request, actor);
+    }
+    for lot in 0..account.lots.len() {
+        let rest = account.lots[lot].remaining;
+        if rest.is_positive() {
+            step.post(
+                &mut account,
+                lot,
+                EntryKind::Forfeit,
+                -rest,
+                Credits::ZERO,
+                None,
+                actor,
+            );
+        }
+    }
+    // Announced once everything is forfeited: `available` is what can be
+    // spent now, and a closed account can spend nothing.
     for mut request in pending {
-        step.release_holds(&mut account, &request, actor);
         request.status = RedemptionStatus::Denied;
         request.reason = Some(Rejection::AccountClosed.as_str().to_owned());
         request.decided_by = Some(actor.to_owned());
@@ -755,20 +776,6 @@ fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
             json!({"title": request.item.title, "cost": request.cost, "reason": Rejection::AccountClosed.explain()}),
         );
         step.save_request(request);
-    }
-    for lot in 0..account.lots.len() {
-        let rest = account.lots[lot].remaining;
-        if rest.is_positive() {
-            step.post(
-                &mut account,
-                lot,
-                EntryKind::Forfeit,
-                -rest,
-                Credits::ZERO,
-                None,
-                actor,
-            );
-        }
     }
     let id = account.id.clone();
     let mut changes = Vec::new();
@@ -806,27 +813,12 @@ fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
             )
         });
     }
-    if !(PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&c.credits) {
-        return Err(Outcome::dead(
-            DeadReason::SchemaViolation,
-            format!(
-                "credits {} outside {PURCHASE_CREDITS_MIN} … {PURCHASE_CREDITS_MAX}",
-                c.credits
-            ),
-        ));
-    }
     let expires_at = c
         .expires_at
         .unwrap_or_else(|| c.purchased_at.plus_one_year());
-    if expires_at <= c.purchased_at {
-        return Err(Outcome::dead(
-            DeadReason::SchemaViolation,
-            format!(
-                "expires_at {expires_at} is not after purchased_at {}",
-                c.purchased_at
-            ),
-        ));
-    }
+    // `decode` refuses these before any account is looked up.
+    assert!((PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&c.credits));
+    assert!(expires_at > c.purchased_at);
     if account.status == AccountStatus::Closed {
         return Err(step.refuse(PURCHASE, Some(&account.id), Refusal::AccountClosed));
     }
@@ -903,13 +895,22 @@ fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
     if c.expires_at <= step.now() || c.expires_at <= account.lots[lot].expires_at {
         return Err(step.refuse(EXTENDED, Some(&account.id), Refusal::NotLater));
     }
-    let reinstated = account.lots[lot].expired;
-    if reinstated.is_positive() {
+    // What counts again: credits the sweep (or a refund) wrote off, and the
+    // unreserved remainder of a lot past its expiry that the sweep has not
+    // reached yet, which could no longer be spent either (SPEC §6 rule 4).
+    let written_off = account.lots[lot].expired;
+    let unswept = if account.lots[lot].is_expired_at(step.now()) {
+        account.lots[lot].remaining - account.lots[lot].held
+    } else {
+        Credits::ZERO
+    };
+    let reinstated = written_off + unswept;
+    if written_off.is_positive() {
         step.post(
             &mut account,
             lot,
             EntryKind::Reinstate,
-            reinstated,
+            written_off,
             Credits::ZERO,
             None,
             c.actor.as_str(),
@@ -1001,15 +1002,8 @@ fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Flow {
             )
         });
     }
-    if !(REDEMPTION_COST_MIN..=REDEMPTION_COST_MAX).contains(&c.cost) {
-        return Err(Outcome::dead(
-            DeadReason::SchemaViolation,
-            format!(
-                "cost {} outside {REDEMPTION_COST_MIN} … {REDEMPTION_COST_MAX}",
-                c.cost
-            ),
-        ));
-    }
+    // `decode` refuses an out-of-range cost before any account is looked up.
+    assert!((REDEMPTION_COST_MIN..=REDEMPTION_COST_MAX).contains(&c.cost));
     let now = step.now();
     let window_start = now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES));
     let recent_failures = step
@@ -1151,7 +1145,7 @@ fn decision(
     command: &'static str,
     c: &RedemptionDecided,
 ) -> Result<(Redemption, Account), Outcome> {
-    let request = step.known_request(&c.request_id)?;
+    let request = step.known_request(command, &c.request_id)?;
     let account_id = request
         .account_id
         .clone()
@@ -1240,8 +1234,12 @@ fn withdraw(step: &mut Step, mut request: Redemption, mut account: Account, acto
     step.save_account(account);
 }
 
-fn request_and_account(step: &Step, id: &Id) -> Result<(Redemption, Account), Outcome> {
-    let request = step.known_request(id)?;
+fn request_and_account(
+    step: &mut Step,
+    command: &'static str,
+    id: &Id,
+) -> Result<(Redemption, Account), Outcome> {
+    let request = step.known_request(command, id)?;
     let account_id = request
         .account_id
         .clone()
@@ -1251,7 +1249,7 @@ fn request_and_account(step: &Step, id: &Id) -> Result<(Redemption, Account), Ou
 }
 
 fn cancel(step: &mut Step, c: &RedemptionCancelled) -> Flow {
-    let (request, account) = request_and_account(step, &c.request_id)?;
+    let (request, account) = request_and_account(step, CANCELLED, &c.request_id)?;
     if request.learner.id != c.learner_id {
         return Err(step.refuse(CANCELLED, Some(&account.id), Refusal::NotRequester));
     }
@@ -1263,7 +1261,7 @@ fn cancel(step: &mut Step, c: &RedemptionCancelled) -> Flow {
 }
 
 fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
-    let (mut request, mut account) = request_and_account(step, &c.request_id)?;
+    let (mut request, mut account) = request_and_account(step, UNENROLLED, &c.request_id)?;
     let actor = request.learner.id.to_string();
     match request.status {
         RedemptionStatus::Pending => {

@@ -465,3 +465,203 @@ impl<S: Store> World<S> {
         .await
     }
 }
+
+impl<S: Store> World<S> {
+    /// The id of the last inbound event sent (the `command_id` of a refusal).
+    pub fn last_event_id(&self) -> String {
+        format!("ev-{}", self.seq)
+    }
+
+    /// A redemption request as the ledger keeps it.
+    pub async fn find_request(
+        &self,
+        request_id: &str,
+    ) -> Option<training_credits::domain::model::Redemption> {
+        let wanted = Wanted {
+            request_ids: vec![id(request_id)],
+            ..Wanted::default()
+        };
+        let mut ledger = self.store().snapshot(&wanted).await.expect("a snapshot");
+        ledger.requests.remove(&id(request_id))
+    }
+
+    /// The status of a redemption request (`pending`, `approved`, …).
+    pub async fn status_of(&self, request_id: &str) -> String {
+        self.find_request(request_id)
+            .await
+            .unwrap_or_else(|| panic!("request {request_id} exists"))
+            .status
+            .as_str()
+            .to_owned()
+    }
+
+    /// The whole journal, oldest first: `entry`, `account_id`, `purchase_id`,
+    /// `request_id`, `amount` and `held_delta` (as two-decimal strings) and
+    /// `actor` of each line.
+    pub async fn journal(&self) -> Vec<Value> {
+        const QUERY: &str = "SELECT entry, account_id, purchase_id, request_id, amount, held_delta, actor \
+             FROM journal ORDER BY seq";
+        let cents = |c: i64| training_credits::domain::Credits::from_cents(c).to_string();
+        let mut lines = Vec::new();
+        if self.url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(&self.url)
+                .await
+                .expect("SQLite opens");
+            for row in sqlx::query(QUERY)
+                .fetch_all(&pool)
+                .await
+                .expect("the journal")
+            {
+                use sqlx::Row;
+                lines.push(json!({
+                    "entry": row.get::<String, _>("entry"),
+                    "account_id": row.get::<String, _>("account_id"),
+                    "purchase_id": row.get::<String, _>("purchase_id"),
+                    "request_id": row.get::<Option<String>, _>("request_id"),
+                    "amount": cents(row.get::<i64, _>("amount")),
+                    "held_delta": cents(row.get::<i64, _>("held_delta")),
+                    "actor": row.get::<String, _>("actor"),
+                }));
+            }
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(&self.url)
+                .await
+                .expect("PostgreSQL connects");
+            for row in sqlx::query(QUERY)
+                .fetch_all(&pool)
+                .await
+                .expect("the journal")
+            {
+                use sqlx::Row;
+                lines.push(json!({
+                    "entry": row.get::<String, _>("entry"),
+                    "account_id": row.get::<String, _>("account_id"),
+                    "purchase_id": row.get::<String, _>("purchase_id"),
+                    "request_id": row.get::<Option<String>, _>("request_id"),
+                    "amount": cents(row.get::<i64, _>("amount")),
+                    "held_delta": cents(row.get::<i64, _>("held_delta")),
+                    "actor": row.get::<String, _>("actor"),
+                }));
+            }
+            pool.close().await;
+        }
+        lines
+    }
+
+    /// A redemption request for an item of `kind` in `group_ids`.
+    pub async fn request_item(
+        &mut self,
+        request_id: &str,
+        code: &str,
+        learner: &str,
+        item: Value,
+        cost: &str,
+    ) -> Outcome {
+        let requested_at = self.now;
+        self.send_from(
+            "lms",
+            "credits.redemption.requested",
+            json!({
+                "request_id": request_id,
+                "code": code,
+                "learner": {"id": learner, "email": format!("{learner}@learners.test"), "name": format!("Learner {learner}")},
+                "item": item,
+                "cost": cost,
+                "requested_at": requested_at,
+            }),
+        )
+        .await
+    }
+
+    /// Extends a lot from a staff source.
+    pub async fn extend(&mut self, account_id: &str, purchase_id: &str, expires_at: Ts) -> Outcome {
+        self.send_staff(
+            "credits.lot.extended",
+            json!({
+                "account_id": account_id,
+                "purchase_id": purchase_id,
+                "expires_at": expires_at,
+                "actor": "staff@admin.test",
+            }),
+        )
+        .await
+    }
+
+    /// Closes an account from a staff source.
+    pub async fn close(&mut self, account_id: &str) -> Outcome {
+        self.send_staff(
+            "credits.account.closed",
+            json!({"account_id": account_id, "actor": "staff@admin.test", "reason": "contract ended"}),
+        )
+        .await
+    }
+
+    /// Remaining and held of one lot, as two-decimal strings.
+    pub async fn lot(&self, account_id: &str, purchase_id: &str) -> (String, String) {
+        let account = self.account(account_id).await;
+        let lot = account
+            .lots
+            .iter()
+            .find(|l| l.purchase_id.as_str() == purchase_id)
+            .unwrap_or_else(|| panic!("lot {purchase_id} of {account_id} exists"));
+        (lot.remaining.to_string(), lot.held.to_string())
+    }
+}
+
+/// The URL of a SQLite ledger file that does not exist yet, in a temporary
+/// folder kept as long as the returned [`Keep`].
+pub fn empty_sqlite_url() -> (String, Keep) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    (url, Keep::Sqlite(dir))
+}
+
+/// A fresh PostgreSQL database without any schema, and its URL; it is
+/// dropped with the returned [`Keep`].
+pub async fn empty_pg_url() -> (String, Keep) {
+    let name = format!(
+        "tc_test_{}_{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let admin = sqlx::PgPool::connect(&admin_url())
+        .await
+        .expect("PostgreSQL is running (see README)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("a test database is created");
+    admin.close().await;
+    let base = admin_url();
+    let url = format!(
+        "{}/{name}",
+        &base[..base.rfind('/').expect("a URL with a database")]
+    );
+    (url, Keep::Postgres(PgGuard { name }))
+}
+
+/// Runs one SQL statement on the database at `url`, whichever backend it
+/// is, bypassing the ledger: for tests that tamper with what it wrote.
+pub async fn execute_sql(url: &str, statement: &str) -> u64 {
+    let statement = sqlx::AssertSqlSafe(statement.to_owned());
+    if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("SQLite opens");
+        let done = sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect("the statement runs");
+        pool.close().await;
+        done.rows_affected()
+    } else {
+        let pool = sqlx::PgPool::connect(url)
+            .await
+            .expect("PostgreSQL connects");
+        let done = sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect("the statement runs");
+        pool.close().await;
+        done.rows_affected()
+    }
+}
