@@ -614,7 +614,7 @@ fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
 }
 
 fn add_owner(step: &mut Step, c: &OwnerAdded) -> Flow {
-    let mut account = step.known_account(&c.account_id)?;
+    let account = step.known_account(&c.account_id)?;
     step.authorize(OWNER_ADDED, &account, &c.actor)?;
     if account.is_owner(&c.owner.email) {
         return Ok(());
@@ -622,32 +622,20 @@ fn add_owner(step: &mut Step, c: &OwnerAdded) -> Flow {
     if step.owns_other(&c.owner.email, &account.id) {
         return Err(step.refuse(OWNER_ADDED, Some(&account.id), Refusal::OwnerOfOtherAccount));
     }
-    let old = owner_emails(&account);
-    account.owners.push(c.owner.clone());
-    account.owners_dirty = true;
-    let mut changes = Vec::new();
-    let id = account.id.clone();
-    change(
+    let owner = c.owner.clone();
+    edit_owners(
         step,
-        &mut changes,
-        &id,
-        c.actor.as_str(),
-        "owners",
-        old,
-        owner_emails(&account),
-    );
-    announce_update(step, &id, changes);
-    step.email(
-        owners_of(&account),
+        account,
+        &c.actor,
+        |owners| owners.push(owner),
         "owner_added",
-        json!({"account_id": id, "account_name": account.name, "actor": c.actor, "owner": c.owner}),
+        json!({"owner": c.owner}),
     );
-    step.save_account(account);
     Ok(())
 }
 
 fn remove_owner(step: &mut Step, c: &OwnerRemoved) -> Flow {
-    let mut account = step.known_account(&c.account_id)?;
+    let account = step.known_account(&c.account_id)?;
     step.authorize(OWNER_REMOVED, &account, &c.actor)?;
     if !account.is_owner(&c.email) {
         return Err(step.refuse(OWNER_REMOVED, Some(&account.id), Refusal::NotAnOwner));
@@ -655,30 +643,54 @@ fn remove_owner(step: &mut Step, c: &OwnerRemoved) -> Flow {
     if account.owners.len() == 1 {
         return Err(step.refuse(OWNER_REMOVED, Some(&account.id), Refusal::LastOwner));
     }
-    // The removed owner hears of it too.
-    let told = owners_of(&account);
+    edit_owners(
+        step,
+        account,
+        &c.actor,
+        |owners| owners.retain(|o| o.email != c.email),
+        "owner_removed",
+        json!({"email": c.email}),
+    );
+    Ok(())
+}
+
+/// Changes the owner list: audits it, announces `account.updated`, and
+/// emails everyone who is or was an owner (the removed one hears of it too).
+fn edit_owners(
+    step: &mut Step,
+    mut account: Account,
+    actor: &Email,
+    edit: impl FnOnce(&mut Vec<Owner>),
+    template: &'static str,
+    extra: Value,
+) {
     let old = owner_emails(&account);
-    account.owners.retain(|o| o.email != c.email);
+    let mut told = owners_of(&account);
+    edit(&mut account.owners);
     account.owners_dirty = true;
-    let mut changes = Vec::new();
+    for recipient in owners_of(&account) {
+        if !told.contains(&recipient) {
+            told.push(recipient);
+        }
+    }
     let id = account.id.clone();
+    let mut changes = Vec::new();
     change(
         step,
         &mut changes,
         &id,
-        c.actor.as_str(),
+        actor.as_str(),
         "owners",
         old,
         owner_emails(&account),
     );
     announce_update(step, &id, changes);
-    step.email(
-        told,
-        "owner_removed",
-        json!({"account_id": id, "account_name": account.name, "actor": c.actor, "email": c.email}),
-    );
+    let mut vars = json!({"account_id": id, "account_name": account.name, "actor": actor});
+    if let (Some(vars), Value::Object(extra)) = (vars.as_object_mut(), extra) {
+        vars.extend(extra);
+    }
+    step.email(told, template, vars);
     step.save_account(account);
-    Ok(())
 }
 
 fn rotate_code(step: &mut Step, c: &CodeRotated) -> Flow {
