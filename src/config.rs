@@ -69,6 +69,10 @@ pub struct Config {
     pub sweep_cron: String,
     pub statement_cron: String,
     pub report_cron: String,
+    /// Deliveries the broker may send ahead of the acks (`PREFETCH`).
+    pub prefetch: u16,
+    /// Messages applied per transaction (`BATCH_SIZE`).
+    pub batch_size: usize,
 }
 
 struct Vars<F>(F);
@@ -127,6 +131,14 @@ fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
         .filter(|s| !s.is_empty())
         .map(item)
         .collect()
+}
+
+fn within<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| format!("`{text}` is not a whole number from {min} to {max}"))
 }
 
 fn cron(text: &str) -> Result<String, String> {
@@ -219,6 +231,8 @@ impl Config {
             sweep_cron: vars.parse("SWEEP_CRON", "0 */5 * * * *", cron)?,
             statement_cron: vars.parse("STATEMENT_CRON", "0 0 6 1 * *", cron)?,
             report_cron: vars.parse("REPORT_CRON", "0 0 2 * * *", cron)?,
+            prefetch: vars.parse("PREFETCH", "1000", |v| within(v, 1, 10_000))?,
+            batch_size: vars.parse("BATCH_SIZE", "500", |v| within(v, 1, 5_000))?,
         })
     }
 
@@ -269,6 +283,8 @@ mod tests {
             ("SMTP_URL", "http://mail"),
             ("SWEEP_CRON", "*/5 * * * *"),
             ("MAIL_FROM", "not a mailbox"),
+            ("PREFETCH", "0"),
+            ("BATCH_SIZE", "100000"),
         ] {
             let error = config(&[(variable, value)]).unwrap_err();
             assert_eq!(error.variable, variable);

@@ -9,13 +9,22 @@
 //! 4. [`notify`]: the emails the outbox carries, rendered from templates.
 //! 5. [`schedule`]: the scheduled jobs, which go through the same [`apply`] path.
 //!
+//! Then, separately, [`dispatch`] sends the outbox: outbound events with
+//! publisher confirms, emails through SMTP. [`consume`] is the broker side
+//! (topology, batches, acks, retries, dead letters), [`ops`] the health and
+//! metrics endpoints, and [`worker`] ties them together for `run`.
+//!
 //! [`config`] reads the environment; [`cli`] holds one file per command.
 
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod decode;
+pub mod dispatch;
 pub mod domain;
 pub mod notify;
+pub mod ops;
 pub mod schedule;
 pub mod store;
+pub mod worker;

@@ -185,6 +185,7 @@ impl<S: Store> Applier<S> {
                         kind: OutboxKind::Event,
                         payload: event.to_string(),
                         created_at: now,
+                        attempts: 0,
                     });
                 }
                 Effect::Email { to, template, vars } => {
@@ -205,6 +206,7 @@ impl<S: Store> Applier<S> {
                             kind: OutboxKind::Email,
                             payload: serde_json::to_string(&email).expect("an email serialises"),
                             created_at: now,
+                            attempts: 0,
                         });
                     }
                 }
@@ -216,6 +218,7 @@ impl<S: Store> Applier<S> {
                         payload: json!({"request": report, "causation_id": input.causation_id})
                             .to_string(),
                         created_at: now,
+                        attempts: 0,
                     });
                 }
             }

@@ -2,9 +2,15 @@
 //! code; failures come back as errors, which `main` prints on one line.
 
 mod account;
+mod dlq;
 mod migrate;
+pub mod publish;
+mod run;
 mod sweep;
 mod verify;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use std::process::ExitCode;
 
@@ -27,8 +33,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the worker: consume, apply, dispatch, serve HTTP; stop on SIGINT/SIGTERM.
+    Run,
     /// Create or upgrade the database schema, then exit.
     Migrate,
+    /// Publish the events of FILE (one CloudEvent, or JSON Lines) to the inbound exchange.
+    Publish { file: PathBuf },
+    /// The dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Inspect accounts.
     Account {
         #[command(subcommand)]
@@ -42,6 +57,24 @@ pub enum Command {
     },
     /// Recompute every balance from the journal and check every invariant.
     Verify,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters: id, type, reason, detail, when.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back for processing and remove them from the queue.
+    Replay {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// The ids of the dead letters to replay.
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +109,14 @@ macro_rules! with_store {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env().context("bad configuration")?;
     match cli.command {
+        Command::Run => with_store!(config, |store| run::run(store, &config).await),
+        Command::Publish { file } => publish::run(&config, &file).await,
+        Command::Dlq {
+            command: DlqCommand::List { json },
+        } => dlq::list(&config, json).await,
+        Command::Dlq {
+            command: DlqCommand::Replay { all, ids },
+        } => dlq::replay(&config, all, &ids).await,
         Command::Migrate => with_store!(config, |store| migrate::run(&store).await),
         Command::Account {
             command: AccountCommand::Show { account_id },
@@ -86,4 +127,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify => with_store!(config, |store| verify::run(&store).await),
     }
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+pub fn progress(total: usize, what: &'static str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(u64::try_from(total).unwrap_or(u64::MAX));
+    bar.set_message(what);
+    bar
 }

@@ -60,6 +60,10 @@ impl fmt::Display for DeadReason {
 pub enum RetryReason {
     UnknownAccount,
     UnknownRequest,
+    /// The message's own transaction failed (a conflict, a constraint the
+    /// rules did not foresee): worth another try, dead-lettered
+    /// `retries_exhausted` if it keeps failing.
+    Transient,
 }
 
 impl RetryReason {
@@ -68,6 +72,7 @@ impl RetryReason {
         match self {
             RetryReason::UnknownAccount => DeadReason::UnknownAccount,
             RetryReason::UnknownRequest => DeadReason::UnknownRequest,
+            RetryReason::Transient => DeadReason::RetriesExhausted,
         }
     }
 }

@@ -34,6 +34,34 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the database is out of reach (down, restarting, refusing
+    /// connections), as opposed to refusing this particular batch. The
+    /// worker waits out the former and isolates the latter.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(error) => match error {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    // PostgreSQL: connection exceptions (08), operator
+                    // intervention such as a restart (57), insufficient
+                    // resources (53). SQLite: busy (5), locked (6).
+                    code.starts_with("08")
+                        || code.starts_with("57")
+                        || code.starts_with("53")
+                        || code == "5"
+                        || code == "6"
+                }),
+                _ => false,
+            },
+            StoreError::Migrate(_) | StoreError::Corrupt(_) => false,
+        }
+    }
+
     pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
         StoreError::Corrupt(what.to_string())
     }
@@ -69,6 +97,8 @@ pub struct OutboxRow {
     pub kind: OutboxKind,
     pub payload: String,
     pub created_at: Ts,
+    /// Failed dispatch attempts so far.
+    pub attempts: i64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +173,41 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Recomputes every lot from the journal and checks the invariants of
     /// SPEC §6; returns one sentence per problem found.
     fn verify(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Claims up to `limit` outbox rows of `kinds` that are due at `now`,
+    /// oldest first, by moving their next attempt to `lease_until`: another
+    /// worker will not take them meanwhile, and if this one dies they fall due
+    /// again then.
+    fn claim_outbox(
+        &self,
+        kinds: &[OutboxKind],
+        now: Ts,
+        lease_until: Ts,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+
+    /// Marks rows as dispatched: they are never dispatched again.
+    fn outbox_done(
+        &self,
+        ids: &[String],
+        now: Ts,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records a failed attempt and when to try again.
+    fn outbox_failed(
+        &self,
+        id: &str,
+        next_attempt_at: Ts,
+        error: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Outbox rows not dispatched yet, per kind.
+    fn outbox_backlog(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(OutboxKind, i64)>, StoreError>> + Send;
+
+    /// Whether the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The outbox rows not yet dispatched, oldest first (for tests and the
     /// dispatcher).

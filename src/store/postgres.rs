@@ -63,5 +63,6 @@ super::sql::sql_store!(
     Postgres,
     begin = "BEGIN ISOLATION LEVEL READ COMMITTED",
     lock = " FOR UPDATE",
+    skip_locked = " FOR UPDATE SKIP LOCKED",
     migrator = sqlx::migrate!("./migrations/postgres")
 );

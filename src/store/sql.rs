@@ -46,7 +46,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// Implements [`Store`](super::Store) for `$store` (a struct with a
 /// `pool: sqlx::Pool<$db>` field).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -568,23 +568,102 @@ macro_rules! sql_store {
 
             async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT id, kind, payload, created_at FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
+                    "SELECT id, kind, payload, created_at, attempts FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
                 )
                 .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(outbox_from).collect()
+            }
+
+            async fn claim_outbox(
+                &self,
+                kinds: &[OutboxKind],
+                now: Ts,
+                lease_until: Ts,
+                limit: i64,
+            ) -> Result<Vec<OutboxRow>, StoreError> {
+                let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET next_attempt_at = ");
+                query.push_bind(lease_until);
+                query.push(" WHERE seq IN (SELECT seq FROM outbox WHERE dispatched_at IS NULL AND next_attempt_at <= ");
+                query.push_bind(now);
+                query.push(" AND kind IN (");
+                let mut list = query.separated(", ");
+                for kind in kinds {
+                    list.push_bind(kind.as_str());
+                }
+                query.push(") ORDER BY seq LIMIT ");
+                query.push_bind(limit);
+                query.push(concat!($skip, ") RETURNING seq, id, kind, payload, created_at, attempts"));
+                let mut rows: Vec<(i64, OutboxRow)> = query
+                    .build()
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|row| Ok((row.try_get("seq")?, outbox_from(row)?)))
+                    .collect::<Result<_, StoreError>>()?;
+                rows.sort_by_key(|(seq, _)| *seq);
+                Ok(rows.into_iter().map(|(_, row)| row).collect())
+            }
+
+            async fn outbox_done(&self, ids: &[String], now: Ts) -> Result<(), StoreError> {
+                for chunk in ids.chunks(IN_LIST_MAX) {
+                    let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET dispatched_at = ");
+                    query.push_bind(now);
+                    query.push(" WHERE id IN (");
+                    let mut list = query.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id.clone());
+                    }
+                    query.push(")");
+                    query.build().execute(&self.pool).await?;
+                }
+                Ok(())
+            }
+
+            async fn outbox_failed(&self, id: &str, next_attempt_at: Ts, error: &str) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3",
+                )
+                .bind(next_attempt_at)
+                .bind(error.to_owned())
+                .bind(id.to_owned())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn outbox_backlog(&self) -> Result<Vec<(OutboxKind, i64)>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT kind, COUNT(*) AS backlog FROM outbox WHERE dispatched_at IS NULL GROUP BY kind",
+                )
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter()
                     .map(|row| {
                         let kind: String = row.try_get("kind")?;
-                        Ok(OutboxRow {
-                            id: row.try_get("id")?,
-                            kind: OutboxKind::parse(&kind).ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?,
-                            payload: row.try_get("payload")?,
-                            created_at: row.try_get("created_at")?,
-                        })
+                        let kind = OutboxKind::parse(&kind)
+                            .ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?;
+                        Ok((kind, row.try_get("backlog")?))
                     })
                     .collect()
             }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+
+        fn outbox_from(row: &DbRow) -> Result<OutboxRow, StoreError> {
+            let kind: String = row.try_get("kind")?;
+            Ok(OutboxRow {
+                id: row.try_get("id")?,
+                kind: OutboxKind::parse(&kind).ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?,
+                payload: row.try_get("payload")?,
+                created_at: row.try_get("created_at")?,
+                attempts: row.try_get("attempts")?,
+            })
         }
 
         fn credits_text(cents: i64) -> String {

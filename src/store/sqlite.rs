@@ -72,5 +72,6 @@ super::sql::sql_store!(
     Sqlite,
     begin = "BEGIN IMMEDIATE",
     lock = "",
+    skip_locked = "",
     migrator = sqlx::migrate!("./migrations/sqlite")
 );

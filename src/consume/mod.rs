@@ -1,0 +1,396 @@
+//! Consume: the broker side of the worker. Deliveries are taken from
+//! `training-credits.worker` in batches (everything the prefetch window has
+//! ready, up to the batch limit), decoded, applied in one transaction, and
+//! only then acknowledged with one multiple-ack. Messages that must wait go to
+//! a delay queue, messages that never will work go to `training-credits.dead`
+//! with their reason; both are confirmed by the broker before the batch is
+//! acknowledged, so a crash at any point loses nothing.
+
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Applier, Input};
+use crate::config::redact;
+use crate::decode::{Malformed, Schemas, decode};
+use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
+use crate::ops::{Health, metric};
+use crate::store::{Store, StoreError};
+use topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
+
+/// Bounds of the consumer, from the configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Unacknowledged deliveries the broker may send ahead.
+    pub prefetch: u16,
+    /// Messages per transaction.
+    pub batch_max: usize,
+    pub retry_delays: Vec<Duration>,
+}
+
+/// Header counting how many delays a message has waited through.
+const RETRY_COUNT: &str = "x-retry-count";
+/// Longest wait between two attempts to reach the broker or the database.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Failed batch attempts, for reasons other than an unreachable database,
+/// before its messages are applied one by one to find the culprit.
+const BATCH_ATTEMPTS_MAX: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker did not confirm a dead letter or retry")]
+    Unconfirmed,
+    #[error("the consumer was cancelled by the broker")]
+    ConsumerGone,
+}
+
+pub struct Consumer<S> {
+    pub applier: Arc<Applier<S>>,
+    pub schemas: Arc<Schemas>,
+    pub limits: Limits,
+    /// Woken after every commit, so the dispatcher sends at once.
+    pub outbox_ready: Arc<Notify>,
+    pub health: Arc<Health>,
+}
+
+/// What became of one delivery.
+enum Fate {
+    Done,
+    Retry { reason: RetryReason, detail: String },
+    Dead { reason: DeadReason, detail: String },
+}
+
+impl<S: Store> Consumer<S> {
+    /// Consumes until `cancel`, reconnecting with backoff whenever the broker
+    /// goes away.
+    pub async fn run(&self, amqp_url: &str, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            match self.session(amqp_url, &cancel).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, broker = %redact(amqp_url), "Lost the broker; reconnecting.");
+                }
+            }
+            Health::set(&self.health.broker_connected, false);
+            Health::set(&self.health.consumer_running, false);
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        Health::set(&self.health.consumer_running, false);
+    }
+
+    /// One connection's life: declare, consume, and on cancellation stop
+    /// taking work, finish the batch in hand and close.
+    async fn session(
+        &self,
+        amqp_url: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), ConsumeError> {
+        let (connection, channel) = connect(amqp_url, &self.limits.retry_delays).await?;
+        channel
+            .basic_qos(self.limits.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                WORKER_QUEUE.into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let tag = deliveries.tag();
+        Health::set(&self.health.broker_connected, true);
+        Health::set(&self.health.consumer_running, true);
+        tracing::info!(
+            queue = WORKER_QUEUE,
+            prefetch = self.limits.prefetch,
+            "Consuming."
+        );
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => break,
+                next = deliveries.next() => next,
+            };
+            let mut batch = match first {
+                Some(delivery) => vec![delivery?],
+                None => return Err(ConsumeError::ConsumerGone),
+            };
+            // Whatever else has already arrived joins the batch; nothing waits
+            // for more, so a lone message is applied at once.
+            while batch.len() < self.limits.batch_max {
+                match deliveries.next().now_or_never() {
+                    Some(Some(delivery)) => batch.push(delivery?),
+                    _ => break,
+                }
+            }
+            if !self.handle(&channel, &batch, cancel).await? {
+                break;
+            }
+        }
+        Health::set(&self.health.consumer_running, false);
+        channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await?;
+        let _ = channel.close(200, "shutting down".into()).await;
+        let _ = connection.close(200, "shutting down".into()).await;
+        Ok(())
+    }
+
+    /// Applies one batch and settles every delivery in it. Returns `false`
+    /// when it was cancelled while waiting for the database: the batch is left
+    /// unacknowledged, for the broker to deliver again.
+    async fn handle(
+        &self,
+        channel: &Channel,
+        batch: &[Delivery],
+        cancel: &CancellationToken,
+    ) -> Result<bool, ConsumeError> {
+        metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
+        let decoded: Vec<Result<Input, Malformed>> = batch
+            .iter()
+            .map(|d| decode(&self.schemas, &d.data).map(Input::from))
+            .collect();
+        let inputs: Vec<Input> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok().cloned())
+            .collect();
+        let Some(mut outcomes) = self.apply(&inputs, cancel).await else {
+            return Ok(false);
+        };
+        self.outbox_ready.notify_one();
+        let mut fates = Vec::with_capacity(batch.len());
+        for item in decoded {
+            let fate = match item {
+                Err(malformed) => {
+                    let type_name = malformed.type_name.as_deref().unwrap_or("unknown");
+                    metrics::counter!(metric::MESSAGES, "type" => type_name.to_owned(), "outcome" => "dead_letter").increment(1);
+                    Fate::Dead {
+                        reason: malformed.reason,
+                        detail: malformed.detail,
+                    }
+                }
+                Ok(input) => {
+                    let outcome = outcomes.remove(0);
+                    metrics::counter!(metric::MESSAGES, "type" => input.command.type_name(), "outcome" => outcome.label()).increment(1);
+                    tracing::debug!(event_id = %input.key.id, source = %input.key.source, r#type = input.command.type_name(), account = ?input.command.account_id(), outcome = outcome.label(), "Applied.");
+                    match outcome {
+                        Outcome::Applied | Outcome::Duplicate | Outcome::Refused(_) => Fate::Done,
+                        Outcome::Retry { reason, detail } => Fate::Retry { reason, detail },
+                        Outcome::Dead { reason, detail } => Fate::Dead { reason, detail },
+                    }
+                }
+            };
+            fates.push(fate);
+        }
+        for (delivery, fate) in batch.iter().zip(fates) {
+            self.settle(channel, delivery, fate).await?;
+        }
+        let returned = channel.wait_for_confirms().await?;
+        if !returned.is_empty() {
+            return Err(ConsumeError::Unconfirmed);
+        }
+        let last = batch.last().expect("a batch has at least one delivery");
+        channel
+            .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+            .await?;
+        Ok(true)
+    }
+
+    /// Applies `inputs`, waiting out an unreachable database (consumption
+    /// pauses; nothing is dead-lettered for it). A batch that keeps failing
+    /// for another reason is split, so only its culprit is retried later.
+    /// `None` when cancelled while waiting.
+    async fn apply(&self, inputs: &[Input], cancel: &CancellationToken) -> Option<Vec<Outcome>> {
+        if inputs.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0;
+        loop {
+            let started = Instant::now();
+            match self.applier.apply(inputs, Ts::now()).await {
+                Ok(outcomes) => {
+                    metrics::histogram!(metric::APPLY_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    Health::set(&self.health.database_reachable, true);
+                    return Some(outcomes);
+                }
+                Err(error) if error.is_unavailable() => {
+                    Health::set(&self.health.database_reachable, false);
+                    metrics::counter!(metric::DATABASE_WAITS).increment(1);
+                    tracing::warn!(%error, "The database is out of reach; consumption pauses.");
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, messages = inputs.len(), "A batch failed.");
+                    if failures >= BATCH_ATTEMPTS_MAX {
+                        return Box::pin(self.apply_one_by_one(inputs, cancel)).await;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn apply_one_by_one(
+        &self,
+        inputs: &[Input],
+        cancel: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let single = std::slice::from_ref(input);
+            match self.applier.apply(single, Ts::now()).await {
+                Ok(mut outcome) => outcomes.push(outcome.remove(0)),
+                Err(error) if error.is_unavailable() => {
+                    // The database went away meanwhile: wait for it as usual.
+                    let mut outcome = Box::pin(self.apply(single, cancel)).await?;
+                    outcomes.push(outcome.remove(0));
+                }
+                Err(error) => outcomes.push(transient(&error)),
+            }
+        }
+        Some(outcomes)
+    }
+
+    /// Sends a delivery that is not done to its delay queue or to the dead
+    /// letters; confirmed with the rest of the batch before the ack.
+    async fn settle(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        fate: Fate,
+    ) -> Result<(), ConsumeError> {
+        let (queue, headers) = match fate {
+            Fate::Done => return Ok(()),
+            Fate::Retry { reason, detail } => {
+                let count = retry_count(delivery);
+                match self.limits.retry_delays.get(count) {
+                    Some(delay) => {
+                        metrics::counter!(metric::RETRIES).increment(1);
+                        let mut headers = headers_of(delivery);
+                        headers.insert(
+                            RETRY_COUNT.into(),
+                            AMQPValue::LongLongInt(i64::try_from(count + 1).unwrap_or(i64::MAX)),
+                        );
+                        headers.insert("x-retry-reason".into(), long_string(&detail));
+                        (retry_queue(*delay), headers)
+                    }
+                    None => dead_letter(delivery, reason.exhausted(), &detail),
+                }
+            }
+            Fate::Dead { reason, detail } => dead_letter(delivery, reason, &detail),
+        };
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A message whose own transaction failed for a reason other than an
+/// unreachable database: retried after the configured delays, then
+/// dead-lettered `retries_exhausted`.
+fn transient(error: &StoreError) -> Outcome {
+    Outcome::Retry {
+        reason: RetryReason::Transient,
+        detail: error.to_string(),
+    }
+}
+
+fn headers_of(delivery: &Delivery) -> FieldTable {
+    delivery.properties.headers().clone().unwrap_or_default()
+}
+
+fn retry_count(delivery: &Delivery) -> usize {
+    let headers = headers_of(delivery);
+    match headers.inner().get(RETRY_COUNT) {
+        Some(AMQPValue::LongLongInt(n)) => usize::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => usize::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The dead-letter queue and the headers of a dead letter: the original ones
+/// plus the reason, the detail, where it came from and when.
+fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String, FieldTable) {
+    metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+    tracing::warn!(reason = reason.as_str(), detail, "Dead-lettered a message.");
+    let mut headers = headers_of(delivery);
+    headers.insert("x-error-reason".into(), long_string(reason.as_str()));
+    headers.insert("x-error-detail".into(), long_string(detail));
+    headers.insert(
+        "x-original-routing-key".into(),
+        long_string(delivery.routing_key.as_str()),
+    );
+    headers.insert(
+        "x-dead-lettered-at".into(),
+        long_string(&Ts::now().to_string()),
+    );
+    (DEAD_QUEUE.to_owned(), headers)
+}
+
+/// A connection and a channel with publisher confirms on, the topology
+/// declared: what every publisher of this program starts from.
+pub async fn connect(
+    amqp_url: &str,
+    retry_delays: &[Duration],
+) -> Result<(Connection, Channel), lapin::Error> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare(&channel, retry_delays).await?;
+    Ok((connection, channel))
+}
+
+/// Properties of a CloudEvent published by this program (outbound events,
+/// `publish`, `dlq replay`): structured mode, persistent, with its id.
+pub fn persistent_cloudevent(message_id: &str) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_content_type("application/cloudevents+json".into())
+        .with_delivery_mode(2);
+    if message_id.is_empty() {
+        properties
+    } else {
+        properties.with_message_id(message_id.into())
+    }
+}

@@ -1,0 +1,91 @@
+//! Sending the emails the outbox holds: through SMTP (`SMTP_URL`, pooled,
+//! with a timeout on every send) or, when no server is configured, as `.eml`
+//! files in `MAIL_DIR` named after their `Message-ID`, so a repeated send
+//! rewrites the same file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lettre::message::{Mailbox, MultiPart, header};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::notify::Email;
+
+/// How long one SMTP conversation may take before it counts as failed.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("cannot build the message: {0}")]
+    Build(String),
+    #[error("SMTP: {0}")]
+    Smtp(#[from] lettre::transport::smtp::Error),
+    #[error("writing the .eml file: {0}")]
+    File(#[from] std::io::Error),
+}
+
+pub enum Mailer {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Files(PathBuf),
+}
+
+impl Mailer {
+    /// `smtp://host:port` (plain), `smtp://host:port?tls=required`
+    /// (STARTTLS), `smtps://host:port` (TLS), as lettre reads them.
+    pub fn smtp(url: &url::Url) -> Result<Mailer, MailError> {
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.as_str())?
+            .timeout(Some(SEND_TIMEOUT))
+            .build();
+        Ok(Mailer::Smtp(transport))
+    }
+
+    pub fn files(dir: PathBuf) -> Mailer {
+        Mailer::Files(dir)
+    }
+
+    pub async fn send(&self, from: &Mailbox, email: &Email) -> Result<(), MailError> {
+        let message = build(from, email)?;
+        match self {
+            Mailer::Smtp(transport) => {
+                transport.send(message).await?;
+            }
+            Mailer::Files(dir) => {
+                tokio::fs::create_dir_all(dir).await?;
+                let name = email
+                    .message_id
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .replace(
+                        |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
+                        "_",
+                    );
+                let path = dir.join(format!("{name}.eml"));
+                let partial = dir.join(format!("{name}.eml.partial"));
+                // Written whole or not at all: a reader never sees half a message.
+                tokio::fs::write(&partial, message.formatted()).await?;
+                tokio::fs::rename(&partial, &path).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The message: multipart text and HTML, the stable `Message-ID`, and
+/// headers lettre encodes, so no value can inject a header of its own.
+pub fn build(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
+    let to_address = email
+        .to_email
+        .parse()
+        .map_err(|e| MailError::Build(format!("recipient: {e}")))?;
+    let to = Mailbox::new(email.to_name.clone(), to_address);
+    Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(email.subject.clone())
+        .message_id(Some(email.message_id.clone()))
+        .header(header::MIME_VERSION_1_0)
+        .multipart(MultiPart::alternative_plain_html(
+            email.text.clone(),
+            email.html.clone(),
+        ))
+        .map_err(|e| MailError::Build(e.to_string()))
+}

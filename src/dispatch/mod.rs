@@ -1,0 +1,220 @@
+//! Dispatch: the outbox, sent. Outbound events are published to
+//! `training-credits.out` (persistent, routing key = type) and marked sent only
+//! once the broker confirms them; emails are marked sent once the SMTP server
+//! (or the `.eml` file) took them. A failure is tried again with backoff and
+//! never dropped. Rows are claimed with a lease, so several workers on one
+//! PostgreSQL database never send the same row at the same time, and a
+//! worker that dies mid-send leaves its rows to be sent again: at least once,
+//! always with the same event id or `Message-ID`.
+
+pub mod mail;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Connection};
+use lettre::message::Mailbox;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::redact;
+use crate::consume::topology::OUTBOUND_EXCHANGE;
+use crate::consume::{connect, persistent_cloudevent};
+use crate::domain::Ts;
+use crate::notify::Email;
+use crate::ops::metric;
+use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
+use mail::Mailer;
+
+/// Rows claimed per round.
+pub const CLAIM_ROWS_MAX: i64 = 500;
+/// How long a claimed row is this worker's before others may take it.
+pub const LEASE: Duration = Duration::from_secs(120);
+/// How often the outbox is looked at when nothing wakes the dispatcher.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The longest wait before a failed row is tried again.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+pub struct Dispatcher<S> {
+    pub store: S,
+    pub amqp_url: String,
+    pub mailer: Mailer,
+    pub mail_from: Mailbox,
+    pub retry_delays: Vec<Duration>,
+    pub wake: Arc<Notify>,
+}
+
+/// When to try a row again after `attempts` failures: doubling from one
+/// second up to [`RETRY_BACKOFF_MAX`].
+pub fn backoff(attempts: i64) -> Duration {
+    let exponent = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    Duration::from_secs(2_u64.pow(exponent)).min(RETRY_BACKOFF_MAX)
+}
+
+impl<S: Store> Dispatcher<S> {
+    /// Dispatches until `cancel`, then sends what is due once more before
+    /// returning, so a clean stop leaves nothing behind that could go.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut channel: Option<(Connection, Channel)> = None;
+        loop {
+            let stopping = cancel.is_cancelled();
+            match self.round(&mut channel).await {
+                Ok(sent) if sent > 0 && !stopping => continue,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "Dispatching failed; trying again.");
+                    channel = None;
+                }
+            }
+            if stopping {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+        if let Some((connection, _)) = channel {
+            let _ = connection.close(200, "shutting down".into()).await;
+        }
+    }
+
+    /// Claims due rows and sends them. Returns how many were claimed.
+    pub async fn round(
+        &self,
+        channel: &mut Option<(Connection, Channel)>,
+    ) -> Result<usize, DispatchError> {
+        let now = Ts::now();
+        let rows = self
+            .store
+            .claim_outbox(
+                &[OutboxKind::Event, OutboxKind::Email],
+                now,
+                now.plus(chrono::Duration::from_std(LEASE).expect("a short lease")),
+                CLAIM_ROWS_MAX,
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (events, emails): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
+            .into_iter()
+            .partition(|row| row.kind == OutboxKind::Event);
+        let claimed = events.len() + emails.len();
+        if !events.is_empty() {
+            let result = match channel {
+                Some((_, open)) if open.status().connected() => self.publish(open, &events).await,
+                _ => {
+                    let opened = self.connect().await;
+                    match opened {
+                        Ok(pair) => {
+                            let result = self.publish(&pair.1, &events).await;
+                            *channel = Some(pair);
+                            result
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+            };
+            if let Err(error) = result {
+                self.reschedule(&events, &error.to_string()).await?;
+                return Err(error);
+            }
+        }
+        for row in &emails {
+            self.send_email(row).await?;
+        }
+        Ok(claimed)
+    }
+
+    async fn connect(&self) -> Result<(Connection, Channel), DispatchError> {
+        Ok(connect(&self.amqp_url, &self.retry_delays)
+            .await
+            .inspect_err(|error| tracing::warn!(%error, broker = %redact(&self.amqp_url), "Cannot reach the broker to publish."))?)
+    }
+
+    /// Publishes every event, then waits for every confirm: the broker works
+    /// through the whole set at once instead of one round trip per event.
+    async fn publish(&self, channel: &Channel, events: &[OutboxRow]) -> Result<(), DispatchError> {
+        let mut confirms = Vec::with_capacity(events.len());
+        for row in events {
+            let routing_key = serde_json::from_str::<serde_json::Value>(&row.payload)
+                .ok()
+                .and_then(|event| event["type"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let confirm = channel
+                .basic_publish(
+                    OUTBOUND_EXCHANGE.into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    row.payload.as_bytes(),
+                    persistent_cloudevent(&row.id),
+                )
+                .await?;
+            confirms.push((row, confirm));
+        }
+        let mut done = Vec::with_capacity(events.len());
+        for (row, confirm) in confirms {
+            if confirm.await?.is_ack() {
+                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
+                done.push(row.id.clone());
+            } else {
+                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
+                self.reschedule(std::slice::from_ref(row), "the broker refused the event")
+                    .await?;
+            }
+        }
+        self.store.outbox_done(&done, Ts::now()).await?;
+        Ok(())
+    }
+
+    async fn send_email(&self, row: &OutboxRow) -> Result<(), DispatchError> {
+        let email: Email = match serde_json::from_str(&row.payload) {
+            Ok(email) => email,
+            Err(error) => {
+                // Written by this program; unreadable means a defect, which
+                // must not block the rows behind it.
+                tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
+                self.reschedule(std::slice::from_ref(row), &error.to_string())
+                    .await?;
+                return Ok(());
+            }
+        };
+        match self.mailer.send(&self.mail_from, &email).await {
+            Ok(()) => {
+                metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
+                self.store
+                    .outbox_done(std::slice::from_ref(&row.id), Ts::now())
+                    .await?;
+            }
+            Err(error) => {
+                metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
+                tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
+                self.reschedule(std::slice::from_ref(row), &error.to_string())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reschedule(&self, rows: &[OutboxRow], error: &str) -> Result<(), StoreError> {
+        for row in rows {
+            let delay =
+                chrono::Duration::from_std(backoff(row.attempts)).expect("a bounded backoff");
+            self.store
+                .outbox_failed(&row.id, Ts::now().plus(delay), error)
+                .await?;
+        }
+        Ok(())
+    }
+}
