@@ -4,6 +4,8 @@
 //! steps: send a message, run the jobs, read the outbox, verify.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};

@@ -1,0 +1,455 @@
+//! Broker-side test helpers: a RabbitMQ vhost per test (dropped after), an
+//! in-process worker on it, a capture queue for outbound events, and an SMTP
+//! server on a local socket that can be taken down and brought back.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use training_credits::config::Config;
+use training_credits::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND_EXCHANGE};
+use training_credits::consume::{connect, persistent_cloudevent};
+use training_credits::store::Store;
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// A RabbitMQ vhost of the test's own, deleted when the test ends.
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn new() -> Vhost {
+        let name = format!("tc_test_{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The worker's configuration for a test: this vhost, short retry delays,
+/// the given SMTP server (or `.eml` files in `mail_dir`).
+pub fn config(
+    vhost: &Vhost,
+    database_url: &str,
+    smtp: Option<&str>,
+    mail_dir: &std::path::Path,
+) -> Config {
+    let amqp = vhost.url();
+    let mail_dir = mail_dir.display().to_string();
+    Config::from_vars(|name| match name {
+        "DATABASE_URL" => Some(database_url.to_owned()),
+        "AMQP_URL" => Some(amqp.clone()),
+        "SMTP_URL" => smtp.map(str::to_owned),
+        "MAIL_DIR" => Some(mail_dir.clone()),
+        "HTTP_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "RETRY_DELAYS" => Some("200ms,400ms".to_owned()),
+        "PORTAL_URL" => Some("http://portal.test".to_owned()),
+        "ADMIN_SOURCES" => Some(super::STAFF.to_owned()),
+        _ => None,
+    })
+    .expect("a valid test configuration")
+}
+
+/// A worker running in this process until [`TestWorker::stop`].
+pub struct TestWorker {
+    pub cancel: CancellationToken,
+    pub http_addr: std::net::SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TestWorker {
+    pub async fn start<S: Store>(store: S, config: Config) -> TestWorker {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let http_addr = listener.local_addr().expect("an address");
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let task = tokio::spawn(async move {
+            training_credits::worker::run(store, &config, listener, token)
+                .await
+                .expect("the worker runs");
+        });
+        TestWorker {
+            cancel,
+            http_addr,
+            task,
+        }
+    }
+
+    /// Stops it the way SIGTERM does and waits until it has.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the worker stops in time")
+            .expect("the worker task ends cleanly");
+    }
+}
+
+/// A client of the test's vhost: publishes inbound events and captures what
+/// the worker publishes.
+pub struct Client {
+    pub connection: Connection,
+    pub channel: Channel,
+    captured: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Client {
+    /// Connects, declares the topology, and binds a capture queue to the
+    /// outbound exchange before anything is published.
+    pub async fn new(vhost: &Vhost) -> Client {
+        let (connection, channel) = connect(
+            &vhost.url(),
+            &[Duration::from_millis(200), Duration::from_millis(400)],
+        )
+        .await
+        .expect("the broker answers");
+        let capture = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("a capture queue");
+        channel
+            .queue_bind(
+                capture.name().clone(),
+                OUTBOUND_EXCHANGE.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("the capture queue is bound");
+        let consumer_channel = connection.create_channel().await.expect("a channel");
+        let mut consumer = consumer_channel
+            .basic_consume(
+                capture.name().clone(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consuming the capture queue");
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let sink = captured.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if let Ok(event) = serde_json::from_slice::<Value>(&delivery.data) {
+                    sink.lock().expect("the capture lock").push(event);
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Client {
+            connection,
+            channel,
+            captured,
+        }
+    }
+
+    pub async fn publish_bytes(&self, routing_key: &str, body: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                INBOUND_EXCHANGE.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent_cloudevent(""),
+            )
+            .await
+            .expect("published")
+            .await
+            .expect("confirmed");
+        assert!(confirm.is_ack());
+    }
+
+    pub async fn publish(&self, event: &Value) {
+        let routing_key = event["type"].as_str().unwrap_or("none").to_owned();
+        self.publish_bytes(&routing_key, event.to_string().as_bytes())
+            .await;
+    }
+
+    /// Every outbound event captured so far.
+    pub fn outbound(&self) -> Vec<Value> {
+        self.captured.lock().expect("the capture lock").clone()
+    }
+
+    pub fn outbound_of(&self, type_name: &str) -> Vec<Value> {
+        self.outbound()
+            .into_iter()
+            .filter(|e| e["type"] == type_name)
+            .collect()
+    }
+
+    /// Waits until `count` outbound events of `type_name` have arrived.
+    pub async fn await_outbound(&self, type_name: &str, count: usize) -> Vec<Value> {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{count} × {type_name}"),
+            || async { self.outbound_of(type_name).len() >= count },
+        )
+        .await;
+        self.outbound_of(type_name)
+    }
+
+    /// Takes every dead letter off the dead-letter queue: (headers, body).
+    pub async fn dead_letters(&self) -> Vec<(FieldTable, Vec<u8>)> {
+        let mut letters = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let delivery = message.delivery;
+            letters.push((
+                delivery.properties.headers().clone().unwrap_or_default(),
+                delivery.data,
+            ));
+        }
+        letters
+    }
+
+    /// How many messages wait in the dead-letter queue (without taking them).
+    pub async fn dead_letter_count(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                DEAD_QUEUE.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the dead-letter queue exists")
+            .message_count()
+    }
+}
+
+/// The text of a header of a dead letter.
+pub fn header(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(text) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// An SMTP server on a local socket that keeps every message it accepts.
+/// `stop` takes it down (refusing connections, dropping open ones) and
+/// `start` brings it back on the same port.
+pub struct SmtpSink {
+    pub port: u16,
+    pub messages: Arc<Mutex<Vec<String>>>,
+    running: Option<CancellationToken>,
+}
+
+impl SmtpSink {
+    pub async fn start_new() -> SmtpSink {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let port = listener.local_addr().expect("an address").port();
+        let mut sink = SmtpSink {
+            port,
+            messages: Arc::new(Mutex::new(Vec::new())),
+            running: None,
+        };
+        sink.serve(listener);
+        sink
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(token) = self.running.take() {
+            token.cancel();
+        }
+    }
+
+    pub async fn start(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the same port again");
+        self.serve(listener);
+    }
+
+    pub fn received(&self) -> Vec<String> {
+        self.messages.lock().expect("the sink lock").clone()
+    }
+
+    /// Every accepted message, decoded.
+    pub fn mails(&self) -> Vec<Mail> {
+        self.received().iter().map(|raw| Mail::parse(raw)).collect()
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let token = CancellationToken::new();
+        self.running = Some(token.clone());
+        let messages = self.messages.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = token.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((socket, _)) = accepted else { continue };
+                let messages = messages.clone();
+                let token = token.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = converse(socket, messages) => {}
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The server side of one SMTP conversation, as much as lettre needs.
+async fn converse(
+    socket: tokio::net::TcpStream,
+    messages: Arc<Mutex<Vec<String>>>,
+) -> std::io::Result<()> {
+    let (read, mut write) = socket.into_split();
+    let mut lines = BufReader::new(read);
+    write.write_all(b"220 sink ESMTP\r\n").await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let command = line.trim_end().to_ascii_uppercase();
+        let reply: &[u8] = if command.starts_with("EHLO") || command.starts_with("HELO") {
+            b"250-sink\r\n250 8BITMIME\r\n"
+        } else if command.starts_with("DATA") {
+            write.write_all(b"354 go on\r\n").await?;
+            let mut body = String::new();
+            loop {
+                line.clear();
+                if lines.read_line(&mut line).await? == 0 {
+                    return Ok(());
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+                body.push_str(&line);
+            }
+            messages.lock().expect("the sink lock").push(body);
+            b"250 kept\r\n"
+        } else if command.starts_with("QUIT") {
+            write.write_all(b"221 bye\r\n").await?;
+            return Ok(());
+        } else {
+            b"250 ok\r\n"
+        };
+        write.write_all(reply).await?;
+    }
+}
+
+/// One received email, decoded from its MIME form.
+#[derive(Clone, Debug)]
+pub struct Mail {
+    pub to: String,
+    pub subject: String,
+    pub message_id: String,
+    pub text: String,
+    pub html: String,
+}
+
+impl Mail {
+    pub fn parse(raw: &str) -> Mail {
+        let message = mail_parser::MessageParser::default()
+            .parse(raw.as_bytes())
+            .expect("a MIME message");
+        let to = message
+            .to()
+            .and_then(|to| to.first())
+            .and_then(|address| address.address())
+            .unwrap_or_default()
+            .to_owned();
+        Mail {
+            to,
+            subject: message.subject().unwrap_or_default().to_owned(),
+            message_id: message.message_id().unwrap_or_default().to_owned(),
+            text: message
+                .body_text(0)
+                .map(|t| t.into_owned())
+                .unwrap_or_default(),
+            html: message
+                .body_html(0)
+                .map(|t| t.into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}

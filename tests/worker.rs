@@ -1,0 +1,181 @@
+//! The worker against the real RabbitMQ, SQLite and PostgreSQL, and an SMTP
+//! server on a local socket: each test has its own vhost and database.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use training_credits::store::Store;
+
+use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
+
+/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
+macro_rules! worker_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::sqlite_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::pg_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+    };
+}
+
+fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
+}
+
+fn request(id: &str, code: &str, learner: &str, item: &str, cost: &str) -> Value {
+    event(
+        &format!("ev-{id}"),
+        "lms",
+        "credits.redemption.requested",
+        json!({
+            "request_id": id, "code": code,
+            "learner": {"id": learner, "email": format!("{learner}@learners.test"), "name": format!("Learner {learner}")},
+            "item": {"id": item, "kind": "course", "title": format!("Course {item}")},
+            "cost": cost, "requested_at": "2026-11-21T10:00:00Z",
+        }),
+    )
+}
+
+async fn a_whole_account_life_cycle_yields_its_events_and_emails<S: Store>(store: S, url: String) {
+    let vhost = Vhost::new();
+    let smtp = SmtpSink::start_new().await;
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let client = Client::new(&vhost).await;
+    let worker = TestWorker::start(
+        store.clone(),
+        config(&vhost, &url, Some(&smtp.url()), mail_dir.path()),
+    )
+    .await;
+
+    let now = training_credits::domain::Ts::now();
+    for message in [
+        event(
+            "e1",
+            "portal",
+            "credits.account.opened",
+            json!({
+                "account_id": "acme", "owners": [{"email": "boss@acme.test", "name": "Bo Boss"}],
+                "approval_mode": "manual", "code": "ACME-0001",
+            }),
+        ),
+        event(
+            "e2",
+            "shop",
+            "credits.purchase.completed",
+            json!({
+                "account_id": "acme", "purchase_id": "p1", "credits": "100", "purchased_at": now,
+                "price_paid": {"amount": "95.00", "currency": "USD"},
+            }),
+        ),
+        request("r1", "acme 0001", "l1", "c1", "20"),
+        event(
+            "e3",
+            "portal",
+            "credits.redemption.approved",
+            json!({"request_id": "r1", "approver": "boss@acme.test"}),
+        ),
+        request("r2", "ACME0001", "l2", "c2", "10"),
+        event(
+            "e4",
+            "portal",
+            "credits.redemption.denied",
+            json!({"request_id": "r2", "approver": "boss@acme.test", "reason": "budget"}),
+        ),
+        request("r3", "ACME0001", "l3", "c3", "5"),
+        event(
+            "e5",
+            "lms",
+            "credits.redemption.cancelled",
+            json!({"request_id": "r3", "learner_id": "l3"}),
+        ),
+        event(
+            "e6",
+            "portal",
+            "credits.account.updated",
+            json!({"account_id": "acme", "actor": "boss@acme.test", "approval_mode": "automatic"}),
+        ),
+        request("r4", "ACME0001", "l4", "c4", "30"),
+        event(
+            "e7",
+            "lms",
+            "credits.enrollment.unenrolled",
+            json!({"request_id": "r4", "unenrolled_at": now}),
+        ),
+    ] {
+        client.publish(&message).await;
+    }
+
+    client
+        .await_outbound("training-credits.redemption.refunded", 1)
+        .await;
+    for (type_name, count) in [
+        ("training-credits.account.opened", 1),
+        ("training-credits.purchase.recorded", 1),
+        ("training-credits.redemption.pending", 3),
+        ("training-credits.redemption.approved", 2),
+        ("training-credits.redemption.denied", 1),
+        ("training-credits.redemption.cancelled", 1),
+        ("training-credits.account.updated", 1),
+        ("training-credits.redemption.refunded", 1),
+    ] {
+        assert_eq!(client.outbound_of(type_name).len(), count, "{type_name}");
+    }
+    let refunded = &client.outbound_of("training-credits.redemption.refunded")[0];
+    assert_eq!(refunded["data"]["refunded"], "30.00");
+    assert_eq!(refunded["data"]["available"], "80.00");
+    assert_eq!(refunded["subject"], "acme");
+    assert_eq!(refunded["datacontenttype"], "application/json");
+
+    eventually(Duration::from_secs(30), "the emails", || async {
+        smtp.received().len() >= 6
+    })
+    .await;
+    let mails = smtp.mails();
+    let approval = mails
+        .iter()
+        .find(|m| m.to == "l1@learners.test")
+        .expect("the learner's approval email");
+    assert!(approval.text.contains("Hello Learner l1, Your request to redeem 20.00 training credits for Course c1 has been approved."));
+    assert!(!approval.html.is_empty() && !approval.message_id.is_empty());
+    let pending = mails
+        .iter()
+        .find(|m| m.text.contains("http://portal.test/requests/r2"))
+        .expect("the pending email links to the request");
+    assert_eq!(pending.to, "boss@acme.test");
+    assert!(
+        pending.text.contains("Learner l2")
+            && pending.text.contains("l2@learners.test")
+            && pending.text.contains("10.00")
+    );
+    assert!(
+        mails.iter().any(|m| m.text.contains("95.00 USD")),
+        "the purchase email names the price paid"
+    );
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.to == "l2@learners.test" && m.text.contains("budget")),
+        "the denial email gives the reason"
+    );
+    worker.stop().await;
+    let problems = store.verify().await.expect("verify runs");
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+worker_tests!(a_whole_account_life_cycle_yields_its_events_and_emails);
