@@ -135,7 +135,10 @@ pub async fn replay(config: &Config, all: bool, ids: &[String]) -> anyhow::Resul
                 if !key.as_str().starts_with("x-error-")
                     && !matches!(
                         key.as_str(),
-                        "x-dead-lettered-at" | "x-retry-count" | "x-retry-reason"
+                        "x-dead-lettered-at"
+                            | "x-retry-count"
+                            | "x-retry-reason"
+                            | "x-original-routing-key"
                     )
                 {
                     headers.insert(key.clone(), value.clone());

@@ -109,7 +109,12 @@ macro_rules! with_store {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env().context("bad configuration")?;
     match cli.command {
-        Command::Run => with_store!(config, |store| run::run(store, &config).await),
+        Command::Run => {
+            // Signals are caught from the very start: one that arrives while
+            // the database is still being opened stops the worker cleanly too.
+            let cancel = run::cancel_on_signals()?;
+            with_store!(config, |store| run::run(store, &config, cancel).await)
+        }
         Command::Publish { file } => publish::run(&config, &file).await,
         Command::Dlq {
             command: DlqCommand::List { json },

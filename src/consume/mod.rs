@@ -18,7 +18,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,8 @@ pub struct Limits {
 
 /// Header counting how many delays a message has waited through.
 const RETRY_COUNT: &str = "x-retry-count";
+/// Header naming the routing key a message was first published with.
+const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 /// Longest wait between two attempts to reach the broker or the database.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Failed batch attempts, for reasons other than an unreachable database,
@@ -52,7 +54,7 @@ const BATCH_ATTEMPTS_MAX: u32 = 3;
 pub enum ConsumeError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
-    #[error("the broker did not confirm a dead letter or retry")]
+    #[error("the broker refused a dead letter or retry")]
     Unconfirmed,
     #[error("the consumer was cancelled by the broker")]
     ConsumerGone,
@@ -129,7 +131,10 @@ impl<S: Store> Consumer<S> {
             "Consuming."
         );
         loop {
+            // A stop request wins over deliveries already waiting: the batch in
+            // hand is finished, no new one is taken.
             let first = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break,
                 next = deliveries.next() => next,
             };
@@ -204,12 +209,16 @@ impl<S: Store> Consumer<S> {
             };
             fates.push(fate);
         }
+        let mut confirms = Vec::new();
         for (delivery, fate) in batch.iter().zip(fates) {
-            self.settle(channel, delivery, fate).await?;
+            confirms.extend(self.settle(channel, delivery, fate).await?);
         }
-        let returned = channel.wait_for_confirms().await?;
-        if !returned.is_empty() {
-            return Err(ConsumeError::Unconfirmed);
+        // A nack (the broker would not take the message) must keep the batch
+        // unacknowledged, or the message would be lost.
+        for confirm in confirms {
+            if !confirm.await?.is_ack() {
+                return Err(ConsumeError::Unconfirmed);
+            }
         }
         let last = batch.last().expect("a batch has at least one delivery");
         channel
@@ -280,21 +289,23 @@ impl<S: Store> Consumer<S> {
     }
 
     /// Sends a delivery that is not done to its delay queue or to the dead
-    /// letters; confirmed with the rest of the batch before the ack.
+    /// letters; its confirm is awaited with the rest of the batch before the
+    /// ack.
     async fn settle(
         &self,
         channel: &Channel,
         delivery: &Delivery,
         fate: Fate,
-    ) -> Result<(), ConsumeError> {
+    ) -> Result<Option<PublisherConfirm>, ConsumeError> {
         let (queue, headers) = match fate {
-            Fate::Done => return Ok(()),
+            Fate::Done => return Ok(None),
             Fate::Retry { reason, detail } => {
                 let count = retry_count(delivery);
                 match self.limits.retry_delays.get(count) {
                     Some(delay) => {
                         metrics::counter!(metric::RETRIES).increment(1);
                         let mut headers = headers_of(delivery);
+                        keep_original_routing_key(&mut headers, delivery);
                         headers.insert(
                             RETRY_COUNT.into(),
                             AMQPValue::LongLongInt(i64::try_from(count + 1).unwrap_or(i64::MAX)),
@@ -312,7 +323,7 @@ impl<S: Store> Consumer<S> {
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
-        channel
+        let confirm = channel
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
@@ -321,7 +332,7 @@ impl<S: Store> Consumer<S> {
                 properties,
             )
             .await?;
-        Ok(())
+        Ok(Some(confirm))
     }
 }
 
@@ -348,6 +359,18 @@ fn retry_count(delivery: &Delivery) -> usize {
     }
 }
 
+/// Notes the routing key the message was published with, the first time it
+/// leaves the worker queue: a message back from a delay queue arrives with
+/// the worker queue's name as its routing key instead.
+fn keep_original_routing_key(headers: &mut FieldTable, delivery: &Delivery) {
+    if !headers.inner().contains_key(ORIGINAL_ROUTING_KEY) {
+        headers.insert(
+            ORIGINAL_ROUTING_KEY.into(),
+            long_string(delivery.routing_key.as_str()),
+        );
+    }
+}
+
 /// The dead-letter queue and the headers of a dead letter: the original ones
 /// plus the reason, the detail, where it came from and when.
 fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String, FieldTable) {
@@ -356,10 +379,7 @@ fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String
     let mut headers = headers_of(delivery);
     headers.insert("x-error-reason".into(), long_string(reason.as_str()));
     headers.insert("x-error-detail".into(), long_string(detail));
-    headers.insert(
-        "x-original-routing-key".into(),
-        long_string(delivery.routing_key.as_str()),
-    );
+    keep_original_routing_key(&mut headers, delivery);
     headers.insert(
         "x-dead-lettered-at".into(),
         long_string(&Ts::now().to_string()),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use lettre::message::{Mailbox, MultiPart, header};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::notify::Email;
+use crate::notify::{Email, one_line};
 
 /// How long one SMTP conversation may take before it counts as failed.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,7 +76,9 @@ pub fn build(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
         .to_email
         .parse()
         .map_err(|e| MailError::Build(format!("recipient: {e}")))?;
-    let to = Mailbox::new(email.to_name.clone(), to_address);
+    // A display name is free text a learner typed; folded to one line it can
+    // neither break the header nor add one.
+    let to = Mailbox::new(email.to_name.as_deref().map(one_line), to_address);
     Message::builder()
         .from(from.clone())
         .to(to)
@@ -88,4 +90,43 @@ pub fn build(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
             email.html.clone(),
         ))
         .map_err(|e| MailError::Build(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn email(name: &str) -> Email {
+        Email {
+            message_id: "<id-1@training-credits>".to_owned(),
+            to_email: "ann@example.com".to_owned(),
+            to_name: Some(name.to_owned()),
+            subject: "Approved: Rust".to_owned(),
+            text: "Hello".to_owned(),
+            html: "<p>Hello</p>".to_owned(),
+            causation_id: "ev-1".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_smtp_url_form_of_the_contract_is_understood() {
+        for url in [
+            "smtp://127.0.0.1:1025",
+            "smtp://mail.example.com:587?tls=required",
+            "smtps://mail.example.com:465",
+            "smtp://user:secret@mail.example.com:587?tls=required",
+        ] {
+            let url = url::Url::parse(url).unwrap();
+            assert!(matches!(Mailer::smtp(&url), Ok(Mailer::Smtp(_))), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_name_with_line_breaks_cannot_add_a_header() {
+        let from: Mailbox = "Training Credits <no-reply@localhost>".parse().unwrap();
+        let message = build(&from, &email("Ann\r\nBcc: thief@evil.test")).unwrap();
+        let text = String::from_utf8(message.formatted()).unwrap();
+        assert!(!text.contains("\r\nBcc:"), "{text}");
+        assert!(text.contains("Message-ID: <id-1@training-credits>"));
+    }
 }

@@ -33,6 +33,8 @@ pub const CLAIM_ROWS_MAX: i64 = 500;
 pub const LEASE: Duration = Duration::from_secs(120);
 /// How often the outbox is looked at when nothing wakes the dispatcher.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a stopping worker keeps flushing the outbox.
+pub const FLUSH_TIME_MAX: Duration = Duration::from_secs(10);
 /// The longest wait before a failed row is tried again.
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -61,27 +63,36 @@ pub fn backoff(attempts: i64) -> Duration {
 }
 
 impl<S: Store> Dispatcher<S> {
-    /// Dispatches until `cancel`, then sends what is due once more before
-    /// returning, so a clean stop leaves nothing behind that could go.
+    /// Dispatches until `cancel`, then keeps sending what is due until the
+    /// outbox is drained (or [`FLUSH_TIME_MAX`] has passed, as other workers
+    /// may keep adding rows), so a clean stop leaves nothing behind that
+    /// could go.
     pub async fn run(&self, cancel: CancellationToken) {
         let mut channel: Option<(Connection, Channel)> = None;
-        loop {
-            let stopping = cancel.is_cancelled();
+        while !cancel.is_cancelled() {
             match self.round(&mut channel).await {
-                Ok(sent) if sent > 0 && !stopping => continue,
+                Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%error, "Dispatching failed; trying again.");
                     channel = None;
                 }
             }
-            if stopping {
-                break;
-            }
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
+        while tokio::time::Instant::now() < deadline {
+            match self.round(&mut channel).await {
+                Ok(claimed) if claimed > 0 => {}
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "The outbox could not be flushed; the next worker sends the rest.");
+                    break;
+                }
             }
         }
         if let Some((connection, _)) = channel {
@@ -111,6 +122,7 @@ impl<S: Store> Dispatcher<S> {
             .into_iter()
             .partition(|row| row.kind == OutboxKind::Event);
         let claimed = events.len() + emails.len();
+        let mut failed = None;
         if !events.is_empty() {
             let result = match channel {
                 Some((_, open)) if open.status().connected() => self.publish(open, &events).await,
@@ -128,13 +140,18 @@ impl<S: Store> Dispatcher<S> {
             };
             if let Err(error) = result {
                 self.reschedule(&events, &error.to_string()).await?;
-                return Err(error);
+                failed = Some(error);
             }
         }
+        // The emails do not need the broker: they go even when the events
+        // could not, instead of waiting out their lease.
         for row in &emails {
             self.send_email(row).await?;
         }
-        Ok(claimed)
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(claimed),
+        }
     }
 
     async fn connect(&self) -> Result<(Connection, Channel), DispatchError> {

@@ -167,7 +167,7 @@ impl Mailer {
 
 /// Folds every control character (CR and LF included) into a space, so a
 /// subject can never carry a header of its own.
-fn one_line(text: &str) -> String {
+pub fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect::<String>()

@@ -9,6 +9,7 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
+use tokio::sync::MutexGuard;
 
 /// Instants are `TIMESTAMPTZ`, microsecond precision like [`Ts`].
 impl Type<Postgres> for Ts {
@@ -51,6 +52,11 @@ impl PgStore {
             .connect(url)
             .await?;
         Ok(PgStore { pool })
+    }
+
+    /// PostgreSQL takes care of concurrent writers itself.
+    async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
+        None
     }
 
     pub fn pool(&self) -> &PgPool {

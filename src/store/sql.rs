@@ -44,7 +44,8 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (a struct with a
-/// `pool: sqlx::Pool<$db>` field).
+/// `pool: sqlx::Pool<$db>` field and an inherent `async fn write_gate`,
+/// taken around every write).
 macro_rules! sql_store {
     ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
@@ -419,6 +420,7 @@ macro_rules! sql_store {
                 T: Send,
                 F: FnOnce(Loaded) -> (T, Writes) + Send,
             {
+                let _gate = self.write_gate().await;
                 let mut tx = self.pool.begin_with($begin).await?;
                 let loaded = load(&mut *tx, wanted, true).await?;
                 let (result, writes) = work(loaded);
@@ -583,6 +585,7 @@ macro_rules! sql_store {
                 lease_until: Ts,
                 limit: i64,
             ) -> Result<Vec<OutboxRow>, StoreError> {
+                let _gate = self.write_gate().await;
                 let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET next_attempt_at = ");
                 query.push_bind(lease_until);
                 query.push(" WHERE seq IN (SELECT seq FROM outbox WHERE dispatched_at IS NULL AND next_attempt_at <= ");
@@ -607,6 +610,7 @@ macro_rules! sql_store {
             }
 
             async fn outbox_done(&self, ids: &[String], now: Ts) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
                 for chunk in ids.chunks(IN_LIST_MAX) {
                     let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET dispatched_at = ");
                     query.push_bind(now);
@@ -622,6 +626,7 @@ macro_rules! sql_store {
             }
 
             async fn outbox_failed(&self, id: &str, next_attempt_at: Ts, error: &str) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
                 sqlx::query(
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3",
                 )

@@ -2,6 +2,7 @@
 //! up front (`BEGIN IMMEDIATE`), so a batch never fails halfway for want of it.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::encode::IsNull;
@@ -11,6 +12,7 @@ use sqlx::sqlite::{
     SqliteTypeInfo, SqliteValueRef,
 };
 use sqlx::{Decode, Encode, Sqlite, Type};
+use tokio::sync::{Mutex, MutexGuard};
 
 /// Instants are stored as microseconds since the epoch, which sort and
 /// compare exactly.
@@ -43,6 +45,11 @@ impl<'r> Decode<'r, Sqlite> for Ts {
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// SQLite has one writer at a time and its busy handler lets a waiting
+    /// writer lose to a busy one again and again; this first-come,
+    /// first-served lock makes the writers of this process take turns, so
+    /// the dispatcher is never starved by a busy consumer.
+    gate: Arc<Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -59,7 +66,14 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            gate: Arc::new(Mutex::new(())),
+        })
+    }
+
+    async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
+        Some(self.gate.lock().await)
     }
 
     pub fn pool(&self) -> &SqlitePool {

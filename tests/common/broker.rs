@@ -23,8 +23,18 @@ use training_credits::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND
 use training_credits::consume::{connect, persistent_cloudevent};
 use training_credits::store::Store;
 
+/// `rabbitmqctl`, or the command in `RABBITMQCTL` (for a broker in Docker:
+/// `docker compose exec -T rabbitmq rabbitmqctl`).
+fn rabbitmqctl_command() -> std::process::Command {
+    let configured = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
+    let mut words = configured.split_whitespace();
+    let mut command = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    command.args(words);
+    command
+}
+
 fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
+    let status = rabbitmqctl_command()
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -53,7 +63,7 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["delete_vhost", &self.name])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -451,5 +461,273 @@ impl Mail {
                 .map(|t| t.into_owned())
                 .unwrap_or_default(),
         }
+    }
+}
+
+// Helpers for the fault tests (tests/worker_faults.rs).
+
+/// One connection the broker holds: its Erlang pid (what `close_connection`
+/// takes) and its name (`client:port -> server:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConnection {
+    pub pid: String,
+    pub name: String,
+}
+
+impl Vhost {
+    /// The connections the broker holds on this vhost now.
+    pub fn connections(&self) -> Vec<BrokerConnection> {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "vhost",
+                "name",
+            ])
+            .output()
+            .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl list_connections failed"
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                let pid = fields.next()?.trim();
+                let vhost = fields.next()?.trim();
+                let name = fields.next().unwrap_or_default().trim();
+                (vhost == self.name).then(|| BrokerConnection {
+                    pid: pid.to_owned(),
+                    name: name.to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Closes, from the broker's side, every connection of this vhost but
+    /// those in `keep`; returns how many it closed.
+    pub fn close_connections_except(&self, keep: &[BrokerConnection]) -> usize {
+        let mut closed = 0;
+        for connection in self.connections() {
+            if keep.contains(&connection) {
+                continue;
+            }
+            // A connection may go away by itself meanwhile: not a failure.
+            let status = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", &connection.pid, "closed by a test"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("rabbitmqctl runs");
+            if status.success() {
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+impl Client {
+    /// Publishes `body` to the inbound exchange with the given properties
+    /// (headers, message id…), confirmed.
+    pub async fn publish_with(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                INBOUND_EXCHANGE.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("published")
+            .await
+            .expect("confirmed");
+        assert!(confirm.is_ack());
+    }
+
+    /// Takes every dead letter off the dead-letter queue, whole (properties
+    /// included).
+    pub async fn dead_letter_deliveries(&self) -> Vec<lapin::message::Delivery> {
+        let mut letters = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            letters.push(message.delivery);
+        }
+        letters
+    }
+
+    /// How many messages are ready in `queue` (which must exist).
+    pub async fn ready_in(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the queue {queue} exists: {e}"))
+            .message_count()
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a plain TCP stream: (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP server accepts");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("the request is sent");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("the HTTP server answers in time")
+        .expect("the response is read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("an HTTP response: {text}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("an HTTP status line: {head}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+/// The payload of a chunked HTTP body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+impl Vhost {
+    /// Messages in `queue` of this vhost, ready and unacknowledged alike, as
+    /// `rabbitmqctl list_queues` counts them (a passive declare counts only
+    /// the ready ones); `None` if there is no such queue.
+    pub fn queue_messages(&self, queue: &str) -> Option<u64> {
+        let output = rabbitmqctl_command()
+            .args([
+                "list_queues",
+                "-p",
+                &self.name,
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
+        assert!(output.status.success(), "rabbitmqctl list_queues failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .and_then(|(_, count)| count.trim().parse().ok())
+    }
+}
+
+impl Client {
+    /// How many messages wait ready in `queue` (without taking them).
+    pub async fn ready_count(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("the queue {queue} exists: {error}"))
+            .message_count()
+    }
+}
+
+/// Publishes `events` to the inbound exchange on `channel` (routing key =
+/// `type`, message id = `id`), all of them before waiting for any confirm.
+pub async fn publish_confirmed(channel: &Channel, events: &[Value]) {
+    let mut confirms = Vec::with_capacity(events.len());
+    for event in events {
+        let routing_key = event["type"].as_str().unwrap_or("none");
+        let id = event["id"].as_str().unwrap_or_default();
+        confirms.push(
+            channel
+                .basic_publish(
+                    INBOUND_EXCHANGE.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    event.to_string().as_bytes(),
+                    persistent_cloudevent(id),
+                )
+                .await
+                .expect("published"),
+        );
+    }
+    for confirm in confirms {
+        assert!(
+            confirm.await.expect("confirmed").is_ack(),
+            "the broker nacked"
+        );
+    }
+}
+
+impl Vhost {
+    /// Sets a policy on this vhost's queues matching `pattern`.
+    pub fn set_policy(&self, name: &str, pattern: &str, definition: &str) {
+        rabbitmqctl(&[
+            "set_policy",
+            "-p",
+            &self.name,
+            "--apply-to",
+            "queues",
+            name,
+            pattern,
+            definition,
+        ]);
+    }
+
+    pub fn clear_policy(&self, name: &str) {
+        rabbitmqctl(&["clear_policy", "-p", &self.name, name]);
     }
 }

@@ -1,0 +1,677 @@
+//! Stopping and feeding the real binary: `training-credits run` as a child
+//! process, stopped by SIGTERM or SIGINT in the middle of a stream of events
+//! and started again, and `training-credits publish FILE`. Each test has its
+//! own vhost and database, on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use training_credits::consume::topology::WORKER_QUEUE;
+use training_credits::domain::Ts;
+use training_credits::store::{Store, Wanted};
+
+use common::broker::{Client, TestWorker, Vhost, config, eventually, publish_confirmed};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
+
+/// How long a stopping worker may take to exit.
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Purchases in the stream that the worker is stopped in the middle of.
+const STREAM_PURCHASES: usize = 1_000;
+/// The publisher waits for the SIGTERM after this many purchases, so the
+/// signal always lands while the stream is still coming in.
+const PUBLISHED_BEFORE_SIGTERM_MAX: usize = 500;
+/// Purchases published between two waits for their confirms.
+const PUBLISH_WINDOW: usize = 25;
+
+/// Every variable of the contract, so that none leaks in from the
+/// environment the tests run in.
+const CONTRACT_VARIABLES: [&str; 22] = [
+    "DATABASE_URL",
+    "AMQP_URL",
+    "SMTP_URL",
+    "MAIL_DIR",
+    "MAIL_FROM",
+    "PORTAL_URL",
+    "HTTP_ADDR",
+    "REPORTS_DIR",
+    "EVENT_SOURCE",
+    "ADMIN_SOURCES",
+    "RETRY_DELAYS",
+    "REFUND_WINDOW_DAYS",
+    "PENDING_TIMEOUT_DAYS",
+    "EXPIRY_REMINDER_DAYS",
+    "SWEEP_CRON",
+    "STATEMENT_CRON",
+    "REPORT_CRON",
+    "PREFETCH",
+    "BATCH_SIZE",
+    "RUST_LOG",
+    "LOG_FORMAT",
+    "TEST_POSTGRES_URL",
+];
+
+/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
+macro_rules! shutdown_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::sqlite_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::pg_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+    };
+}
+
+/// A port nobody listens on: bound by the OS, then released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
+/// Where one test's binary runs: its folder (working directory, mail,
+/// reports, logs), its database and its vhost.
+struct Site {
+    folder: tempfile::TempDir,
+    database_url: String,
+    amqp_url: String,
+}
+
+impl Site {
+    fn new(database_url: &str, vhost: &Vhost) -> Site {
+        Site {
+            folder: tempfile::tempdir().expect("a working folder"),
+            database_url: database_url.to_owned(),
+            amqp_url: vhost.url(),
+        }
+    }
+
+    /// The binary with `args`, in the folder, configured for this site and
+    /// nothing else.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BINARY);
+        command.args(args).current_dir(self.folder.path());
+        for variable in CONTRACT_VARIABLES {
+            command.env_remove(variable);
+        }
+        command
+            .env("DATABASE_URL", &self.database_url)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("MAIL_DIR", self.folder.path().join("mail"))
+            .env("REPORTS_DIR", self.folder.path().join("reports"))
+            .env("RETRY_DELAYS", "200ms,400ms")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs a command that ends by itself, within `limit`.
+    async fn output(&self, args: &[&str], limit: Duration) -> Finished {
+        let name = args.join("_").replace(['/', '.'], "_");
+        let out = self.folder.path().join(format!("{name}.out"));
+        let err = self.folder.path().join(format!("{name}.err"));
+        let mut child = self
+            .command(args)
+            .stdout(std::fs::File::create(&out).expect("a stdout file"))
+            .stderr(std::fs::File::create(&err).expect("a stderr file"))
+            .spawn()
+            .expect("the binary starts");
+        let status = exit_within(&mut child, limit).await;
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`training-credits {}` did not end within {limit:?}",
+                args.join(" ")
+            );
+        };
+        Finished {
+            status,
+            stdout: std::fs::read_to_string(&out).expect("stdout is UTF-8"),
+            stderr: std::fs::read_to_string(&err).expect("stderr is UTF-8"),
+        }
+    }
+
+    /// Starts `training-credits run` on a free port.
+    fn start_worker(&self, name: &str) -> RunningWorker {
+        let port = free_port();
+        let log = self.folder.path().join(format!("{name}.log"));
+        let child = self
+            .command(&["run"])
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .expect("the worker starts");
+        RunningWorker {
+            child,
+            port,
+            log,
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// A command that has ended.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Polls `child` every 50 ms until it has exited or `limit` passes.
+async fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("the child can be waited for") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `training-credits run` as a child process; killed if a test fails while
+/// it runs, with its log shown.
+struct RunningWorker {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    name: String,
+}
+
+impl RunningWorker {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Sends a signal (`TERM`, `INT`) the way an operator or an orchestrator
+    /// does.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /readyz` answers 200: the broker is connected, the consumer runs
+    /// and the database answers.
+    async fn is_ready(&self) -> bool {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        if stream.write_all(request).await.is_err() {
+            return false;
+        }
+        let mut response = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+        matches!(read, Ok(Ok(_))) && response.starts_with(b"HTTP/1.1 200")
+    }
+
+    async fn await_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.is_ready().await {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
+                panic!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} was not ready within 30 s:\n{}", self.name, self.log());
+    }
+
+    /// Signals the worker and asserts that it exits 0 within
+    /// [`STOP_LIMIT`]; returns how long it took.
+    async fn stop_with(self, signal: &str) -> Duration {
+        self.signal(signal);
+        self.await_exit(signal).await
+    }
+
+    /// Asserts that the worker, sent `signal` just now, exits 0 within
+    /// [`STOP_LIMIT`] after a clean stop; returns how long it took.
+    async fn await_exit(mut self, signal: &str) -> Duration {
+        let started = Instant::now();
+        let status = exit_within(&mut self.child, STOP_LIMIT).await;
+        let took = started.elapsed();
+        let log = self.log();
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "{} did not exit within {STOP_LIMIT:?} of SIG{signal}:\n{log}",
+                self.name
+            )
+        });
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} exited with {status} on SIG{signal}:\n{log}",
+            self.name
+        );
+        assert!(
+            log.contains("The worker stopped."),
+            "{} did not go through the clean stop:\n{log}",
+            self.name
+        );
+        took
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- log of {} ---\n{}", self.name, self.log());
+            }
+        }
+    }
+}
+
+fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
+}
+
+fn account_opened(account_id: &str) -> Value {
+    event(
+        &format!("open-{account_id}"),
+        "portal",
+        "credits.account.opened",
+        json!({
+            "account_id": account_id,
+            "owners": [{"email": format!("boss@{account_id}.test"), "name": "Bo Boss"}],
+            "approval_mode": "automatic",
+        }),
+    )
+}
+
+fn purchase(account_id: &str, event_id: &str, purchase_id: &str, credits: &str) -> Value {
+    event(
+        event_id,
+        "shop",
+        "credits.purchase.completed",
+        json!({
+            "account_id": account_id, "purchase_id": purchase_id, "credits": credits,
+            "purchased_at": Ts::now(),
+        }),
+    )
+}
+
+/// The ledger's lots of `account_id`, read from the database directly.
+async fn lots_of<S: Store>(store: &S, account_id: &str) -> usize {
+    let id: training_credits::domain::Id = account_id.parse().expect("an id");
+    let wanted = Wanted {
+        account_ids: vec![id.clone()],
+        ..Wanted::default()
+    };
+    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
+    ledger
+        .accounts
+        .get(&id)
+        .map_or(0, |account| account.lots.len())
+}
+
+/// The `purchase_id`s of every `purchase.recorded` captured so far.
+fn recorded_purchases(client: &Client) -> BTreeSet<String> {
+    client
+        .outbound_of("training-credits.purchase.recorded")
+        .iter()
+        .filter_map(|e| e["data"]["purchase_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn sigterm_during_a_stream_loses_nothing_and_doubles_nothing<S: Store>(
+    store: S,
+    url: String,
+) {
+    let vhost = Vhost::new();
+    let site = Site::new(&url, &vhost);
+    let client = Client::new(&vhost).await;
+    let mut first = site.start_worker("the first worker");
+    first.await_ready().await;
+
+    client.publish(&account_opened("acme")).await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+
+    // The stream: published on a channel of its own, with confirms, while
+    // the worker runs, stops and runs again.
+    let purchases: Vec<Value> = (1..=STREAM_PURCHASES)
+        .map(|n| purchase("acme", &format!("buy-{n:04}"), &format!("p-{n:04}"), "1.00"))
+        .collect();
+    let published = Arc::new(AtomicUsize::new(0));
+    let (signalled, signal_sent) = tokio::sync::oneshot::channel::<()>();
+    let publisher = {
+        let channel = client.channel.clone();
+        let purchases = purchases.clone();
+        let published = published.clone();
+        tokio::spawn(async move {
+            let mut signal_sent = Some(signal_sent);
+            for window in purchases.chunks(PUBLISH_WINDOW) {
+                if published.load(Ordering::SeqCst) >= PUBLISHED_BEFORE_SIGTERM_MAX
+                    && let Some(sent) = signal_sent.take()
+                {
+                    let _ = sent.await;
+                }
+                publish_confirmed(&channel, window).await;
+                published.fetch_add(window.len(), Ordering::SeqCst);
+            }
+        })
+    };
+
+    eventually(
+        Duration::from_secs(30),
+        "100 purchases recorded by the first worker",
+        || async {
+            client
+                .outbound_of("training-credits.purchase.recorded")
+                .len()
+                >= 100
+        },
+    )
+    .await;
+    let published_at_sigterm = published.load(Ordering::SeqCst);
+    let recorded_at_sigterm = recorded_purchases(&client).len();
+    first.signal("TERM");
+    // The rest of the stream comes in while the worker stops.
+    let _ = signalled.send(());
+    let stop_took = first.await_exit("TERM").await;
+    let published_at_exit = published.load(Ordering::SeqCst);
+    let applied_by_first = lots_of(&store, "acme").await;
+    let backlog_after_first = store.outbox_backlog().await.expect("the outbox backlog");
+    assert!(
+        published_at_sigterm < STREAM_PURCHASES,
+        "the stream was still coming in at SIGTERM"
+    );
+
+    let started = Instant::now();
+    let mut second = site.start_worker("the second worker");
+    second.await_ready().await;
+    publisher.await.expect("the stream is published");
+    eventually(
+        Duration::from_secs(40),
+        "every purchase applied and recorded",
+        || async {
+            recorded_purchases(&client).len() == STREAM_PURCHASES
+                && lots_of(&store, "acme").await == STREAM_PURCHASES
+        },
+    )
+    .await;
+    let caught_up = started.elapsed();
+
+    // The ledger: exactly one lot of 1.00 per purchase.
+    let shown = site
+        .output(&["account", "show", "acme"], Duration::from_secs(30))
+        .await;
+    assert_eq!(shown.code(), Some(0), "account show: {}", shown.stderr);
+    let account: Value = serde_json::from_str(&shown.stdout).expect("account show prints JSON");
+    assert_eq!(account["balance"], "1000.00");
+    assert_eq!(account["available"], "1000.00");
+    assert_eq!(account["held"], "0.00");
+    let lots = account["lots"].as_array().expect("lots");
+    assert_eq!(lots.len(), STREAM_PURCHASES);
+    let lot_ids: BTreeSet<&str> = lots
+        .iter()
+        .map(|lot| {
+            assert_eq!(lot["credits"], "1.00", "{lot}");
+            assert_eq!(lot["remaining"], "1.00", "{lot}");
+            lot["purchase_id"].as_str().expect("a purchase id")
+        })
+        .collect();
+    assert_eq!(lot_ids.len(), STREAM_PURCHASES, "one lot per purchase");
+    let verified = site.output(&["verify"], Duration::from_secs(30)).await;
+    assert_eq!(
+        verified.code(),
+        Some(0),
+        "verify: {}{}",
+        verified.stdout,
+        verified.stderr
+    );
+
+    // The broker: nothing left to do, nothing dead-lettered.
+    eventually(
+        Duration::from_secs(30),
+        "the worker queue to be empty (ready and unacknowledged)",
+        || async { vhost.queue_messages(WORKER_QUEUE) == Some(0) },
+    )
+    .await;
+    assert_eq!(client.dead_letter_count().await, 0, "nothing dead-lettered");
+
+    // The outbound events: at least once, never two ids for one cause.
+    let outbound = client.outbound();
+    let mut ids_by_cause: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for e in &outbound {
+        let cause = e["data"]["causation_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a causation_id in {e}"))
+            .to_owned();
+        let id = e["id"].as_str().expect("an event id").to_owned();
+        ids_by_cause.entry(cause).or_default().insert(id);
+    }
+    for (cause, ids) in &ids_by_cause {
+        assert_eq!(ids.len(), 1, "{cause} caused several events: {ids:?}");
+    }
+    let recorded = client.outbound_of("training-credits.purchase.recorded");
+    let recorded_causes: BTreeSet<&str> = recorded
+        .iter()
+        .filter_map(|e| e["data"]["causation_id"].as_str())
+        .collect();
+    for inbound in &purchases {
+        let id = inbound["id"].as_str().expect("an id");
+        assert!(
+            recorded_causes.contains(id),
+            "{id} produced no purchase.recorded"
+        );
+    }
+    let repeated = recorded.len() - recorded_causes.len();
+
+    let second_stop_took = second.stop_with("TERM").await;
+    assert_eq!(
+        client.ready_count(WORKER_QUEUE).await,
+        0,
+        "nothing was left in the worker queue"
+    );
+    eprintln!(
+        "SIGTERM after {published_at_sigterm} published and {recorded_at_sigterm} recorded; \
+         the first worker stopped in {stop_took:?} ({published_at_exit} published by then) \
+         having applied {applied_by_first}, \
+         outbox backlog then {backlog_after_first:?}; the second caught up in {caught_up:?} \
+         and stopped in {second_stop_took:?}; {repeated} purchase.recorded repeated"
+    );
+}
+
+async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: String) {
+    let vhost = Vhost::new();
+    let site = Site::new(&url, &vhost);
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let client = Client::new(&vhost).await;
+    let worker =
+        TestWorker::start(store.clone(), config(&vhost, &url, None, mail_dir.path())).await;
+
+    // JSON Lines, a blank line among them.
+    let lines = [
+        account_opened("acme"),
+        purchase("acme", "file-1", "pf-1", "10"),
+        purchase("acme", "file-2", "pf-2", "20.50"),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect::<Vec<_>>()
+    .join("\n\n");
+    let jsonl = write(&site.folder.path().join("events.jsonl"), &lines);
+    let published = site
+        .output(&["publish", &jsonl], Duration::from_secs(30))
+        .await;
+    assert_eq!(published.code(), Some(0), "publish: {}", published.stderr);
+    assert!(
+        published.stderr.contains("Published 3 events."),
+        "{}",
+        published.stderr
+    );
+    client
+        .await_outbound("training-credits.purchase.recorded", 2)
+        .await;
+    assert_eq!(
+        client.outbound_of("training-credits.account.opened").len(),
+        1
+    );
+
+    // One CloudEvent object, pretty-printed over several lines.
+    let single =
+        serde_json::to_string_pretty(&purchase("acme", "file-3", "pf-3", "5")).expect("JSON");
+    let object = write(&site.folder.path().join("event.json"), &single);
+    let published = site
+        .output(&["publish", &object], Duration::from_secs(30))
+        .await;
+    assert_eq!(published.code(), Some(0), "publish: {}", published.stderr);
+    let recorded = client
+        .await_outbound("training-credits.purchase.recorded", 3)
+        .await;
+    assert_eq!(
+        recorded.last().expect("an event")["data"]["available"],
+        "35.50"
+    );
+
+    // A line that is not JSON: nothing of the file is published.
+    let broken = format!(
+        "{}\nnot json at all\n{}\n",
+        purchase("acme", "bad-1", "pb-1", "1"),
+        purchase("acme", "bad-2", "pb-2", "1"),
+    );
+    let broken = write(&site.folder.path().join("broken.jsonl"), &broken);
+    let refused = site
+        .output(&["publish", &broken], Duration::from_secs(30))
+        .await;
+    assert_eq!(refused.code(), Some(1), "publish of a broken file");
+    assert!(refused.stderr.contains("line 2"), "{}", refused.stderr);
+    assert_eq!(
+        refused.stderr.trim().lines().count(),
+        1,
+        "{}",
+        refused.stderr
+    );
+    // The queue is first in, first out: once a later purchase is recorded,
+    // any purchase of the broken file would have been recorded before it.
+    let after = write(
+        &site.folder.path().join("after.jsonl"),
+        &purchase("acme", "file-4", "pf-4", "1").to_string(),
+    );
+    let published = site
+        .output(&["publish", &after], Duration::from_secs(30))
+        .await;
+    assert_eq!(published.code(), Some(0), "publish: {}", published.stderr);
+    client
+        .await_outbound("training-credits.purchase.recorded", 4)
+        .await;
+    let ids = recorded_purchases(&client);
+    assert_eq!(
+        ids,
+        ["pf-1", "pf-2", "pf-3", "pf-4"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    );
+
+    worker.stop().await;
+    let problems = store.verify().await.expect("verify runs");
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).expect("the file is written");
+    path.display().to_string()
+}
+
+async fn run_stops_cleanly_on_sigint_too<S: Store>(store: S, url: String) {
+    let vhost = Vhost::new();
+    let site = Site::new(&url, &vhost);
+    let client = Client::new(&vhost).await;
+    let mut worker = site.start_worker("the worker");
+    worker.await_ready().await;
+    client.publish(&account_opened("acme")).await;
+    client.publish(&purchase("acme", "buy-1", "p-1", "7")).await;
+    client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    worker.stop_with("INT").await;
+    assert_eq!(client.ready_count(WORKER_QUEUE).await, 0);
+    assert_eq!(lots_of(&store, "acme").await, 1);
+}
+
+async fn run_refuses_a_taken_http_port<S: Store>(_store: S, url: String) {
+    let vhost = Vhost::new();
+    let site = Site::new(&url, &vhost);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
+    let address = taken.local_addr().expect("an address").to_string();
+    let mut command = site.command(&["run"]);
+    command.env("HTTP_ADDR", &address);
+    let err = site.folder.path().join("run.err");
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("a stderr file"))
+        .spawn()
+        .expect("the binary starts");
+    let status = exit_within(&mut child, Duration::from_secs(30)).await;
+    let stderr = std::fs::read_to_string(&err).expect("stderr is UTF-8");
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("run on a taken port did not exit:\n{stderr}");
+    };
+    drop(taken);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("HTTP_ADDR"), "{stderr}");
+    assert!(stderr.contains(&address), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+shutdown_tests!(
+    sigterm_during_a_stream_loses_nothing_and_doubles_nothing,
+    publish_sends_a_file_of_events_with_confirms,
+    run_stops_cleanly_on_sigint_too,
+    run_refuses_a_taken_http_port,
+);

@@ -1,0 +1,1056 @@
+//! The worker when things go wrong, against the real RabbitMQ, SQLite and
+//! PostgreSQL: malformed messages, messages that overtake their predecessors,
+//! redeliveries, an SMTP server that is down, a broker that refuses what the
+//! worker sends it or drops its connections, dead letters replayed from the
+//! command line, and the ops endpoints. Each test has its own vhost and
+//! database; every outcome is waited for on something observable, bounded.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde_json::{Value, json};
+use training_credits::consume::persistent_cloudevent;
+use training_credits::consume::topology::{DEAD_QUEUE, OUTBOUND_EXCHANGE, retry_queue};
+use training_credits::domain::{Id, Ts};
+use training_credits::notify::Email;
+use training_credits::store::{OutboxKind, Store, Wanted};
+
+use common::broker::{
+    BrokerConnection, Client, SmtpSink, TestWorker, Vhost, config, eventually, header, http_get,
+};
+
+/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
+macro_rules! worker_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::sqlite_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::pg_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+    };
+}
+
+/// Long enough for anything the worker does at once, on a loaded machine.
+const SOON: Duration = Duration::from_secs(15);
+/// The test configuration's `RETRY_DELAYS`, summed: the least a message
+/// retried through every delay queue waits before its dead letter.
+const ALL_RETRY_DELAYS: Duration = Duration::from_millis(200 + 400);
+
+fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
+}
+
+fn opened(event_id: &str, account_id: &str, owners: &[&str]) -> Value {
+    let owners: Vec<Value> = owners
+        .iter()
+        .map(|email| json!({"email": email, "name": format!("Owner {email}")}))
+        .collect();
+    event(
+        event_id,
+        "portal",
+        "credits.account.opened",
+        json!({
+            "account_id": account_id, "owners": owners, "approval_mode": "automatic",
+            "code": format!("{}-CODE", account_id.to_uppercase()),
+        }),
+    )
+}
+
+fn purchase(event_id: &str, account_id: &str, purchase_id: &str, credits: &str) -> Value {
+    event(
+        event_id,
+        "shop",
+        "credits.purchase.completed",
+        json!({
+            "account_id": account_id, "purchase_id": purchase_id, "credits": credits,
+            "purchased_at": Ts::now(),
+        }),
+    )
+}
+
+/// A vhost, a client capturing the outbound events, and a worker on them.
+struct Rig {
+    vhost: Vhost,
+    client: Client,
+    worker: TestWorker,
+    _mail_dir: tempfile::TempDir,
+}
+
+async fn rig<S: Store>(store: &S, url: &str, smtp: Option<&SmtpSink>) -> Rig {
+    let vhost = Vhost::new();
+    let client = Client::new(&vhost).await;
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let smtp_url = smtp.map(SmtpSink::url);
+    let worker = TestWorker::start(
+        store.clone(),
+        config(&vhost, url, smtp_url.as_deref(), mail_dir.path()),
+    )
+    .await;
+    Rig {
+        vhost,
+        client,
+        worker,
+        _mail_dir: mail_dir,
+    }
+}
+
+/// `available` of an account now, as a two-decimal string; `None` if the
+/// ledger does not know it.
+async fn available<S: Store>(store: &S, account_id: &str) -> Option<String> {
+    let id: Id = account_id.parse().expect("an account id");
+    let wanted = Wanted {
+        account_ids: vec![id.clone()],
+        ..Wanted::default()
+    };
+    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
+    ledger
+        .accounts
+        .get(&id)
+        .map(|account| account.available_at(Ts::now()).to_string())
+}
+
+async fn assert_verified<S: Store>(store: &S) {
+    let problems = store.verify().await.expect("verify runs");
+    assert!(problems.is_empty(), "verify found: {problems:#?}");
+}
+
+/// The emails still waiting in the outbox.
+async fn waiting_emails<S: Store>(store: &S) -> Vec<(Email, i64)> {
+    store
+        .pending_outbox(10_000)
+        .await
+        .expect("the outbox")
+        .into_iter()
+        .filter(|row| row.kind == OutboxKind::Email)
+        .map(|row| {
+            let email = serde_json::from_str(&row.payload).expect("an email row");
+            (email, row.attempts)
+        })
+        .collect()
+}
+
+fn bare_message_id(id: &str) -> String {
+    id.trim().trim_matches(|c| c == '<' || c == '>').to_owned()
+}
+
+fn text_header(headers: &FieldTable, name: &str) -> String {
+    header(headers, name).unwrap_or_else(|| panic!("the header {name} is there"))
+}
+
+fn headers_of(delivery: &lapin::message::Delivery) -> FieldTable {
+    delivery.properties.headers().clone().unwrap_or_default()
+}
+
+fn integer_header(headers: &FieldTable, name: &str) -> Option<i64> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+async fn await_dead_letters(client: &Client, count: u32, limit: Duration) {
+    eventually(limit, &format!("{count} dead letters"), || async {
+        client.dead_letter_count().await >= count
+    })
+    .await;
+}
+
+// 1. Malformed messages.
+
+async fn malformed_messages_are_dead_lettered_at_once_with_their_reason_and_kept_whole<S: Store>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    client
+        .publish(&opened("m-open", "mal", &["boss@mal.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+
+    let oversized = event(
+        "m-big",
+        "portal",
+        "credits.account.updated",
+        json!({"account_id": "mal", "actor": "boss@mal.test", "notes": "x".repeat(300 * 1024)}),
+    );
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "too_large",
+            "credits.account.updated",
+            oversized.to_string().into_bytes(),
+        ),
+        ("invalid_json", "none", b"{\"specversion\": \"1.0\", ".to_vec()),
+        (
+            "invalid_envelope",
+            "credits.purchase.completed",
+            json!({"id": "m-env", "data": {}}).to_string().into_bytes(),
+        ),
+        (
+            "unknown_type",
+            "credits.nonsense.happened",
+            event("m-type", "portal", "credits.nonsense.happened", json!({}))
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            "schema_violation",
+            "credits.purchase.completed",
+            event(
+                "m-schema",
+                "shop",
+                "credits.purchase.completed",
+                json!({"account_id": "mal", "purchase_id": "p0", "credits": "lots", "purchased_at": Ts::now()}),
+            )
+            .to_string()
+            .into_bytes(),
+        ),
+        (
+            "id_conflict",
+            "credits.account.opened",
+            opened("m-open", "mal-other", &["other@mal.test"])
+                .to_string()
+                .into_bytes(),
+        ),
+    ];
+    for (case, routing_key, body) in &cases {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("x-case"),
+            AMQPValue::LongString((*case).into()),
+        );
+        headers.insert(
+            ShortString::from("x-publisher"),
+            AMQPValue::LongString("fault-tests".into()),
+        );
+        let properties = persistent_cloudevent(&format!("msg-{case}")).with_headers(headers);
+        client.publish_with(routing_key, body, properties).await;
+    }
+
+    await_dead_letters(client, 6, SOON).await;
+    let letters = client.dead_letter_deliveries().await;
+    assert_eq!(letters.len(), 6, "one dead letter per malformed message");
+    for (case, _, body) in &cases {
+        let letter = letters
+            .iter()
+            .find(|d| header(&headers_of(d), "x-case").as_deref() == Some(case))
+            .unwrap_or_else(|| panic!("the {case} message is dead-lettered"));
+        let headers = headers_of(letter);
+        assert_eq!(text_header(&headers, "x-error-reason"), *case);
+        assert!(
+            !text_header(&headers, "x-error-detail").trim().is_empty(),
+            "{case}: x-error-detail says what is wrong"
+        );
+        assert_eq!(&letter.data, body, "{case}: the body is kept as sent");
+        assert_eq!(text_header(&headers, "x-publisher"), "fault-tests");
+        assert_eq!(
+            letter.properties.message_id().as_ref().map(|m| m.as_str()),
+            Some(format!("msg-{case}").as_str()),
+            "{case}: the message id is kept"
+        );
+        assert_eq!(
+            letter
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some("application/cloudevents+json")
+        );
+        assert_eq!(
+            integer_header(&headers, "x-retry-count"),
+            None,
+            "{case}: dead-lettered at once, without a retry"
+        );
+    }
+
+    // The worker goes on consuming.
+    client.publish(&purchase("m-buy", "mal", "p1", "25")).await;
+    let recorded = client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    assert_eq!(recorded[0]["data"]["available"], "25.00");
+    assert_eq!(
+        client
+            .outbound_of("training-credits.account.opened")
+            .iter()
+            .filter(|e| e["data"]["account_id"] == "mal-other")
+            .count(),
+        0,
+        "the conflicting message changed nothing"
+    );
+    assert_eq!(available(&store, "mal-other").await, None);
+    assert_eq!(client.dead_letter_count().await, 0);
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+// 2. Messages that refer to what is not known yet.
+
+/// Publishes `message`, which refers to something never known, and checks it
+/// goes through every delay queue, then to the dead letters with `reason`.
+async fn assert_retried_then_dead(client: &Client, message: &Value, reason: &str) {
+    let published = Instant::now();
+    client.publish(message).await;
+    await_dead_letters(client, 1, SOON).await;
+    let waited = published.elapsed();
+    assert!(
+        waited >= ALL_RETRY_DELAYS,
+        "dead-lettered after {waited:?}, before the retry delays had passed"
+    );
+    let letters = client.dead_letter_deliveries().await;
+    assert_eq!(letters.len(), 1);
+    let headers = headers_of(&letters[0]);
+    assert_eq!(text_header(&headers, "x-error-reason"), reason);
+    assert!(!text_header(&headers, "x-error-detail").trim().is_empty());
+    assert_eq!(
+        integer_header(&headers, "x-retry-count"),
+        Some(2),
+        "one retry per delay of RETRY_DELAYS"
+    );
+    assert_eq!(
+        text_header(&headers, "x-original-routing-key"),
+        message["type"].as_str().expect("a type"),
+        "the dead letter names the routing key it was published with"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&letters[0].data).expect("the body is JSON"),
+        *message,
+        "the body is kept as sent"
+    );
+}
+
+async fn a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown_account<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    assert_retried_then_dead(
+        &rig.client,
+        &purchase("u-buy", "nobody", "p1", "10"),
+        "unknown_account",
+    )
+    .await;
+    assert!(
+        rig.client
+            .outbound_of("training-credits.purchase.recorded")
+            .is_empty()
+    );
+    rig.worker.stop().await;
+    assert_eq!(available(&store, "nobody").await, None);
+    assert_verified(&store).await;
+}
+
+async fn an_approval_of_an_unknown_request_is_retried_then_dead_lettered_unknown_request<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let approval = event(
+        "u-approve",
+        "portal",
+        "credits.redemption.approved",
+        json!({"request_id": "no-such-request", "approver": "boss@nowhere.test"}),
+    );
+    assert_retried_then_dead(&rig.client, &approval, "unknown_request").await;
+    assert!(
+        rig.client
+            .outbound_of("training-credits.redemption.approved")
+            .is_empty()
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+async fn a_purchase_that_overtakes_its_account_opening_is_applied_after_a_retry<S: Store>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    client.publish(&purchase("o-buy", "late", "p1", "40")).await;
+    // The purchase waits in a delay queue: the account is not known yet.
+    let delay_queues = [
+        retry_queue(Duration::from_millis(200)),
+        retry_queue(Duration::from_millis(400)),
+    ];
+    eventually(SOON, "the purchase in a delay queue", || async {
+        let mut waiting = 0;
+        for queue in &delay_queues {
+            waiting += client.ready_in(queue).await;
+        }
+        waiting == 1
+    })
+    .await;
+    client
+        .publish(&opened("o-open", "late", &["boss@late.test"]))
+        .await;
+
+    let recorded = client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    assert_eq!(recorded[0]["data"]["purchase_id"], "p1");
+    assert_eq!(recorded[0]["data"]["available"], "40.00");
+    let order: Vec<Value> = client
+        .outbound()
+        .into_iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "training-credits.account.opened",
+            "training-credits.purchase.recorded"
+        ],
+        "the purchase is applied once, after the opening"
+    );
+    assert_eq!(client.dead_letter_count().await, 0);
+    rig.worker.stop().await;
+    assert_eq!(available(&store, "late").await.as_deref(), Some("40.00"));
+    assert_verified(&store).await;
+}
+
+// 3. Redelivery.
+
+fn mails_about(smtp: &SmtpSink, purchase_id: &str) -> usize {
+    let needle = format!("(purchase {purchase_id})");
+    smtp.mails()
+        .iter()
+        .filter(|m| m.text.contains(&needle))
+        .count()
+}
+
+async fn a_message_delivered_twice_yields_one_event_and_one_email<S: Store>(store: S, url: String) {
+    let smtp = SmtpSink::start_new().await;
+    let rig = rig(&store, &url, Some(&smtp)).await;
+    let client = &rig.client;
+    client
+        .publish(&opened("d-open", "twice", &["boss@twice.test"]))
+        .await;
+    let first = purchase("d-buy-1", "twice", "p1", "30");
+    // Back to back (most likely in one batch), then once more later (in a
+    // batch of its own).
+    client.publish(&first).await;
+    client.publish(&first).await;
+    client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    eventually(SOON, "the purchase email", || async {
+        mails_about(&smtp, "p1") >= 1
+    })
+    .await;
+    client.publish(&first).await;
+
+    // A later message: once its event and email are out, and nothing waits
+    // in the outbox, whatever the repeats could have caused would be out too.
+    client
+        .publish(&purchase("d-buy-2", "twice", "p2", "5"))
+        .await;
+    client
+        .await_outbound("training-credits.purchase.recorded", 2)
+        .await;
+    eventually(SOON, "the second purchase email", || async {
+        mails_about(&smtp, "p2") >= 1
+    })
+    .await;
+    eventually(SOON, "an empty outbox", || async {
+        store
+            .pending_outbox(10)
+            .await
+            .expect("the outbox")
+            .is_empty()
+    })
+    .await;
+
+    let recorded = client.outbound_of("training-credits.purchase.recorded");
+    let purchases: Vec<&Value> = recorded.iter().map(|e| &e["data"]["purchase_id"]).collect();
+    assert_eq!(purchases, ["p1", "p2"], "one event per purchase");
+    assert_eq!(mails_about(&smtp, "p1"), 1, "one email for the purchase");
+    assert_eq!(mails_about(&smtp, "p2"), 1);
+    assert_eq!(smtp.received().len(), 2);
+    assert_eq!(client.dead_letter_count().await, 0);
+    rig.worker.stop().await;
+    assert_eq!(available(&store, "twice").await.as_deref(), Some("35.00"));
+    assert_verified(&store).await;
+}
+
+// 4. SMTP down.
+
+async fn emails_wait_while_the_smtp_server_is_down_and_go_out_once_when_it_is_back<S: Store>(
+    store: S,
+    url: String,
+) {
+    let mut smtp = SmtpSink::start_new().await;
+    smtp.stop();
+    let rig = rig(&store, &url, Some(&smtp)).await;
+    let client = &rig.client;
+    client
+        .publish(&opened(
+            "s-open",
+            "down",
+            &["ann@down.test", "bob@down.test"],
+        ))
+        .await;
+    client
+        .publish(&purchase("s-buy-1", "down", "p1", "10"))
+        .await;
+    client
+        .publish(&purchase("s-buy-2", "down", "p2", "20"))
+        .await;
+    // Outbound events do not wait for the emails.
+    client
+        .await_outbound("training-credits.purchase.recorded", 2)
+        .await;
+
+    // Two purchases, two owners: four emails, each tried and failed twice.
+    eventually(SOON, "four emails tried twice and waiting", || async {
+        let waiting = waiting_emails(&store).await;
+        waiting.len() == 4 && waiting.iter().all(|(_, attempts)| *attempts >= 2)
+    })
+    .await;
+    let expected: BTreeSet<String> = waiting_emails(&store)
+        .await
+        .iter()
+        .map(|(email, _)| bare_message_id(&email.message_id))
+        .collect();
+    assert_eq!(expected.len(), 4, "each email has its own Message-ID");
+    assert!(smtp.received().is_empty());
+
+    smtp.start().await;
+    eventually(SOON, "the four emails", || async {
+        smtp.received().len() >= 4
+    })
+    .await;
+    eventually(SOON, "no email left waiting", || async {
+        waiting_emails(&store).await.is_empty()
+    })
+    .await;
+    let received: Vec<String> = smtp
+        .mails()
+        .iter()
+        .map(|m| bare_message_id(&m.message_id))
+        .collect();
+    assert_eq!(received.len(), 4, "each email sent once: {received:?}");
+    assert_eq!(
+        received.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "the emails sent are those that waited"
+    );
+    let mut recipients: Vec<String> = smtp.mails().into_iter().map(|m| m.to).collect();
+    recipients.sort();
+    assert_eq!(
+        recipients,
+        [
+            "ann@down.test",
+            "ann@down.test",
+            "bob@down.test",
+            "bob@down.test"
+        ]
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+/// The broker refuses the outbound events for a moment (their exchange is
+/// gone, until the dispatcher declares it again): the emails of the same
+/// causes go out regardless, not after the dispatcher's lease runs out.
+async fn emails_go_out_while_the_broker_refuses_the_outbound_events<S: Store>(
+    store: S,
+    url: String,
+) {
+    let smtp = SmtpSink::start_new().await;
+    let rig = rig(&store, &url, Some(&smtp)).await;
+    let client = &rig.client;
+    client
+        .publish(&opened("b-open", "held", &["boss@held.test"]))
+        .await;
+    // The dispatcher is connected once it has published an event.
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    client
+        .channel
+        .exchange_delete(
+            OUTBOUND_EXCHANGE.into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .expect("the outbound exchange deleted");
+
+    client.publish(&purchase("b-buy", "held", "p1", "15")).await;
+    eventually(SOON, "the purchase email", || async {
+        mails_about(&smtp, "p1") == 1
+    })
+    .await;
+    // The event follows once the dispatcher has declared the exchange again.
+    eventually(SOON, "an empty outbox", || async {
+        store
+            .pending_outbox(10)
+            .await
+            .expect("the outbox")
+            .is_empty()
+    })
+    .await;
+    assert_eq!(mails_about(&smtp, "p1"), 1);
+    rig.worker.stop().await;
+    assert_eq!(available(&store, "held").await.as_deref(), Some("15.00"));
+    assert_verified(&store).await;
+}
+
+// 5. `dlq list` and `dlq replay`, the real binary.
+
+async fn cli(vhost: &Vhost, database_url: &str, args: &[&str]) -> std::process::Output {
+    let amqp_url = vhost.url();
+    let database_url = database_url.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_training-credits"))
+            .args(&args)
+            .env("AMQP_URL", amqp_url)
+            .env("DATABASE_URL", database_url)
+            .env("RETRY_DELAYS", "200ms,400ms")
+            .env_remove("SMTP_URL")
+            .output()
+            .expect("the binary runs")
+    });
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the command ends in time")
+        .expect("the command's thread")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+async fn dlq_replay_sends_dead_letters_back_once_their_cause_is_fixed<S: Store>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    client
+        .publish(&purchase("r-buy-a", "acct-a", "pa", "12.50"))
+        .await;
+    client
+        .publish(&purchase("r-buy-b", "acct-b", "pb", "7"))
+        .await;
+    await_dead_letters(client, 2, SOON).await;
+
+    // `dlq list` names each one and removes nothing.
+    let listed = cli(&rig.vhost, &url, &["dlq", "list"]).await;
+    assert!(listed.status.success(), "dlq list: {}", stderr(&listed));
+    let text = stdout(&listed);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    for id in ["r-buy-a", "r-buy-b"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{id}\t")))
+            .unwrap_or_else(|| panic!("{id} is listed: {text}"));
+        assert!(
+            line.contains("credits.purchase.completed") && line.contains("unknown_account"),
+            "{line}"
+        );
+    }
+    let listed = cli(&rig.vhost, &url, &["dlq", "list", "--json"]).await;
+    assert!(
+        listed.status.success(),
+        "dlq list --json: {}",
+        stderr(&listed)
+    );
+    let entries: Vec<Value> = stdout(&listed)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(entries.len(), 2);
+    for entry in &entries {
+        assert_eq!(entry["type"], "credits.purchase.completed");
+        assert_eq!(entry["x-error-reason"], "unknown_account");
+        assert!(
+            entry["x-error-detail"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty())
+        );
+        assert!(entry["when"].as_str().is_some());
+    }
+    let mut ids: Vec<&str> = entries.iter().filter_map(|e| e["id"].as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["r-buy-a", "r-buy-b"]);
+    assert_eq!(
+        client.dead_letter_count().await,
+        2,
+        "listing removes nothing"
+    );
+
+    // Neither ids nor --all: a failure, explained on one line.
+    let refused = cli(&rig.vhost, &url, &["dlq", "replay"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        stderr(&refused).trim().lines().count(),
+        1,
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(client.dead_letter_count().await, 2);
+
+    // The cause is fixed, then one is replayed by its id.
+    client
+        .publish(&opened("r-open-a", "acct-a", &["boss@a.test"]))
+        .await;
+    client
+        .publish(&opened("r-open-b", "acct-b", &["boss@b.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 2)
+        .await;
+    let replayed = cli(&rig.vhost, &url, &["dlq", "replay", "r-buy-a"]).await;
+    assert!(
+        replayed.status.success(),
+        "dlq replay: {}",
+        stderr(&replayed)
+    );
+    let recorded = client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    assert_eq!(recorded[0]["data"]["purchase_id"], "pa");
+    assert_eq!(recorded[0]["data"]["available"], "12.50");
+    assert_eq!(available(&store, "acct-a").await.as_deref(), Some("12.50"));
+    eventually(SOON, "the other dead letter kept", || async {
+        client.dead_letter_count().await == 1
+    })
+    .await;
+    let listed = cli(&rig.vhost, &url, &["dlq", "list", "--json"]).await;
+    let left: Vec<Value> = stdout(&listed)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["id"], "r-buy-b");
+
+    // --all replays the rest.
+    let replayed = cli(&rig.vhost, &url, &["dlq", "replay", "--all"]).await;
+    assert!(
+        replayed.status.success(),
+        "dlq replay --all: {}",
+        stderr(&replayed)
+    );
+    client
+        .await_outbound("training-credits.purchase.recorded", 2)
+        .await;
+    assert_eq!(available(&store, "acct-b").await.as_deref(), Some("7.00"));
+    assert_eq!(client.dead_letter_count().await, 0);
+    assert_eq!(
+        client
+            .outbound_of("training-credits.purchase.recorded")
+            .len(),
+        2,
+        "each replayed purchase applied once"
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+// 6. The broker drops the worker's connection.
+
+async fn the_worker_reconnects_when_the_broker_closes_its_connection_and_applies_each_message_once<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    /// Purchases published at most: a bound, should the worker never recover.
+    const PURCHASES_MAX: usize = 5_000;
+    /// Purchases recorded before each close, and after the last one.
+    const PROGRESS: usize = 10;
+    let vhost = Vhost::new();
+    let client = Arc::new(Client::new(&vhost).await);
+    // The client's own connection is the only one before the worker starts.
+    let mut keep: Vec<BrokerConnection> = Vec::new();
+    eventually(SOON, "the client's connection listed", || {
+        keep = tokio::task::block_in_place(|| vhost.connections());
+        let listed = keep.len() == 1;
+        async move { listed }
+    })
+    .await;
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let worker =
+        TestWorker::start(store.clone(), config(&vhost, &url, None, mail_dir.path())).await;
+    client
+        .publish(&opened("c-open", "flow", &["boss@flow.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+
+    // Purchases of one credit each flow until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut published = 0;
+            while published < PURCHASES_MAX && !stop.load(Ordering::SeqCst) {
+                let n = published;
+                client
+                    .publish(&purchase(
+                        &format!("c-buy-{n}"),
+                        "flow",
+                        &format!("p{n}"),
+                        "1",
+                    ))
+                    .await;
+                published += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            published
+        })
+    };
+    let distinct_recorded = |client: &Client| {
+        client
+            .outbound_of("training-credits.purchase.recorded")
+            .iter()
+            .map(|e| e["id"].as_str().unwrap_or_default().to_owned())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    // What the ledger holds shows the consumer at work (the outbound events
+    // may lag behind: the dispatcher shares the database with it).
+    let applied = |store: &S| {
+        let store = store.clone();
+        async move {
+            available(&store, "flow")
+                .await
+                .and_then(|a| a.split('.').next()?.parse::<usize>().ok())
+                .unwrap_or(0)
+        }
+    };
+    // Twice while the purchases flow, each time once the consumer has shown
+    // it consumes again.
+    let mut applied_before = 0;
+    for round in 1..=2 {
+        let wanted = applied_before + PROGRESS;
+        eventually(SOON, &format!("{wanted} purchases applied"), || async {
+            applied(&store).await >= wanted
+        })
+        .await;
+        // rabbitmqctl blocks; the worker's tasks go on on the other thread.
+        let closed = tokio::task::block_in_place(|| vhost.close_connections_except(&keep));
+        assert!(
+            closed >= 1,
+            "round {round}: the worker's connections closed"
+        );
+        applied_before = applied(&store).await;
+    }
+    let wanted = applied_before + PROGRESS;
+    eventually(SOON, "purchases applied after the last close", || async {
+        applied(&store).await >= wanted
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let purchases = publisher.await.expect("the purchases published");
+    assert!(purchases < PURCHASES_MAX, "the flow was stopped");
+
+    let total = format!("{purchases}.00");
+    eventually(SOON, "every purchase applied", || async {
+        available(&store, "flow").await.as_deref() == Some(total.as_str())
+    })
+    .await;
+    eventually(SOON, "every purchase event out", || {
+        let done = distinct_recorded(&client) >= purchases;
+        async move { done }
+    })
+    .await;
+    // At least once on the wire, exactly once in the ledger: a repeated
+    // event is the same event (same id), never a second purchase.
+    let mut by_purchase: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for e in client.outbound_of("training-credits.purchase.recorded") {
+        by_purchase
+            .entry(
+                e["data"]["purchase_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default()
+            .insert(e["id"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(by_purchase.len(), purchases);
+    assert!(
+        by_purchase.values().all(|ids| ids.len() == 1),
+        "one event per purchase"
+    );
+    let addr = worker.http_addr;
+    eventually(SOON, "the worker ready again", || async {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(client.dead_letter_count().await, 0);
+    worker.stop().await;
+    assert_eq!(available(&store, "flow").await, Some(total));
+    assert_verified(&store).await;
+}
+
+// 6b. The broker refuses a dead letter.
+
+async fn a_dead_letter_the_broker_refuses_is_kept_until_the_dead_letter_queue_takes_it<S: Store>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    // A full dead-letter queue that refuses what comes (publisher confirm nack).
+    tokio::task::block_in_place(|| {
+        rig.vhost.set_policy(
+            "dead-full",
+            r"^training-credits\.dead$",
+            r#"{"max-length": 0, "overflow": "reject-publish"}"#,
+        );
+    });
+    eventually(SOON, "the dead-letter queue refusing messages", || async {
+        let confirm = client
+            .channel
+            .basic_publish(
+                "".into(),
+                DEAD_QUEUE.into(),
+                BasicPublishOptions::default(),
+                b"probe",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("published")
+            .await
+            .expect("confirmed");
+        if confirm.is_ack() {
+            // Taken before the policy was in force: not a dead letter.
+            client.dead_letter_deliveries().await;
+        }
+        confirm.is_nack()
+    })
+    .await;
+
+    let body = b"{\"not\": \"closed\"".to_vec();
+    client
+        .publish_with("none", &body, persistent_cloudevent("refused-1"))
+        .await;
+    // The outage lasts a while; the worker meets it at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| rig.vhost.clear_policy("dead-full"));
+
+    await_dead_letters(client, 1, SOON).await;
+    let letters = client.dead_letter_deliveries().await;
+    assert_eq!(letters.len(), 1, "one dead letter, not lost, not doubled");
+    let headers = headers_of(&letters[0]);
+    assert_eq!(text_header(&headers, "x-error-reason"), "invalid_json");
+    assert_eq!(letters[0].data, body);
+    assert!(
+        integer_header(&headers, "x-delivery-count").is_some_and(|n| n >= 1),
+        "the message was refused and delivered again: {headers:?}"
+    );
+
+    // The worker goes on.
+    client
+        .publish(&opened("f-open", "after", &["boss@after.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    assert_eq!(client.dead_letter_count().await, 0);
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+// 7. Ops HTTP.
+
+async fn health_readiness_and_metrics_are_served_over_http<S: Store>(store: S, url: String) {
+    let rig = rig(&store, &url, None).await;
+    let addr = rig.worker.http_addr;
+
+    let (status, body) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+
+    eventually(SOON, "the worker ready", || async {
+        http_get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let readiness: Value = serde_json::from_str(&body).expect("/readyz answers JSON");
+    assert_eq!(
+        readiness,
+        json!({"ready": true, "database_reachable": true, "broker_connected": true, "consumer_running": true})
+    );
+
+    rig.client
+        .publish(&opened("h-open", "ops", &["boss@ops.test"]))
+        .await;
+    rig.client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    rig.client.publish_bytes("none", b"not json at all").await;
+    await_dead_letters(&rig.client, 1, SOON).await;
+
+    let (status, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let applied = metrics.lines().any(|line| {
+        line.starts_with("training_credits_messages_total{")
+            && line.contains("type=\"credits.account.opened\"")
+            && line.contains("outcome=\"applied\"")
+    });
+    assert!(applied, "messages by type and outcome:\n{metrics}");
+    let dead = metrics.lines().any(|line| {
+        line.starts_with("training_credits_messages_total{")
+            && line.contains("outcome=\"dead_letter\"")
+    });
+    assert!(dead, "dead-lettered messages counted:\n{metrics}");
+    let dead_letters = metrics.lines().any(|line| {
+        line.starts_with("training_credits_dead_letters_total{")
+            && line.contains("reason=\"invalid_json\"")
+    });
+    assert!(dead_letters, "dead letters by reason:\n{metrics}");
+    rig.worker.stop().await;
+}
+
+worker_tests!(
+    malformed_messages_are_dead_lettered_at_once_with_their_reason_and_kept_whole,
+    a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown_account,
+    an_approval_of_an_unknown_request_is_retried_then_dead_lettered_unknown_request,
+    a_purchase_that_overtakes_its_account_opening_is_applied_after_a_retry,
+    a_message_delivered_twice_yields_one_event_and_one_email,
+    emails_wait_while_the_smtp_server_is_down_and_go_out_once_when_it_is_back,
+    emails_go_out_while_the_broker_refuses_the_outbound_events,
+    dlq_replay_sends_dead_letters_back_once_their_cause_is_fixed,
+    the_worker_reconnects_when_the_broker_closes_its_connection_and_applies_each_message_once,
+    a_dead_letter_the_broker_refuses_is_kept_until_the_dead_letter_queue_takes_it,
+    health_readiness_and_metrics_are_served_over_http,
+);
