@@ -61,6 +61,9 @@ pub async fn run<S: Store>(
         mail_from: config.mail_from.clone(),
         retry_delays: config.retry_delays.clone(),
         wake: outbox_ready,
+        renderer: crate::notify::Renderer::new(&config.portal_url),
+        reports_dir: config.reports_dir.clone(),
+        event_source: config.event_source.clone(),
     };
     let dispatcher_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();

@@ -16,7 +16,8 @@ use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
 use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, Policy};
 use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
-use crate::notify::Mailer;
+use crate::notify::Renderer;
+use crate::report::ReportJob;
 use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
 
 /// Namespace of the ids derived for outbound events and emails: the same
@@ -57,14 +58,14 @@ pub struct Settings {
 
 pub struct Applier<S> {
     store: S,
-    mailer: Mailer,
+    renderer: Renderer,
     settings: Settings,
 }
 
 impl<S: Store> Applier<S> {
     pub fn new(store: S, settings: Settings) -> Applier<S> {
         Applier {
-            mailer: Mailer::new(&settings.portal_url),
+            renderer: Renderer::new(&settings.portal_url),
             store,
             settings,
         }
@@ -172,14 +173,15 @@ impl<S: Store> Applier<S> {
                     data,
                 } => {
                     let id = derived_id(&input.key, rows.len());
-                    let event = self.cloud_event(
-                        &id,
+                    let event = OutboundEvent {
+                        id: &id,
                         kind,
-                        account_id.as_ref(),
+                        account_id: account_id.as_ref(),
                         data,
-                        &input.causation_id,
-                        now,
-                    );
+                        causation_id: &input.causation_id,
+                        time: now,
+                    }
+                    .to_cloud_event(&self.settings.event_source);
                     rows.push(OutboxRow {
                         id,
                         kind: OutboxKind::Event,
@@ -192,7 +194,7 @@ impl<S: Store> Applier<S> {
                     for recipient in to {
                         let id = derived_id(&input.key, rows.len());
                         let email = self
-                            .mailer
+                            .renderer
                             .render(
                                 template,
                                 vars,
@@ -215,8 +217,13 @@ impl<S: Store> Applier<S> {
                     rows.push(OutboxRow {
                         id,
                         kind: OutboxKind::Report,
-                        payload: json!({"request": report, "causation_id": input.causation_id})
-                            .to_string(),
+                        payload: serde_json::to_string(&ReportJob {
+                            title: format!("Your {:?} report", report.report).to_lowercase(),
+                            request: report.clone(),
+                            causation_id: input.causation_id.clone(),
+                            announce: true,
+                        })
+                        .expect("a report job serialises"),
                         created_at: now,
                         attempts: 0,
                     });
@@ -225,39 +232,48 @@ impl<S: Store> Applier<S> {
         }
         rows
     }
+}
 
-    /// A complete outbound CloudEvent (SPEC §5.2).
-    fn cloud_event(
-        &self,
-        id: &str,
-        kind: &str,
-        account_id: Option<&Id>,
-        data: &Value,
-        causation_id: &str,
-        now: Ts,
-    ) -> Value {
-        let mut data = data.clone();
-        data["account_id"] = json!(account_id);
-        data["causation_id"] = json!(causation_id);
+/// What an outbound event is made of, before it becomes a CloudEvent.
+pub struct OutboundEvent<'a> {
+    pub id: &'a str,
+    pub kind: &'a str,
+    pub account_id: Option<&'a Id>,
+    pub data: &'a Value,
+    pub causation_id: &'a str,
+    pub time: Ts,
+}
+
+impl OutboundEvent<'_> {
+    /// The complete CloudEvent of SPEC §5.2: `subject` is the account,
+    /// `data` carries `account_id` and `causation_id`.
+    pub fn to_cloud_event(&self, source: &str) -> Value {
+        let mut data = self.data.clone();
+        data["account_id"] = json!(self.account_id);
+        data["causation_id"] = json!(self.causation_id);
         let mut event = json!({
             "specversion": "1.0",
-            "id": id,
-            "source": self.settings.event_source,
-            "type": kind,
-            "time": now,
+            "id": self.id,
+            "source": source,
+            "type": self.kind,
+            "time": self.time,
             "datacontenttype": "application/json",
             "data": data,
         });
-        if let Some(account_id) = account_id {
+        if let Some(account_id) = self.account_id {
             event["subject"] = json!(account_id);
         }
         event
     }
 }
 
-fn derived_id(key: &EventKey, index: usize) -> String {
-    let name = format!("{}\n{}\n{index}", key.source, key.id);
+/// An id derived from `name`: the same cause always yields the same id.
+pub fn derived_uuid(name: &str) -> String {
     Uuid::new_v5(&OUTBOX_NAMESPACE, name.as_bytes()).to_string()
+}
+
+fn derived_id(key: &EventKey, index: usize) -> String {
+    derived_uuid(&format!("{}\n{}\n{index}", key.source, key.id))
 }
 
 /// Everything `batch` refers to, for one load.

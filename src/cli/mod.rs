@@ -5,6 +5,7 @@ mod account;
 mod dlq;
 mod migrate;
 pub mod publish;
+mod report;
 mod run;
 mod sweep;
 mod verify;
@@ -57,6 +58,28 @@ pub enum Command {
     },
     /// Recompute every balance from the journal and check every invariant.
     Verify,
+    /// Write a report (transactions, credits, redemptions, balances, audit) to a file.
+    Report {
+        /// transactions, credits, redemptions, balances or audit.
+        kind: String,
+        /// csv or xlsx.
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// Rows from this instant (RFC 3339), inclusive.
+        #[arg(long)]
+        from: Option<String>,
+        /// Rows before this instant (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// The columns, in order, comma-separated.
+        #[arg(long)]
+        columns: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +154,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await)
         }
         Command::Verify => with_store!(config, |store| verify::run(&store).await),
+        Command::Report {
+            kind,
+            format,
+            out,
+            account,
+            from,
+            to,
+            columns,
+        } => {
+            let options = report::Options {
+                kind: &kind,
+                format: &format,
+                out: &out,
+                account: account.as_deref(),
+                from: from.as_deref(),
+                to: to.as_deref(),
+                columns: columns.as_deref(),
+            };
+            with_store!(config, |store| report::run(&store, options).await)
+        }
     }
 }
 

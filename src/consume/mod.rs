@@ -375,7 +375,24 @@ fn keep_original_routing_key(headers: &mut FieldTable, delivery: &Delivery) {
 /// plus the reason, the detail, where it came from and when.
 fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String, FieldTable) {
     metrics::counter!(metric::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
-    tracing::warn!(reason = reason.as_str(), detail, "Dead-lettered a message.");
+    // What the body says of itself, where it can be read: the line an
+    // operator searches for names the event, its type and its account.
+    let body: Option<serde_json::Value> = serde_json::from_slice(&delivery.data).ok();
+    let field = |path: &[&str]| {
+        let mut value = body.as_ref()?;
+        for key in path {
+            value = value.get(key)?;
+        }
+        value.as_str().map(str::to_owned)
+    };
+    tracing::warn!(
+        event_id = field(&["id"]),
+        r#type = field(&["type"]),
+        account = field(&["data", "account_id"]),
+        reason = reason.as_str(),
+        detail,
+        "Dead-lettered a message."
+    );
     let mut headers = headers_of(delivery);
     headers.insert("x-error-reason".into(), long_string(reason.as_str()));
     headers.insert("x-error-detail".into(), long_string(detail));

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lettre::message::{Mailbox, MultiPart, header};
+use lettre::message::{Attachment, Mailbox, MultiPart, header};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::notify::{Email, one_line};
@@ -44,7 +44,11 @@ impl Mailer {
     }
 
     pub async fn send(&self, from: &Mailbox, email: &Email) -> Result<(), MailError> {
-        let message = build(from, email)?;
+        let mut files = Vec::with_capacity(email.attachments.len());
+        for attachment in &email.attachments {
+            files.push(tokio::fs::read(&attachment.path).await?);
+        }
+        let message = build(from, email, files)?;
         match self {
             Mailer::Smtp(transport) => {
                 transport.send(message).await?;
@@ -69,9 +73,10 @@ impl Mailer {
     }
 }
 
-/// The message: multipart text and HTML, the stable `Message-ID`, and
-/// headers lettre encodes, so no value can inject a header of its own.
-pub fn build(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
+/// The message: multipart text and HTML (and the attachments, whose
+/// contents are `files`, in order), the stable `Message-ID`, and headers
+/// lettre encodes, so no value can inject a header of its own.
+pub fn build(from: &Mailbox, email: &Email, files: Vec<Vec<u8>>) -> Result<Message, MailError> {
     let to_address = email
         .to_email
         .parse()
@@ -79,16 +84,27 @@ pub fn build(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
     // A display name is free text a learner typed; folded to one line it can
     // neither break the header nor add one.
     let to = Mailbox::new(email.to_name.as_deref().map(one_line), to_address);
+    let body = MultiPart::alternative_plain_html(email.text.clone(), email.html.clone());
+    let body = if email.attachments.is_empty() {
+        body
+    } else {
+        let mut mixed = MultiPart::mixed().multipart(body);
+        for (attachment, content) in email.attachments.iter().zip(files) {
+            let content_type = header::ContentType::parse(&attachment.content_type)
+                .map_err(|e| MailError::Build(format!("attachment type: {e}")))?;
+            mixed = mixed.singlepart(
+                Attachment::new(attachment.filename.clone()).body(content, content_type),
+            );
+        }
+        mixed
+    };
     Message::builder()
         .from(from.clone())
         .to(to)
         .subject(email.subject.clone())
         .message_id(Some(email.message_id.clone()))
         .header(header::MIME_VERSION_1_0)
-        .multipart(MultiPart::alternative_plain_html(
-            email.text.clone(),
-            email.html.clone(),
-        ))
+        .multipart(body)
         .map_err(|e| MailError::Build(e.to_string()))
 }
 
@@ -105,6 +121,7 @@ mod tests {
             text: "Hello".to_owned(),
             html: "<p>Hello</p>".to_owned(),
             causation_id: "ev-1".to_owned(),
+            attachments: Vec::new(),
         }
     }
 
@@ -124,7 +141,7 @@ mod tests {
     #[test]
     fn a_name_with_line_breaks_cannot_add_a_header() {
         let from: Mailbox = "Training Credits <no-reply@localhost>".parse().unwrap();
-        let message = build(&from, &email("Ann\r\nBcc: thief@evil.test")).unwrap();
+        let message = build(&from, &email("Ann\r\nBcc: thief@evil.test"), Vec::new()).unwrap();
         let text = String::from_utf8(message.formatted()).unwrap();
         assert!(!text.contains("\r\nBcc:"), "{text}");
         assert!(text.contains("Message-ID: <id-1@training-credits>"));

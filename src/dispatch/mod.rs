@@ -18,12 +18,21 @@ use lettre::message::Mailbox;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::apply::{OutboundEvent, derived_uuid};
 use crate::config::redact;
 use crate::consume::topology::OUTBOUND_EXCHANGE;
 use crate::consume::{connect, persistent_cloudevent};
 use crate::domain::Ts;
+use crate::domain::command::ReportFormat;
+use crate::domain::ledger::Recipient;
 use crate::notify::Email;
+use crate::notify::{Attachment, Renderer};
 use crate::ops::metric;
+use crate::report::{self, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 use mail::Mailer;
 
@@ -53,6 +62,12 @@ pub struct Dispatcher<S> {
     pub mail_from: Mailbox,
     pub retry_delays: Vec<Duration>,
     pub wake: Arc<Notify>,
+    /// Renders the email a report travels in.
+    pub renderer: Renderer,
+    /// Where report files are written before they are sent.
+    pub reports_dir: PathBuf,
+    /// `source` of the events the dispatcher itself announces.
+    pub event_source: String,
 }
 
 /// When to try a row again after `attempts` failures: doubling from one
@@ -109,7 +124,7 @@ impl<S: Store> Dispatcher<S> {
         let rows = self
             .store
             .claim_outbox(
-                &[OutboxKind::Event, OutboxKind::Email],
+                &[OutboxKind::Event, OutboxKind::Email, OutboxKind::Report],
                 now,
                 now.plus(chrono::Duration::from_std(LEASE).expect("a short lease")),
                 CLAIM_ROWS_MAX,
@@ -118,10 +133,13 @@ impl<S: Store> Dispatcher<S> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let (events, emails): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
+        let claimed = rows.len();
+        let (events, rest): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
             .into_iter()
             .partition(|row| row.kind == OutboxKind::Event);
-        let claimed = events.len() + emails.len();
+        let (emails, reports): (Vec<OutboxRow>, Vec<OutboxRow>) = rest
+            .into_iter()
+            .partition(|row| row.kind == OutboxKind::Email);
         let mut failed = None;
         if !events.is_empty() {
             let result = match channel {
@@ -143,10 +161,13 @@ impl<S: Store> Dispatcher<S> {
                 failed = Some(error);
             }
         }
-        // The emails do not need the broker: they go even when the events
-        // could not, instead of waiting out their lease.
+        // Emails and reports do not need the broker: they go even when the
+        // events could not, instead of waiting out their lease.
         for row in &emails {
             self.send_email(row).await?;
+        }
+        for row in &reports {
+            self.send_report(row).await?;
         }
         match failed {
             Some(error) => Err(error),
@@ -222,6 +243,103 @@ impl<S: Store> Dispatcher<S> {
             }
         }
         Ok(())
+    }
+
+    /// Builds a report into `REPORTS_DIR`, emails it as an attachment and,
+    /// for a requested report, announces it with
+    /// `training-credits.report.generated` (written to the outbox in the same
+    /// transaction that marks the report sent).
+    async fn send_report(&self, row: &OutboxRow) -> Result<(), DispatchError> {
+        match self.build_and_send_report(row).await {
+            Ok(follow_up) => {
+                self.store
+                    .outbox_complete(&row.id, &follow_up, Ts::now())
+                    .await?;
+            }
+            Err(error) => {
+                tracing::warn!(%error, id = %row.id, attempts = row.attempts + 1, "A report could not be sent; it waits.");
+                self.reschedule(std::slice::from_ref(row), &error).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn build_and_send_report(&self, row: &OutboxRow) -> Result<Vec<OutboxRow>, String> {
+        let job: ReportJob = serde_json::from_str(&row.payload).map_err(|e| e.to_string())?;
+        let now = Ts::now();
+        let request = &job.request;
+        let query = ReportQuery {
+            kind: request.report,
+            account: request.account_id.clone(),
+            from: request.from,
+            to: request.to,
+            now,
+        };
+        let columns = choose_columns(request.report, request.columns.as_deref())
+            .map_err(|e| e.to_string())?;
+        let filename = job.filename(now);
+        tokio::fs::create_dir_all(&self.reports_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let path = self.reports_dir.join(format!("{}-{filename}", row.id));
+        let rows = report::write(&self.store, &query, request.format, &columns, &path, |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        let recipient = Recipient {
+            email: request.recipient.clone(),
+            name: None,
+        };
+        let mut email = self
+            .renderer
+            .render(
+                "report_ready",
+                &json!({"title": job.title, "filename": filename, "rows": rows}),
+                &recipient,
+                format!("<{}@training-credits>", row.id),
+                &job.causation_id,
+            )
+            .map_err(|e| e.to_string())?;
+        email.attachments.push(Attachment {
+            filename,
+            content_type: match request.format {
+                ReportFormat::Csv => "text/csv; charset=utf-8",
+                ReportFormat::Xlsx => {
+                    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+                }
+            }
+            .to_owned(),
+            path: path.display().to_string(),
+        });
+        self.mailer
+            .send(&self.mail_from, &email)
+            .await
+            .map_err(|e| e.to_string())?;
+        metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
+        if !job.announce {
+            return Ok(Vec::new());
+        }
+        let id = derived_uuid(&format!("{}\ngenerated", row.id));
+        let event = OutboundEvent {
+            id: &id,
+            kind: "training-credits.report.generated",
+            account_id: request.account_id.as_ref(),
+            data: &json!({
+                "report": request.report,
+                "format": request.format,
+                "rows": rows,
+                "recipient": request.recipient,
+            }),
+            causation_id: &job.causation_id,
+            time: now,
+        }
+        .to_cloud_event(&self.event_source);
+        Ok(vec![OutboxRow {
+            id,
+            kind: OutboxKind::Event,
+            payload: event.to_string(),
+            created_at: now,
+            attempts: 0,
+        }])
     }
 
     async fn reschedule(&self, rows: &[OutboxRow], error: &str) -> Result<(), StoreError> {

@@ -31,6 +31,7 @@ const TEMPLATES: &[(&str, &str)] = templates!(
     "owner_removed",
     "code_rotated",
     "account_closed",
+    "report_ready",
 );
 
 /// Subject lines, kept apart from the bodies so that no value can reach a
@@ -61,6 +62,7 @@ const SUBJECTS: &[(&str, &str)] = &[
     ("owner_removed", "Owner removed from {{ account_name }}"),
     ("code_rotated", "New redemption code for {{ account_name }}"),
     ("account_closed", "{{ account_name }} was closed"),
+    ("report_ready", "{{ title }}"),
 ];
 
 /// A rendered email, as the outbox keeps it.
@@ -74,6 +76,17 @@ pub struct Email {
     pub text: String,
     pub html: String,
     pub causation_id: String,
+    /// Files sent along (reports, statements).
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file attached to an email, read when the email is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub path: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +97,13 @@ pub struct RenderError {
     source: minijinja::Error,
 }
 
-pub struct Mailer {
+pub struct Renderer {
     env: Environment<'static>,
     portal_url: String,
 }
 
-impl Mailer {
-    pub fn new(portal_url: &str) -> Mailer {
+impl Renderer {
+    pub fn new(portal_url: &str) -> Renderer {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_template(
@@ -106,7 +119,7 @@ impl Mailer {
             env.add_template(name, source)
                 .expect("every subject template parses");
         }
-        Mailer {
+        Renderer {
             env,
             portal_url: portal_url.trim_end_matches('/').to_owned(),
         }
@@ -157,6 +170,7 @@ impl Mailer {
             text,
             html,
             causation_id: causation_id.to_owned(),
+            attachments: Vec::new(),
         })
     }
 
@@ -189,8 +203,8 @@ mod tests {
 
     #[test]
     fn the_approval_email_says_the_contract_sentence() {
-        let mailer = Mailer::new("http://portal.test/");
-        let email = mailer
+        let renderer = Renderer::new("http://portal.test/");
+        let email = renderer
             .render(
                 "redemption_approved",
                 &json!({"title": "Rust 101", "cost": "20.00"}),
@@ -207,8 +221,8 @@ mod tests {
 
     #[test]
     fn line_breaks_never_reach_the_subject() {
-        let mailer = Mailer::new("http://portal.test");
-        let email = mailer
+        let renderer = Renderer::new("http://portal.test");
+        let email = renderer
             .render(
                 "redemption_approved",
                 &json!({"title": "Evil\r\nBcc: x@y.z", "cost": "1.00"}),
@@ -223,8 +237,8 @@ mod tests {
 
     #[test]
     fn html_bodies_escape_what_learners_type() {
-        let mailer = Mailer::new("http://portal.test");
-        let email = mailer
+        let renderer = Renderer::new("http://portal.test");
+        let email = renderer
             .render(
                 "redemption_approved",
                 &json!({"title": "<script>alert(1)</script>", "cost": "1.00"}),

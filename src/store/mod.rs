@@ -193,6 +193,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: Ts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Marks a row dispatched and adds the rows it led to (the event that
+    /// announces a sent report), in one transaction.
+    fn outbox_complete(
+        &self,
+        id: &str,
+        follow_up: &[OutboxRow],
+        now: Ts,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Records a failed attempt and when to try again.
     fn outbox_failed(
         &self,
@@ -205,6 +214,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn outbox_backlog(
         &self,
     ) -> impl Future<Output = Result<Vec<(OutboxKind, i64)>, StoreError>> + Send;
+
+    /// The rows of a report, streamed in report order, each with every
+    /// column of its kind in SPEC order.
+    fn report_rows<'a>(
+        &'a self,
+        query: &'a crate::report::ReportQuery,
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
 
     /// Whether the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -70,5 +70,6 @@ super::sql::sql_store!(
     begin = "BEGIN ISOLATION LEVEL READ COMMITTED",
     lock = " FOR UPDATE",
     skip_locked = " FOR UPDATE SKIP LOCKED",
+    agg = "string_agg",
     migrator = sqlx::migrate!("./migrations/postgres")
 );

@@ -47,7 +47,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// `pool: sqlx::Pool<$db>` field and an inherent `async fn write_gate`,
 /// taken around every write).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -58,6 +58,57 @@ macro_rules! sql_store {
         use $crate::domain::{Credits, Id, Ts};
         use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX, IN_LIST_MAX};
         use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+        use $crate::domain::command::ReportKind;
+        use $crate::report::{Cell, ReportQuery};
+        use futures_util::stream::{BoxStream, StreamExt};
+
+        fn report_row(kind: ReportKind, row: &DbRow, now: Ts) -> Result<Vec<Cell>, StoreError> {
+            let text = |name: &str| -> Result<Cell, StoreError> { Ok(Cell::text(row.try_get::<Option<String>, _>(name)?)) };
+            let amount = |name: &str| -> Result<Cell, StoreError> { Ok(Cell::Amount(credits(row.try_get(name)?))) };
+            let instant = |name: &str| -> Result<Cell, StoreError> { Ok(Cell::instant(row.try_get::<Option<Ts>, _>(name)?)) };
+            let json_text = |name: &str| -> Result<Cell, StoreError> {
+                let value: serde_json::Value = from_json(&row.try_get::<String, _>(name)?)?;
+                Ok(match value {
+                    serde_json::Value::Null => Cell::Empty,
+                    serde_json::Value::String(text) => Cell::Text(text),
+                    other => Cell::Text(other.to_string()),
+                })
+            };
+            Ok(match kind {
+                ReportKind::Transactions => vec![
+                    instant("at")?, text("account_id")?, text("entry")?, amount("amount")?, amount("balance_after")?,
+                    text("purchase_id")?, text("request_id")?, text("learner_email")?, text("item_title")?, text("actor")?,
+                ],
+                ReportKind::Credits => {
+                    let expires_at: Ts = row.try_get("expires_at")?;
+                    let price = match (row.try_get::<Option<i64>, _>("price_amount")?, row.try_get::<Option<String>, _>("price_currency")?) {
+                        (Some(amount), Some(currency)) => Cell::Text(format!("{} {currency}", credits(amount))),
+                        _ => Cell::Empty,
+                    };
+                    vec![
+                        text("account_id")?, text("account_name")?, text("owners")?, text("code")?, text("purchase_id")?,
+                        amount("credits")?, price, amount("remaining")?, amount("held")?, Cell::Instant(expires_at),
+                        Cell::Text(if expires_at <= now { "expired" } else { "active" }.to_owned()), text("notes")?,
+                    ]
+                }
+                ReportKind::Redemptions => vec![
+                    instant("requested_at")?, text("request_id")?, text("account_id")?, text("learner_email")?, text("item_id")?,
+                    text("item_title")?, amount("cost")?, text("status")?, text("decided_by")?, instant("decided_at")?,
+                    amount("refunded")?,
+                ],
+                ReportKind::Balances => {
+                    let balance = credits(row.try_get("balance")?);
+                    let held = credits(row.try_get("held")?);
+                    vec![
+                        text("account_id")?, text("account_name")?, text("status")?, Cell::Amount(balance), Cell::Amount(held),
+                        Cell::Amount(balance - held), amount("expiring_30d")?, text("owners")?,
+                    ]
+                }
+                ReportKind::Audit => vec![
+                    instant("at")?, text("account_id")?, text("actor")?, text("field")?, json_text("old_value")?, json_text("new_value")?,
+                ],
+            })
+        }
 
         type Conn = <$db as sqlx::Database>::Connection;
         type DbRow = <$db as sqlx::Database>::Row;
@@ -398,15 +449,19 @@ macro_rules! sql_store {
             insert_rows(conn, "INSERT INTO code_attempts (learner_id, at) ", 2, &writes.attempts, "", |row, (learner, at)| {
                 row.push_bind(learner.to_string()).push_bind(*at);
             }).await?;
-            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, &writes.outbox, "",
+            insert_outbox(conn, &writes.outbox).await?;
+            Ok(())
+        }
+
+        async fn insert_outbox(conn: &mut Conn, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
+            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, rows, "",
                 |row, o| {
                 row.push_bind(o.id.clone())
                     .push_bind(o.kind.as_str())
                     .push_bind(o.payload.clone())
                     .push_bind(o.created_at)
                     .push_bind(o.created_at);
-            }).await?;
-            Ok(())
+            }).await
         }
 
         impl Store for $store {
@@ -625,6 +680,19 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn outbox_complete(&self, id: &str, follow_up: &[OutboxRow], now: Ts) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
+                let mut tx = self.pool.begin_with($begin).await?;
+                insert_outbox(&mut *tx, follow_up).await?;
+                sqlx::query("UPDATE outbox SET dispatched_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(id.to_owned())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn outbox_failed(&self, id: &str, next_attempt_at: Ts, error: &str) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 sqlx::query(
@@ -652,6 +720,71 @@ macro_rules! sql_store {
                         Ok((kind, row.try_get("backlog")?))
                     })
                     .collect()
+            }
+
+            fn report_rows<'a>(&'a self, query: &'a ReportQuery) -> BoxStream<'a, Result<Vec<Cell>, StoreError>> {
+                let account = query.account.as_ref().map(Id::to_string);
+                let (kind, now) = (query.kind, query.now);
+                let rows = match kind {
+                    ReportKind::Transactions => sqlx::query(
+                        "SELECT j.at, j.account_id, j.entry, j.amount, j.balance_after, j.purchase_id, j.request_id, \
+                         r.learner_email, r.item_title, j.actor FROM journal j \
+                         LEFT JOIN redemptions r ON r.request_id = j.request_id \
+                         WHERE ($1 IS NULL OR j.account_id = $1) AND ($2 IS NULL OR j.at >= $2) AND ($3 IS NULL OR j.at < $3) \
+                         ORDER BY j.seq",
+                    )
+                    .bind(account)
+                    .bind(query.from)
+                    .bind(query.to)
+                    .fetch(&self.pool),
+                    ReportKind::Credits => sqlx::query(concat!(
+                        "SELECT l.account_id, a.name AS account_name, ", "(SELECT ", $agg, "(o.email, '; ') FROM \
+                         (SELECT email FROM owners WHERE owners.account_id = a.account_id ORDER BY position) o)",
+                        " AS owners, a.code, l.purchase_id, l.credits, l.price_amount, l.price_currency, l.remaining, l.held, \
+                         l.expires_at, a.notes FROM lots l JOIN accounts a ON a.account_id = l.account_id \
+                         WHERE ($1 IS NULL OR l.account_id = $1) AND ($2 IS NULL OR l.purchased_at >= $2) \
+                         AND ($3 IS NULL OR l.purchased_at < $3) ORDER BY l.account_id, l.expires_at, l.purchase_id",
+                    ))
+                    .bind(account)
+                    .bind(query.from)
+                    .bind(query.to)
+                    .fetch(&self.pool),
+                    ReportKind::Redemptions => sqlx::query(
+                        "SELECT requested_at, request_id, account_id, learner_email, item_id, item_title, cost, status, \
+                         decided_by, decided_at, refunded FROM redemptions \
+                         WHERE ($1 IS NULL OR account_id = $1) AND ($2 IS NULL OR requested_at >= $2) \
+                         AND ($3 IS NULL OR requested_at < $3) ORDER BY requested_at, request_id",
+                    )
+                    .bind(account)
+                    .bind(query.from)
+                    .bind(query.to)
+                    .fetch(&self.pool),
+                    ReportKind::Balances => sqlx::query(concat!(
+                        "SELECT a.account_id, a.name AS account_name, a.status, \
+                         CAST(COALESCE(SUM(CASE WHEN l.expires_at > $2 THEN l.remaining ELSE l.held END), 0) AS BIGINT) AS balance, \
+                         CAST(COALESCE(SUM(l.held), 0) AS BIGINT) AS held, \
+                         CAST(COALESCE(SUM(CASE WHEN l.expires_at > $2 AND l.expires_at <= $3 THEN l.remaining - l.held ELSE 0 END), 0) AS BIGINT) AS expiring_30d, ",
+                        "(SELECT ", $agg, "(o.email, '; ') FROM \
+                         (SELECT email FROM owners WHERE owners.account_id = a.account_id ORDER BY position) o)",
+                        " AS owners FROM accounts a LEFT JOIN lots l ON l.account_id = a.account_id \
+                         WHERE ($1 IS NULL OR a.account_id = $1) \
+                         GROUP BY a.account_id, a.name, a.status ORDER BY a.account_id",
+                    ))
+                    .bind(account)
+                    .bind(now)
+                    .bind(now.plus_days(30))
+                    .fetch(&self.pool),
+                    ReportKind::Audit => sqlx::query(
+                        "SELECT at, account_id, actor, field, old_value, new_value FROM audit \
+                         WHERE ($1 IS NULL OR account_id = $1) AND ($2 IS NULL OR at >= $2) AND ($3 IS NULL OR at < $3) \
+                         ORDER BY seq",
+                    )
+                    .bind(account)
+                    .bind(query.from)
+                    .bind(query.to)
+                    .fetch(&self.pool),
+                };
+                rows.map(move |row| report_row(kind, &row?, now)).boxed()
             }
 
             async fn ping(&self) -> Result<(), StoreError> {

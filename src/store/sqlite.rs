@@ -87,5 +87,6 @@ super::sql::sql_store!(
     begin = "BEGIN IMMEDIATE",
     lock = "",
     skip_locked = "",
+    agg = "group_concat",
     migrator = sqlx::migrate!("./migrations/sqlite")
 );
