@@ -142,11 +142,9 @@ fn within<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> 
 }
 
 fn cron(text: &str) -> Result<String, String> {
-    if text.split_whitespace().count() == 6 {
-        Ok(text.to_owned())
-    } else {
-        Err(format!("`{text}` must have six fields, seconds first"))
-    }
+    crate::schedule::parse_cron(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("`{text}` is not a cron expression of six fields, seconds first: {e}"))
 }
 
 fn http_url(text: &str) -> Result<String, String> {

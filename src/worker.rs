@@ -14,11 +14,17 @@ use crate::consume::{Consumer, Limits};
 use crate::decode::Schemas;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::mail::{MailError, Mailer};
+use crate::domain::Ts;
 use crate::ops::{self, Health};
+use crate::schedule::{Job, Scheduler};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error("scheduler: {0}")]
+    Schedule(#[from] crate::schedule::ScheduleError),
+    #[error("scheduler: {0}")]
+    Cron(#[from] tokio_cron_scheduler::JobSchedulerError),
     #[error(transparent)]
     Schema(#[from] crate::decode::SchemaError),
     #[error("SMTP_URL: {0}")]
@@ -43,6 +49,16 @@ pub async fn run<S: Store>(
         Some(url) => Mailer::smtp(url)?,
         None => Mailer::files(config.mail_dir.clone()),
     };
+    let scheduler = Arc::new(Scheduler::new(
+        applier.clone(),
+        [
+            (Job::Sweep, config.sweep_cron.as_str()),
+            (Job::Statements, config.statement_cron.as_str()),
+            (Job::DailyReports, config.report_cron.as_str()),
+        ],
+        config.reports_dir.clone(),
+    )?);
+    let cron = start_cron(scheduler, config).await?;
     let consumer = Consumer {
         applier,
         schemas,
@@ -75,6 +91,8 @@ pub async fn run<S: Store>(
     tracing::info!("The worker is running.");
     consumer.run(&config.amqp_url, cancel).await;
     tracing::info!("Consumption stopped; flushing the outbox.");
+    let mut cron = cron;
+    let _ = cron.shutdown().await;
     dispatcher_stop.cancel();
     let _ = dispatching.await;
     http_stop.cancel();
@@ -83,5 +101,38 @@ pub async fn run<S: Store>(
     match served {
         Ok(result) => result.map_err(WorkerError::Http),
         Err(_) => Ok(()),
+    }
+}
+
+/// Catches up what was missed while no worker ran, then fires the scheduler
+/// at every occurrence of the three schedules (in UTC).
+async fn start_cron<S: Store>(
+    scheduler: Arc<Scheduler<S>>,
+    config: &Config,
+) -> Result<tokio_cron_scheduler::JobScheduler, WorkerError> {
+    tick(&scheduler).await;
+    let cron = tokio_cron_scheduler::JobScheduler::new().await?;
+    for expression in [
+        &config.sweep_cron,
+        &config.statement_cron,
+        &config.report_cron,
+    ] {
+        let scheduler = scheduler.clone();
+        cron.add(tokio_cron_scheduler::Job::new_async(
+            expression.as_str(),
+            move |_, _| {
+                let scheduler = scheduler.clone();
+                Box::pin(async move { tick(&scheduler).await })
+            },
+        )?)
+        .await?;
+    }
+    cron.start().await?;
+    Ok(cron)
+}
+
+async fn tick<S: Store>(scheduler: &Scheduler<S>) {
+    if let Err(error) = scheduler.tick(Ts::now()).await {
+        tracing::warn!(%error, "A scheduled job failed; the next tick runs it again.");
     }
 }

@@ -222,6 +222,43 @@ pub trait Store: Clone + Send + Sync + 'static {
         query: &'a crate::report::ReportQuery,
     ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
 
+    /// Claims one firing of a scheduled job: `true` for the one caller that
+    /// gets it, `false` for every other (another worker ran it already).
+    /// A `baseline` claim marks where the job's schedule starts.
+    fn claim_firing(
+        &self,
+        job: &str,
+        fire_at: Ts,
+        now: Ts,
+        baseline: bool,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives a claimed firing back after its job failed, so the next tick
+    /// runs it again.
+    fn release_firing(
+        &self,
+        job: &str,
+        fire_at: Ts,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The latest firing claimed for a job, if any.
+    fn last_firing(&self, job: &str)
+    -> impl Future<Output = Result<Option<Ts>, StoreError>> + Send;
+
+    /// Adds outbox rows outside any batch (scheduled statements); a row whose
+    /// id is already there is left as it is.
+    fn enqueue_outbox(
+        &self,
+        rows: &[OutboxRow],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every account id, in order, `limit` at a time after `after`.
+    fn account_ids(
+        &self,
+        after: Option<&Id>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<Id>, StoreError>> + Send;
+
     /// Whether the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 

@@ -449,12 +449,12 @@ macro_rules! sql_store {
             insert_rows(conn, "INSERT INTO code_attempts (learner_id, at) ", 2, &writes.attempts, "", |row, (learner, at)| {
                 row.push_bind(learner.to_string()).push_bind(*at);
             }).await?;
-            insert_outbox(conn, &writes.outbox).await?;
+            insert_outbox(conn, &writes.outbox, "").await?;
             Ok(())
         }
 
-        async fn insert_outbox(conn: &mut Conn, rows: &[OutboxRow]) -> Result<(), sqlx::Error> {
-            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, rows, "",
+        async fn insert_outbox(conn: &mut Conn, rows: &[OutboxRow], tail: &str) -> Result<(), sqlx::Error> {
+            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, rows, tail,
                 |row, o| {
                 row.push_bind(o.id.clone())
                     .push_bind(o.kind.as_str())
@@ -683,7 +683,7 @@ macro_rules! sql_store {
             async fn outbox_complete(&self, id: &str, follow_up: &[OutboxRow], now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 let mut tx = self.pool.begin_with($begin).await?;
-                insert_outbox(&mut *tx, follow_up).await?;
+                insert_outbox(&mut *tx, follow_up, "").await?;
                 sqlx::query("UPDATE outbox SET dispatched_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(id.to_owned())
@@ -785,6 +785,57 @@ macro_rules! sql_store {
                     .fetch(&self.pool),
                 };
                 rows.map(move |row| report_row(kind, &row?, now)).boxed()
+            }
+
+            async fn claim_firing(&self, job: &str, fire_at: Ts, now: Ts, baseline: bool) -> Result<bool, StoreError> {
+                let _gate = self.write_gate().await;
+                let inserted = sqlx::query(
+                    "INSERT INTO job_firings (job, fire_at, claimed_at, baseline) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (job, fire_at) DO NOTHING",
+                )
+                .bind(job.to_owned())
+                .bind(fire_at)
+                .bind(now)
+                .bind(baseline)
+                .execute(&self.pool)
+                .await?;
+                Ok(inserted.rows_affected() == 1)
+            }
+
+            async fn release_firing(&self, job: &str, fire_at: Ts) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
+                sqlx::query("DELETE FROM job_firings WHERE job = $1 AND fire_at = $2")
+                    .bind(job.to_owned())
+                    .bind(fire_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn last_firing(&self, job: &str) -> Result<Option<Ts>, StoreError> {
+                let row = sqlx::query("SELECT MAX(fire_at) AS last FROM job_firings WHERE job = $1")
+                    .bind(job.to_owned())
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get::<Option<Ts>, _>("last")?)
+            }
+
+            async fn enqueue_outbox(&self, rows: &[OutboxRow]) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
+                let mut conn = self.pool.acquire().await?;
+                insert_outbox(&mut *conn, rows, " ON CONFLICT (id) DO NOTHING").await?;
+                Ok(())
+            }
+
+            async fn account_ids(&self, after: Option<&Id>, limit: i64) -> Result<Vec<Id>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT account_id FROM accounts WHERE ($1 IS NULL OR account_id > $1) ORDER BY account_id LIMIT $2",
+                )
+                .bind(after.map(Id::to_string))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|row| id(row.try_get("account_id")?)).collect()
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
