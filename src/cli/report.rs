@@ -4,13 +4,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
 use crate::domain::command::{ReportFormat, ReportKind};
 use crate::domain::{Id, Ts};
 use crate::report::{ReportQuery, choose_columns, write};
-use crate::store::Store;
+use crate::store::{Store, Wanted};
 
 /// The options of `report`, as typed on the command line.
 pub struct Options<'a> {
@@ -40,6 +40,17 @@ pub async fn run<S: Store>(store: &S, options: Options<'_>) -> anyhow::Result<Ex
         .account
         .map(|a| a.parse().context("--account"))
         .transpose()?;
+    if let Some(id) = &account {
+        let ledger = store
+            .snapshot(&Wanted {
+                account_ids: vec![id.clone()],
+                ..Wanted::default()
+            })
+            .await?;
+        if !ledger.accounts.contains_key(id) {
+            bail!("--account: account `{id}` is not known");
+        }
+    }
     let requested: Option<Vec<String>> = options
         .columns
         .map(|c| c.split(',').map(|s| s.trim().to_owned()).collect());

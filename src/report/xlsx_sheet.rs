@@ -12,6 +12,10 @@ use crate::domain::command::ReportKind;
 
 /// Rows per worksheet, the header included.
 const ROWS_PER_SHEET_MAX: u32 = 1_048_576;
+/// Excel's limit on the text of one cell, in UTF-16 code units. Names,
+/// notes and titles may be longer (up to 65,536 characters); in XLSX they
+/// are cut to fit, the CSV keeps them whole.
+const CELL_TEXT_MAX: usize = 32_767;
 
 pub struct XlsxSheet {
     workbook: Workbook,
@@ -57,6 +61,19 @@ impl XlsxSheet {
     }
 }
 
+/// The longest prefix of `text` that an Excel cell holds, cut between
+/// characters.
+fn fit_in_cell(text: &str) -> &str {
+    let mut units = 0;
+    for (at, c) in text.char_indices() {
+        units += c.len_utf16();
+        if units > CELL_TEXT_MAX {
+            return &text[..at];
+        }
+    }
+    text
+}
+
 fn column(index: usize) -> u16 {
     u16::try_from(index).expect("a report has few columns")
 }
@@ -79,7 +96,7 @@ impl Sheet for XlsxSheet {
             let col = column(col);
             match cell {
                 Cell::Text(text) => {
-                    sheet.write_string(row, col, text)?;
+                    sheet.write_string(row, col, fit_in_cell(text))?;
                 }
                 Cell::Amount(value) => {
                     let number = value.to_string().parse::<f64>().unwrap_or_default();

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use chrono::{Datelike, TimeZone, Utc};
+use chrono::{Datelike, SubsecRound, TimeZone, Utc};
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use serde_json::Value;
@@ -77,8 +77,10 @@ pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsR
 /// Parses a six-field cron expression (seconds first), as the `*_CRON`
 /// settings are written.
 pub fn parse_cron(expression: &str) -> Result<Cron, croner::errors::CronError> {
+    // Read as tokio-cron-scheduler reads it, which fires the ticks.
     CronParser::builder()
         .seconds(Seconds::Required)
+        .dom_and_dow(true)
         .build()
         .parse(expression)
 }
@@ -162,12 +164,18 @@ impl<S: Store> Scheduler<S> {
     pub async fn tick(&self, now: Ts) -> Result<Vec<(Job, Ts)>, ScheduleError> {
         let store = self.applier.store();
         let mut ran = Vec::new();
+        // A firing is the whole second of its occurrence: croner keeps the
+        // fraction of the instant it searches from, so ticks a few
+        // milliseconds apart (two triggers at 02:00, two workers' clocks)
+        // would otherwise name the same occurrence differently and run it
+        // once each.
+        let whole_second = now.utc().trunc_subsecs(0);
         for (job, cron) in &self.jobs {
-            let Ok(due) = cron.find_previous_occurrence(&now.utc(), true) else {
+            let Ok(due) = cron.find_previous_occurrence(&whole_second, true) else {
                 continue;
             };
             let due = Ts::from(due);
-            match store.last_firing(job.name()).await? {
+            match store.last_firing(job.name(), now).await? {
                 None => {
                     store.claim_firing(job.name(), due, now, true).await?;
                 }
@@ -181,6 +189,7 @@ impl<S: Store> Scheduler<S> {
                             store.release_firing(job.name(), due).await?;
                             return Err(error);
                         }
+                        store.firing_done(job.name(), due).await?;
                         ran.push((*job, due));
                     }
                 }

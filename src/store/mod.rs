@@ -20,6 +20,10 @@ use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger};
 use crate::domain::model::{Account, Redemption};
 use crate::domain::{CodeKey, Email, Id, Ts};
 
+/// How long a claimed firing is its worker's: one whose worker died is run
+/// again by the next tick after this.
+pub const FIRING_LEASE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A database failure. Every one is worth retrying later: the database may be
 /// down, busy, or have lost a race with another worker; a message is only
 /// dead-lettered for it once its retries are spent.
@@ -223,8 +227,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
 
     /// Claims one firing of a scheduled job: `true` for the one caller that
-    /// gets it, `false` for every other (another worker ran it already).
-    /// A `baseline` claim marks where the job's schedule starts.
+    /// gets it, `false` for every other (another worker ran it, or runs it
+    /// within its [`FIRING_LEASE`]). A `baseline` claim marks where the job's
+    /// schedule starts and is done at once.
     fn claim_firing(
         &self,
         job: &str,
@@ -241,9 +246,19 @@ pub trait Store: Clone + Send + Sync + 'static {
         fire_at: Ts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The latest firing claimed for a job, if any.
-    fn last_firing(&self, job: &str)
-    -> impl Future<Output = Result<Option<Ts>, StoreError>> + Send;
+    /// Marks a claimed firing done: it is never run again.
+    fn firing_done(
+        &self,
+        job: &str,
+        fire_at: Ts,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The latest firing of a job that is done or still within its lease.
+    fn last_firing(
+        &self,
+        job: &str,
+        now: Ts,
+    ) -> impl Future<Output = Result<Option<Ts>, StoreError>> + Send;
 
     /// Adds outbox rows outside any batch (scheduled statements); a row whose
     /// id is already there is left as it is.

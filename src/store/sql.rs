@@ -57,7 +57,7 @@ macro_rules! sql_store {
         use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
         use $crate::domain::{Credits, Id, Ts};
         use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX, IN_LIST_MAX};
-        use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+        use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes, FIRING_LEASE};
         use $crate::domain::command::ReportKind;
         use $crate::report::{Cell, ReportQuery};
         use futures_util::stream::{BoxStream, StreamExt};
@@ -789,17 +789,30 @@ macro_rules! sql_store {
 
             async fn claim_firing(&self, job: &str, fire_at: Ts, now: Ts, baseline: bool) -> Result<bool, StoreError> {
                 let _gate = self.write_gate().await;
-                let inserted = sqlx::query(
-                    "INSERT INTO job_firings (job, fire_at, claimed_at, baseline) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (job, fire_at) DO NOTHING",
+                let stale = now.plus(-chrono::Duration::from_std(FIRING_LEASE).expect("a short lease"));
+                let claimed = sqlx::query(
+                    "INSERT INTO job_firings (job, fire_at, claimed_at, baseline, done) VALUES ($1, $2, $3, $4, $4) \
+                     ON CONFLICT (job, fire_at) DO UPDATE SET claimed_at = excluded.claimed_at \
+                     WHERE NOT job_firings.done AND job_firings.claimed_at <= $5",
                 )
                 .bind(job.to_owned())
                 .bind(fire_at)
                 .bind(now)
                 .bind(baseline)
+                .bind(stale)
                 .execute(&self.pool)
                 .await?;
-                Ok(inserted.rows_affected() == 1)
+                Ok(claimed.rows_affected() == 1)
+            }
+
+            async fn firing_done(&self, job: &str, fire_at: Ts) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
+                sqlx::query("UPDATE job_firings SET done = TRUE WHERE job = $1 AND fire_at = $2")
+                    .bind(job.to_owned())
+                    .bind(fire_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn release_firing(&self, job: &str, fire_at: Ts) -> Result<(), StoreError> {
@@ -812,9 +825,13 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn last_firing(&self, job: &str) -> Result<Option<Ts>, StoreError> {
-                let row = sqlx::query("SELECT MAX(fire_at) AS last FROM job_firings WHERE job = $1")
+            async fn last_firing(&self, job: &str, now: Ts) -> Result<Option<Ts>, StoreError> {
+                let stale = now.plus(-chrono::Duration::from_std(FIRING_LEASE).expect("a short lease"));
+                let row = sqlx::query(
+                    "SELECT MAX(fire_at) AS last FROM job_firings WHERE job = $1 AND (done OR claimed_at > $2)",
+                )
                     .bind(job.to_owned())
+                    .bind(stale)
                     .fetch_one(&self.pool)
                     .await?;
                 Ok(row.try_get::<Option<Ts>, _>("last")?)
