@@ -14,7 +14,6 @@ another.
 
 import argparse
 import os
-import resource
 import sqlite3
 import subprocess
 import sys
@@ -25,17 +24,33 @@ BINARY = os.path.join(os.path.dirname(__file__), "..", "target", "release", "tra
 ACCOUNTS = 1000
 
 
+def peak_kib(pid):
+    """VmHWM of a running process: the peak resident set of its own program
+    (reset at exec, so the forking Python's memory does not count)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def run(args, env):
-    """Runs the binary; returns (seconds, peak RSS in MiB of that run alone)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Runs the binary; returns (seconds, peak RSS in MiB). The peak is read
+    every 5 ms while it runs; VmHWM only grows, so the last reading before
+    exit is the peak of all but its last few milliseconds."""
     started = time.monotonic()
-    subprocess.run([BINARY, *args], env={**os.environ, **env}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest of any waited child so far; each
-    # run below is larger than `migrate`, so the figure is this run's.
-    return seconds, max(peak, before) / 1024
+    child = subprocess.Popen([BINARY, *args], env={**os.environ, **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while child.poll() is None:
+        peak = max(peak, peak_kib(child.pid))
+        time.sleep(0.005)
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} exited {child.returncode}")
+    return time.monotonic() - started, peak / 1024
 
 
 def fill_sqlite(path, entries):
