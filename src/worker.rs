@@ -12,8 +12,8 @@ use crate::apply::Applier;
 use crate::config::Config;
 use crate::consume::{Consumer, Limits};
 use crate::decode::Schemas;
-use crate::dispatch::Dispatcher;
 use crate::dispatch::mail::{MailError, Mailer};
+use crate::dispatch::{Dispatcher, Lane};
 use crate::domain::Ts;
 use crate::ops::{self, Health};
 use crate::schedule::{Job, Scheduler};
@@ -84,17 +84,23 @@ pub async fn run<S: Store>(
     let dispatcher_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(ops::serve(listener, store, health, http_stop.clone()));
-    let dispatching = {
-        let stop = dispatcher_stop.clone();
-        tokio::spawn(async move { dispatcher.run(stop).await })
-    };
+    let dispatcher = Arc::new(dispatcher);
+    let dispatching: Vec<_> = [Lane::Events, Lane::Mail]
+        .into_iter()
+        .map(|lane| {
+            let (dispatcher, stop) = (dispatcher.clone(), dispatcher_stop.clone());
+            tokio::spawn(async move { dispatcher.run(lane, stop).await })
+        })
+        .collect();
     tracing::info!("The worker is running.");
     consumer.run(&config.amqp_url, cancel).await;
     tracing::info!("Consumption stopped; flushing the outbox.");
     let mut cron = cron;
     let _ = cron.shutdown().await;
     dispatcher_stop.cancel();
-    let _ = dispatching.await;
+    for lane in dispatching {
+        let _ = lane.await;
+    }
     http_stop.cancel();
     let served = http.await;
     tracing::info!("The worker stopped.");

@@ -77,15 +77,34 @@ pub fn backoff(attempts: i64) -> Duration {
     Duration::from_secs(2_u64.pow(exponent)).min(RETRY_BACKOFF_MAX)
 }
 
+/// The two lanes of the outbox, each dispatched by a task of its own, so that
+/// a slow SMTP server never holds up the outbound events, nor the reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Outbound events, woken after every commit: their latency counts.
+    Events,
+    /// Emails and reports, looked at every [`POLL_INTERVAL`].
+    Mail,
+}
+
+impl Lane {
+    fn kinds(self) -> &'static [OutboxKind] {
+        match self {
+            Lane::Events => &[OutboxKind::Event],
+            Lane::Mail => &[OutboxKind::Email, OutboxKind::Report],
+        }
+    }
+}
+
 impl<S: Store> Dispatcher<S> {
-    /// Dispatches until `cancel`, then keeps sending what is due until the
-    /// outbox is drained (or [`FLUSH_TIME_MAX`] has passed, as other workers
-    /// may keep adding rows), so a clean stop leaves nothing behind that
-    /// could go.
-    pub async fn run(&self, cancel: CancellationToken) {
+    /// Dispatches `lane` until `cancel`, then keeps sending what is due until
+    /// it is drained (or [`FLUSH_TIME_MAX`] has passed, as other workers may
+    /// keep adding rows), so a clean stop leaves nothing behind that could go.
+    pub async fn run(&self, lane: Lane, cancel: CancellationToken) {
         let mut channel: Option<(Connection, Channel)> = None;
+        let kinds = lane.kinds();
         while !cancel.is_cancelled() {
-            match self.round(&mut channel).await {
+            match self.round(kinds, &mut channel).await {
                 Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => {}
                 Err(error) => {
@@ -93,15 +112,21 @@ impl<S: Store> Dispatcher<S> {
                     channel = None;
                 }
             }
+            let woken = async {
+                match lane {
+                    Lane::Events => self.wake.notified().await,
+                    Lane::Mail => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = self.wake.notified() => {}
+                _ = woken => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
         while tokio::time::Instant::now() < deadline {
-            match self.round(&mut channel).await {
+            match self.round(kinds, &mut channel).await {
                 Ok(claimed) if claimed > 0 => {}
                 Ok(_) => break,
                 Err(error) => {
@@ -115,16 +140,17 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Claims due rows and sends them. Returns how many were claimed.
+    /// Claims due rows of `kinds` and sends them. Returns how many were claimed.
     pub async fn round(
         &self,
+        kinds: &[OutboxKind],
         channel: &mut Option<(Connection, Channel)>,
     ) -> Result<usize, DispatchError> {
         let now = Ts::now();
         let rows = self
             .store
             .claim_outbox(
-                &[OutboxKind::Event, OutboxKind::Email, OutboxKind::Report],
+                kinds,
                 now,
                 now.plus(chrono::Duration::from_std(LEASE).expect("a short lease")),
                 CLAIM_ROWS_MAX,
