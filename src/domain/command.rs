@@ -118,6 +118,17 @@ pub enum Patch<T> {
     Set(T),
 }
 
+impl<T: Clone> Patch<T> {
+    /// The field's new value, if it changes: `Some(None)` clears it.
+    pub fn value(&self) -> Option<Option<T>> {
+        match self {
+            Patch::Keep => None,
+            Patch::Clear => Some(None),
+            Patch::Set(value) => Some(Some(value.clone())),
+        }
+    }
+}
+
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patch<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Ok(match Option::<T>::deserialize(deserializer)? {

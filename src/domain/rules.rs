@@ -570,43 +570,29 @@ fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
         );
         account.status = status;
     }
-    match &c.low_balance_threshold {
-        Patch::Keep => {}
-        Patch::Clear | Patch::Set(_) => {
-            let new = match &c.low_balance_threshold {
-                Patch::Set(t) => Some(*t),
-                _ => None,
-            };
-            change(
-                step,
-                &mut changes,
-                &id,
-                actor,
-                "low_balance_threshold",
-                json!(account.low_balance_threshold),
-                json!(new),
-            );
-            account.low_balance_threshold = new;
-        }
+    if let Some(new) = c.low_balance_threshold.value() {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "low_balance_threshold",
+            json!(account.low_balance_threshold),
+            json!(new),
+        );
+        account.low_balance_threshold = new;
     }
-    match &c.notes {
-        Patch::Keep => {}
-        Patch::Clear | Patch::Set(_) => {
-            let new = match &c.notes {
-                Patch::Set(n) => Some(n.clone()),
-                _ => None,
-            };
-            change(
-                step,
-                &mut changes,
-                &id,
-                actor,
-                "notes",
-                json!(account.notes),
-                json!(new),
-            );
-            account.notes = new;
-        }
+    if let Some(new) = c.notes.value() {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "notes",
+            json!(account.notes),
+            json!(new),
+        );
+        account.notes = new;
     }
     announce_update(step, &id, changes);
     step.save_account(account);
