@@ -285,18 +285,13 @@ macro_rules! sql_store {
                     }
                 }
             }
-            let keys: Vec<&EventKey> = wanted.keys.iter().collect();
-            for chunk in keys.chunks(IN_LIST_MAX) {
-                let mut query = QueryBuilder::<$db>::new("SELECT source, event_id, digest FROM processed WHERE (source, event_id) IN (");
-                query.push_values(chunk.iter(), |mut row, key| {
-                    row.push_bind(key.source.clone()).push_bind(key.id.clone());
-                });
-                query.push(")");
-                for row in query.build().fetch_all(&mut *conn).await? {
-                    loaded.seen.insert(
-                        EventKey { source: row.try_get("source")?, id: row.try_get("event_id")? },
-                        row.try_get("digest")?,
-                    );
+            // Looked up by event id (indexed), the source compared here: a
+            // row-value IN list would not use the key's index on SQLite.
+            let wanted_keys: std::collections::HashSet<&EventKey> = wanted.keys.iter().collect();
+            for row in fetch_in(conn, "SELECT source, event_id, digest FROM processed WHERE event_id", &strings(wanted.keys.iter().map(|k| k.id.as_str())), "").await? {
+                let key = EventKey { source: row.try_get("source")?, id: row.try_get("event_id")? };
+                if wanted_keys.contains(&key) {
+                    loaded.seen.insert(key, row.try_get("digest")?);
                 }
             }
             Ok(loaded)
