@@ -11,33 +11,6 @@ use serde_json::{Value, json};
 use training_credits::domain::Outcome;
 use training_credits::store::Store;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
-
-/// Every variable of the contract, so that none leaks in from the
-/// environment the tests run in.
-const CONTRACT_VARIABLES: [&str; 20] = [
-    "DATABASE_URL",
-    "AMQP_URL",
-    "SMTP_URL",
-    "MAIL_DIR",
-    "MAIL_FROM",
-    "PORTAL_URL",
-    "HTTP_ADDR",
-    "REPORTS_DIR",
-    "EVENT_SOURCE",
-    "ADMIN_SOURCES",
-    "RETRY_DELAYS",
-    "REFUND_WINDOW_DAYS",
-    "PENDING_TIMEOUT_DAYS",
-    "EXPIRY_REMINDER_DAYS",
-    "SWEEP_CRON",
-    "STATEMENT_CRON",
-    "REPORT_CRON",
-    "RUST_LOG",
-    "LOG_FORMAT",
-    "TEST_POSTGRES_URL",
-];
-
 /// What one run of the binary gave.
 struct Run {
     code: Option<i32>,
@@ -96,9 +69,9 @@ async fn run(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
         .collect();
     tokio::task::spawn_blocking(move || {
         let folder = tempfile::tempdir().expect("a working folder");
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(common::BINARY);
         command.args(&args).current_dir(folder.path());
-        for variable in CONTRACT_VARIABLES {
+        for variable in common::CONTRACT_VARIABLES {
             command.env_remove(variable);
         }
         if let Some(url) = url {

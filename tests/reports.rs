@@ -1181,32 +1181,6 @@ on_both_backends!(
 // ---------------------------------------------------------------------------
 // The `report` command on the real binary.
 
-const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
-
-/// Every variable of the contract, so none leaks in from the environment.
-const CONTRACT_VARIABLES: [&str; 20] = [
-    "DATABASE_URL",
-    "AMQP_URL",
-    "SMTP_URL",
-    "MAIL_DIR",
-    "MAIL_FROM",
-    "PORTAL_URL",
-    "HTTP_ADDR",
-    "REPORTS_DIR",
-    "EVENT_SOURCE",
-    "ADMIN_SOURCES",
-    "RETRY_DELAYS",
-    "REFUND_WINDOW_DAYS",
-    "PENDING_TIMEOUT_DAYS",
-    "EXPIRY_REMINDER_DAYS",
-    "SWEEP_CRON",
-    "STATEMENT_CRON",
-    "REPORT_CRON",
-    "RUST_LOG",
-    "LOG_FORMAT",
-    "TEST_POSTGRES_URL",
-];
-
 struct Run {
     code: Option<i32>,
     stderr: String,
@@ -1219,9 +1193,9 @@ async fn binary(url: &str, args: &[&str]) -> Run {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         let folder = tempfile::tempdir().expect("a working folder");
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(common::BINARY);
         command.args(&args).current_dir(folder.path());
-        for variable in CONTRACT_VARIABLES {
+        for variable in common::CONTRACT_VARIABLES {
             command.env_remove(variable);
         }
         command.env("DATABASE_URL", url);

@@ -20,8 +20,6 @@ use training_credits::store::{Store, Wanted};
 
 use common::broker::{Client, TestWorker, Vhost, config, eventually, publish_confirmed};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
-
 /// How long a stopping worker may take to exit.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 
@@ -32,33 +30,6 @@ const STREAM_PURCHASES: usize = 1_000;
 const PUBLISHED_BEFORE_SIGTERM_MAX: usize = 500;
 /// Purchases published between two waits for their confirms.
 const PUBLISH_WINDOW: usize = 25;
-
-/// Every variable of the contract, so that none leaks in from the
-/// environment the tests run in.
-const CONTRACT_VARIABLES: [&str; 22] = [
-    "DATABASE_URL",
-    "AMQP_URL",
-    "SMTP_URL",
-    "MAIL_DIR",
-    "MAIL_FROM",
-    "PORTAL_URL",
-    "HTTP_ADDR",
-    "REPORTS_DIR",
-    "EVENT_SOURCE",
-    "ADMIN_SOURCES",
-    "RETRY_DELAYS",
-    "REFUND_WINDOW_DAYS",
-    "PENDING_TIMEOUT_DAYS",
-    "EXPIRY_REMINDER_DAYS",
-    "SWEEP_CRON",
-    "STATEMENT_CRON",
-    "REPORT_CRON",
-    "PREFETCH",
-    "BATCH_SIZE",
-    "RUST_LOG",
-    "LOG_FORMAT",
-    "TEST_POSTGRES_URL",
-];
 
 /// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
 macro_rules! shutdown_tests {
@@ -112,9 +83,9 @@ impl Site {
     /// The binary with `args`, in the folder, configured for this site and
     /// nothing else.
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(common::BINARY);
         command.args(args).current_dir(self.folder.path());
-        for variable in CONTRACT_VARIABLES {
+        for variable in common::CONTRACT_VARIABLES {
             command.env_remove(variable);
         }
         command
