@@ -46,10 +46,6 @@ impl Credits {
         self.0 > 0
     }
 
-    pub fn is_negative(self) -> bool {
-        self.0 < 0
-    }
-
     pub fn min(self, other: Credits) -> Credits {
         Credits(self.0.min(other.0))
     }

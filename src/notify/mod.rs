@@ -173,10 +173,6 @@ impl Renderer {
             attachments: Vec::new(),
         })
     }
-
-    pub fn templates() -> impl Iterator<Item = &'static str> {
-        SUBJECTS.iter().map(|(name, _)| *name)
-    }
 }
 
 /// Folds every control character (CR and LF included) into a space, so a

@@ -58,10 +58,6 @@ impl PgStore {
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
         None
     }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 super::sql::sql_store!(

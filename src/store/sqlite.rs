@@ -75,10 +75,6 @@ impl SqliteStore {
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
         Some(self.gate.lock().await)
     }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
 }
 
 super::sql::sql_store!(
