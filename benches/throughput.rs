@@ -1264,6 +1264,22 @@ fn peak_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds: unlike
+/// wall time, barely moved by whatever else the machine is doing.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / ticks_per_second)
+        })
+        .unwrap_or(0.0)
+}
+
 /// `training-credits run`, started as a child process.
 struct Worker {
     child: Child,
@@ -1537,6 +1553,8 @@ struct Run {
     events_per_second: f64,
     seconds: f64,
     startup_seconds: f64,
+    /// CPU time the worker had used when the run ended.
+    cpu_seconds: f64,
     /// When /metrics first showed every message applied (seconds from start).
     applied_at: Option<f64>,
     outbound_at: f64,
@@ -1648,6 +1666,7 @@ async fn worker_run(
     let end = events_done.max(queue_done);
     run.seconds = end.duration_since(started).as_secs_f64();
     run.outbound_at = events_done.duration_since(started).as_secs_f64();
+    run.cpu_seconds = cpu_seconds(worker.child.id());
     run.events_per_second = total / run.seconds;
     // …and acknowledged (ready + unacked = 0), checked with rabbitmqctl
     // outside the timing: each call starts an Erlang VM.
@@ -2091,11 +2110,13 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
                 None => "all applied within 0.25 s of the end".to_owned(),
             };
             println!(
-                "    {name}: {:.1} s ({} events/s), startup {:.2} s; {applied}; \
+                "    {name}: {:.1} s ({} events/s), startup {:.2} s; worker CPU {:.1} s ({:.0} µs per message); {applied}; \
                  last outbound event at {:.1} s; whole outbox (emails too) sent at {}",
                 run.seconds,
                 thousands(run.events_per_second),
                 run.startup_seconds,
+                run.cpu_seconds,
+                run.cpu_seconds * 1e6 / workload.messages.len() as f64,
                 run.outbound_at,
                 run.drained_at
                     .map_or("-".to_owned(), |s| format!("{s:.1} s"))

@@ -40,16 +40,35 @@ impl DatabaseUrl {
     }
 }
 
-/// Replaces the password of a URL with `***`.
+/// Replaces the password of a URL with `***`: the one after the user name,
+/// and any query parameter naming one (sqlx reads
+/// `postgres://user@host/db?password=…` too).
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "(unparsable URL)".to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(unparsable URL)".to_owned();
+    };
+    let secret = |key: &str| key.to_ascii_lowercase().contains("password");
+    if parsed.password().is_none() && !parsed.query_pairs().any(|(key, _)| secret(&key)) {
+        return url.to_owned();
     }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(key, value)| {
+            let value = if secret(&key) {
+                "***".to_owned()
+            } else {
+                value.into_owned()
+            };
+            (key.into_owned(), value)
+        })
+        .collect();
+    if !pairs.is_empty() {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 #[derive(Clone, Debug)]
@@ -108,7 +127,7 @@ fn days(text: &str) -> Result<i64, String> {
 }
 
 /// `1s`, `500ms`, `5m`, `1h`.
-fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("`{text}` has no unit (ms, s, m or h)"))?;
@@ -294,6 +313,14 @@ mod tests {
         let error = config(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]).unwrap_err();
         assert!(!error.to_string().contains("hunter2"));
         assert_eq!(redact("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=verify-full&password=hunter2"),
+            "postgres://u@h/db?sslmode=verify-full&password=***"
+        );
+        assert_eq!(
+            redact("amqp://h/%2f?heartbeat=10"),
+            "amqp://h/%2f?heartbeat=10"
+        );
     }
 
     #[test]

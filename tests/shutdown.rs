@@ -6,22 +6,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use training_credits::consume::topology::WORKER_QUEUE;
 use training_credits::domain::Ts;
 use training_credits::store::{Store, Wanted};
 
 use common::broker::{Client, TestWorker, Vhost, config, eventually, publish_confirmed};
-
-/// How long a stopping worker may take to exit.
-const STOP_LIMIT: Duration = Duration::from_secs(30);
+use common::child::{Site, exit_within, write};
 
 /// Purchases in the stream that the worker is stopped in the middle of.
 const STREAM_PURCHASES: usize = 1_000;
@@ -53,233 +49,6 @@ macro_rules! shutdown_tests {
             )*
         }
     };
-}
-
-/// A port nobody listens on: bound by the OS, then released.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free local port")
-        .port()
-}
-
-/// Where one test's binary runs: its folder (working directory, mail,
-/// reports, logs), its database and its vhost.
-struct Site {
-    folder: tempfile::TempDir,
-    database_url: String,
-    amqp_url: String,
-}
-
-impl Site {
-    fn new(database_url: &str, vhost: &Vhost) -> Site {
-        Site {
-            folder: tempfile::tempdir().expect("a working folder"),
-            database_url: database_url.to_owned(),
-            amqp_url: vhost.url(),
-        }
-    }
-
-    /// The binary with `args`, in the folder, configured for this site and
-    /// nothing else.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(common::BINARY);
-        command.args(args).current_dir(self.folder.path());
-        for variable in common::CONTRACT_VARIABLES {
-            command.env_remove(variable);
-        }
-        command
-            .env("DATABASE_URL", &self.database_url)
-            .env("AMQP_URL", &self.amqp_url)
-            .env("MAIL_DIR", self.folder.path().join("mail"))
-            .env("REPORTS_DIR", self.folder.path().join("reports"))
-            .env("RETRY_DELAYS", "200ms,400ms")
-            .stdin(Stdio::null());
-        command
-    }
-
-    /// Runs a command that ends by itself, within `limit`.
-    async fn output(&self, args: &[&str], limit: Duration) -> Finished {
-        let name = args.join("_").replace(['/', '.'], "_");
-        let out = self.folder.path().join(format!("{name}.out"));
-        let err = self.folder.path().join(format!("{name}.err"));
-        let mut child = self
-            .command(args)
-            .stdout(std::fs::File::create(&out).expect("a stdout file"))
-            .stderr(std::fs::File::create(&err).expect("a stderr file"))
-            .spawn()
-            .expect("the binary starts");
-        let status = exit_within(&mut child, limit).await;
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`training-credits {}` did not end within {limit:?}",
-                args.join(" ")
-            );
-        };
-        Finished {
-            status,
-            stdout: std::fs::read_to_string(&out).expect("stdout is UTF-8"),
-            stderr: std::fs::read_to_string(&err).expect("stderr is UTF-8"),
-        }
-    }
-
-    /// Starts `training-credits run` on a free port.
-    fn start_worker(&self, name: &str) -> RunningWorker {
-        let port = free_port();
-        let log = self.folder.path().join(format!("{name}.log"));
-        let child = self
-            .command(&["run"])
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("a log file"))
-            .spawn()
-            .expect("the worker starts");
-        RunningWorker {
-            child,
-            port,
-            log,
-            name: name.to_owned(),
-        }
-    }
-}
-
-/// A command that has ended.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-}
-
-/// Polls `child` every 50 ms until it has exited or `limit` passes.
-async fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("the child can be waited for") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// `training-credits run` as a child process; killed if a test fails while
-/// it runs, with its log shown.
-struct RunningWorker {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    name: String,
-}
-
-impl RunningWorker {
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Sends a signal (`TERM`, `INT`) the way an operator or an orchestrator
-    /// does.
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} {} failed", self.pid());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `GET /readyz` answers 200: the broker is connected, the consumer runs
-    /// and the database answers.
-    async fn is_ready(&self) -> bool {
-        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
-            return false;
-        };
-        let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-        if stream.write_all(request).await.is_err() {
-            return false;
-        }
-        let mut response = Vec::new();
-        let read =
-            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
-        matches!(read, Ok(Ok(_))) && response.starts_with(b"HTTP/1.1 200")
-    }
-
-    async fn await_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.is_ready().await {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
-                panic!(
-                    "{} exited ({status}) before it was ready:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} was not ready within 30 s:\n{}", self.name, self.log());
-    }
-
-    /// Signals the worker and asserts that it exits 0 within
-    /// [`STOP_LIMIT`]; returns how long it took.
-    async fn stop_with(self, signal: &str) -> Duration {
-        self.signal(signal);
-        self.await_exit(signal).await
-    }
-
-    /// Asserts that the worker, sent `signal` just now, exits 0 within
-    /// [`STOP_LIMIT`] after a clean stop; returns how long it took.
-    async fn await_exit(mut self, signal: &str) -> Duration {
-        let started = Instant::now();
-        let status = exit_within(&mut self.child, STOP_LIMIT).await;
-        let took = started.elapsed();
-        let log = self.log();
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "{} did not exit within {STOP_LIMIT:?} of SIG{signal}:\n{log}",
-                self.name
-            )
-        });
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{} exited with {status} on SIG{signal}:\n{log}",
-            self.name
-        );
-        assert!(
-            log.contains("The worker stopped."),
-            "{} did not go through the clean stop:\n{log}",
-            self.name
-        );
-        took
-    }
-}
-
-impl Drop for RunningWorker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            if std::thread::panicking() {
-                eprintln!("--- log of {} ---\n{}", self.name, self.log());
-            }
-        }
-    }
 }
 
 fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
@@ -590,11 +359,6 @@ async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: S
     worker.stop().await;
     let problems = store.verify().await.expect("verify runs");
     assert!(problems.is_empty(), "{problems:?}");
-}
-
-fn write(path: &Path, text: &str) -> String {
-    std::fs::write(path, text).expect("the file is written");
-    path.display().to_string()
 }
 
 async fn run_stops_cleanly_on_sigint_too<S: Store>(store: S, url: String) {

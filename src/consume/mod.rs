@@ -44,6 +44,8 @@ pub struct Limits {
 const RETRY_COUNT: &str = "x-retry-count";
 /// Header naming the routing key a message was first published with.
 const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+/// Heartbeat asked of the broker when `AMQP_URL` names none.
+pub const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts to reach the broker or the database.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Failed batch attempts, for reasons other than an unreachable database,
@@ -410,13 +412,28 @@ pub async fn connect(
     amqp_url: &str,
     retry_delays: &[Duration],
 ) -> Result<(Connection, Channel), lapin::Error> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let url = with_default_heartbeat(amqp_url);
+    let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     topology::declare(&channel, retry_delays).await?;
     Ok((connection, channel))
+}
+
+/// `amqp_url` with `heartbeat=10` unless it names a heartbeat itself: with
+/// the broker's default (60 s) a half-open connection went unnoticed for two
+/// minutes, with the consumer and the dispatcher waiting on it.
+fn with_default_heartbeat(amqp_url: &str) -> String {
+    match url::Url::parse(amqp_url) {
+        Ok(mut url) if !url.query_pairs().any(|(key, _)| key == "heartbeat") => {
+            url.query_pairs_mut()
+                .append_pair("heartbeat", &HEARTBEAT_DEFAULT.as_secs().to_string());
+            url.to_string()
+        }
+        _ => amqp_url.to_owned(),
+    }
 }
 
 /// Properties of a CloudEvent published by this program (outbound events,
@@ -429,5 +446,26 @@ pub fn persistent_cloudevent(message_id: &str) -> BasicProperties {
         properties
     } else {
         properties.with_message_id(message_id.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_default_heartbeat;
+
+    #[test]
+    fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
+        assert_eq!(
+            with_default_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            with_default_heartbeat("amqp://h/vh?heartbeat=3"),
+            "amqp://h/vh?heartbeat=3"
+        );
+        assert_eq!(
+            with_default_heartbeat("amqps://h/vh?channel_max=5"),
+            "amqps://h/vh?channel_max=5&heartbeat=10"
+        );
     }
 }

@@ -208,6 +208,11 @@ fn check_ranges(command: &Command) -> Result<(), String> {
                     "expires_at {expires_at} is not after purchased_at {} at `/data/expires_at`",
                     c.purchased_at
                 )),
+                // The default expiry must be an instant outbound events can carry.
+                None if !c.purchased_at.plus_one_year().is_rfc3339() => Err(format!(
+                    "the default expiry, a year after purchased_at {}, is past the year 9999 at `/data/purchased_at`",
+                    c.purchased_at
+                )),
                 _ => Ok(()),
             }
         }

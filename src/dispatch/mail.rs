@@ -4,14 +4,17 @@
 //! rewrites the same file.
 
 use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use lettre::message::{Attachment, Mailbox, MultiPart, header};
+use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::notify::{Email, one_line};
 
-/// How long one SMTP conversation may take before it counts as failed.
+/// How long one SMTP conversation may take before it counts as failed,
+/// unless `SMTP_URL` says otherwise (`?timeout=10s`).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -22,21 +25,72 @@ pub enum MailError {
     Smtp(#[from] lettre::transport::smtp::Error),
     #[error("writing the .eml file: {0}")]
     File(#[from] std::io::Error),
+    #[error("SMTP: no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("the timeout of the SMTP URL: {0}")]
+    Timeout(String),
 }
 
 pub enum Mailer {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(Box<SmtpMailer>),
     Files(PathBuf),
+}
+
+/// A pool of SMTP connections, and what it takes to build another. lettre
+/// bounds only the connecting with its timeout, so every send is bounded
+/// here; and a send given up mid-conversation would leave its connection in
+/// lettre's pool, still waiting for the reply, to be handed out again (to
+/// hang again): after a timeout the whole pool is replaced instead.
+pub struct SmtpMailer {
+    builder: AsyncSmtpTransportBuilder,
+    transport: Mutex<AsyncSmtpTransport<Tokio1Executor>>,
+    timeout: Duration,
+}
+
+impl SmtpMailer {
+    async fn send(&self, message: Message) -> Result<(), MailError> {
+        let transport = self
+            .transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match tokio::time::timeout(self.timeout, transport.send(message)).await {
+            Ok(sent) => {
+                sent?;
+                Ok(())
+            }
+            Err(_) => {
+                *self
+                    .transport
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = self.builder.clone().build();
+                Err(MailError::TimedOut(self.timeout))
+            }
+        }
+    }
 }
 
 impl Mailer {
     /// `smtp://host:port` (plain), `smtp://host:port?tls=required`
-    /// (STARTTLS), `smtps://host:port` (TLS), as lettre reads them.
+    /// (STARTTLS), `smtps://host:port` (TLS), as lettre reads them; a
+    /// `timeout` parameter (`?timeout=10s`, same units as `RETRY_DELAYS`)
+    /// bounds each send instead of [`SEND_TIMEOUT`].
     pub fn smtp(url: &url::Url) -> Result<Mailer, MailError> {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.as_str())?
-            .timeout(Some(SEND_TIMEOUT))
-            .build();
-        Ok(Mailer::Smtp(transport))
+        let timeout = match url.query_pairs().find(|(key, _)| key == "timeout") {
+            Some((_, text)) => match crate::config::duration(&text) {
+                Ok(timeout) if !timeout.is_zero() => timeout,
+                Ok(_) => return Err(MailError::Timeout("it must be more than zero".to_owned())),
+                Err(problem) => return Err(MailError::Timeout(problem)),
+            },
+            None => SEND_TIMEOUT,
+        };
+        let builder =
+            AsyncSmtpTransport::<Tokio1Executor>::from_url(url.as_str())?.timeout(Some(timeout));
+        Ok(Mailer::Smtp(Box::new(SmtpMailer {
+            transport: Mutex::new(builder.clone().build()),
+            builder,
+            timeout,
+        })))
     }
 
     pub fn files(dir: PathBuf) -> Mailer {
@@ -50,9 +104,7 @@ impl Mailer {
         }
         let message = build(from, email, files)?;
         match self {
-            Mailer::Smtp(transport) => {
-                transport.send(message).await?;
-            }
+            Mailer::Smtp(smtp) => smtp.send(message).await?,
             Mailer::Files(dir) => {
                 tokio::fs::create_dir_all(dir).await?;
                 let name = email
@@ -132,9 +184,21 @@ mod tests {
             "smtp://mail.example.com:587?tls=required",
             "smtps://mail.example.com:465",
             "smtp://user:secret@mail.example.com:587?tls=required",
+            "smtp://127.0.0.1:1025?timeout=5s",
+            "smtp://mail.example.com:587?tls=required&timeout=500ms",
         ] {
             let url = url::Url::parse(url).unwrap();
             assert!(matches!(Mailer::smtp(&url), Ok(Mailer::Smtp(_))), "{url}");
+        }
+        for url in [
+            "smtp://127.0.0.1:1025?timeout=soon",
+            "smtp://127.0.0.1:1025?timeout=0s",
+        ] {
+            let url = url::Url::parse(url).unwrap();
+            assert!(
+                matches!(Mailer::smtp(&url), Err(MailError::Timeout(_))),
+                "{url}"
+            );
         }
     }
 

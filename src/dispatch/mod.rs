@@ -12,6 +12,7 @@ pub mod mail;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection};
 use lettre::message::Mailbox;
@@ -36,10 +37,19 @@ use crate::report::{self, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 use mail::Mailer;
 
-/// Rows claimed per round.
+/// Outbound events claimed per round.
 pub const CLAIM_ROWS_MAX: i64 = 500;
-/// How long a claimed row is this worker's before others may take it.
-pub const LEASE: Duration = Duration::from_secs(120);
+/// Emails and reports claimed per round, and so sent between two writes
+/// that mark them sent.
+pub const EMAILS_PER_MARK: usize = 25;
+/// Emails being sent at once (lettre's SMTP pool holds up to 10
+/// connections).
+pub const EMAILS_IN_FLIGHT: usize = 8;
+/// How long claimed emails and reports are this worker's before others may
+/// take them (a worker that dies leaves its claim to wait this long).
+pub const LEASE: Duration = Duration::from_secs(60);
+/// The same for outbound events, which are published in well under a second.
+pub const EVENT_LEASE: Duration = Duration::from_secs(30);
 /// How often the outbox is looked at when nothing wakes the dispatcher.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a stopping worker keeps flushing the outbox.
@@ -70,6 +80,25 @@ pub struct Dispatcher<S> {
     pub event_source: String,
 }
 
+/// What a round left unsettled when the database failed under it, settled
+/// at the start of the next round.
+#[derive(Debug, Default)]
+struct Unsettled {
+    /// Ids sent (confirmed by the broker, taken by the SMTP server) but not
+    /// marked sent yet.
+    sent: Vec<String>,
+    /// Leases of claims whose rows may still be held.
+    leases: Vec<Ts>,
+}
+
+/// The `type` of an outbound CloudEvent, its routing key; read without
+/// building the rest of the event.
+#[derive(serde::Deserialize)]
+struct EventType<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
 /// When to try a row again after `attempts` failures: doubling from one
 /// second up to [`RETRY_BACKOFF_MAX`].
 pub fn backoff(attempts: i64) -> Duration {
@@ -94,6 +123,21 @@ impl Lane {
             Lane::Mail => &[OutboxKind::Email, OutboxKind::Report],
         }
     }
+
+    fn claim_max(self) -> i64 {
+        match self {
+            Lane::Events => CLAIM_ROWS_MAX,
+            Lane::Mail => EMAILS_PER_MARK as i64,
+        }
+    }
+
+    fn lease(self) -> chrono::Duration {
+        let lease = match self {
+            Lane::Events => EVENT_LEASE,
+            Lane::Mail => LEASE,
+        };
+        chrono::Duration::from_std(lease).expect("a short lease")
+    }
 }
 
 impl<S: Store> Dispatcher<S> {
@@ -102,9 +146,9 @@ impl<S: Store> Dispatcher<S> {
     /// keep adding rows), so a clean stop leaves nothing behind that could go.
     pub async fn run(&self, lane: Lane, cancel: CancellationToken) {
         let mut channel: Option<(Connection, Channel)> = None;
-        let kinds = lane.kinds();
+        let mut unsettled = Unsettled::default();
         while !cancel.is_cancelled() {
-            match self.round(kinds, &mut channel).await {
+            match self.round(lane, &mut channel, &mut unsettled).await {
                 Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => {}
                 Err(error) => {
@@ -126,7 +170,7 @@ impl<S: Store> Dispatcher<S> {
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
         while tokio::time::Instant::now() < deadline {
-            match self.round(kinds, &mut channel).await {
+            match self.round(lane, &mut channel, &mut unsettled).await {
                 Ok(claimed) if claimed > 0 => {}
                 Ok(_) => break,
                 Err(error) => {
@@ -140,21 +184,65 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Claims due rows of `kinds` and sends them. Returns how many were claimed.
-    pub async fn round(
+    /// Settles what an earlier round left unsettled, then claims due rows of
+    /// `lane` and sends them. Returns how many were claimed.
+    async fn round(
         &self,
-        kinds: &[OutboxKind],
+        lane: Lane,
         channel: &mut Option<(Connection, Channel)>,
+        unsettled: &mut Unsettled,
     ) -> Result<usize, DispatchError> {
+        self.settle(unsettled).await?;
         let now = Ts::now();
+        let lease_until = now.plus(lane.lease());
+        let sent = &mut unsettled.sent;
+        match self
+            .claim_and_send(lane, now, lease_until, channel, sent)
+            .await
+        {
+            Err(DispatchError::Store(error)) => {
+                // The claim may have been written even if its answer was lost.
+                unsettled.leases.push(lease_until);
+                Err(DispatchError::Store(error))
+            }
+            other => other,
+        }
+    }
+
+    /// Marks what was sent but not marked, and gives back the rows of lost
+    /// claims, so they are neither sent again nor left waiting out their
+    /// lease.
+    async fn settle(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
+        self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
+        while let Some(lease_until) = unsettled.leases.last() {
+            self.store.outbox_release(*lease_until, Ts::now()).await?;
+            unsettled.leases.pop();
+        }
+        Ok(())
+    }
+
+    /// Marks `ids` sent, with any earlier ones whose marking failed; they
+    /// stay in `sent` until a marking succeeds.
+    async fn mark_sent(&self, sent: &mut Vec<String>, ids: Vec<String>) -> Result<(), StoreError> {
+        sent.extend(ids);
+        if !sent.is_empty() {
+            self.store.outbox_done(sent, Ts::now()).await?;
+            sent.clear();
+        }
+        Ok(())
+    }
+
+    async fn claim_and_send(
+        &self,
+        lane: Lane,
+        now: Ts,
+        lease_until: Ts,
+        channel: &mut Option<(Connection, Channel)>,
+        sent: &mut Vec<String>,
+    ) -> Result<usize, DispatchError> {
         let rows = self
             .store
-            .claim_outbox(
-                kinds,
-                now,
-                now.plus(chrono::Duration::from_std(LEASE).expect("a short lease")),
-                CLAIM_ROWS_MAX,
-            )
+            .claim_outbox(lane.kinds(), now, lease_until, lane.claim_max())
             .await?;
         if rows.is_empty() {
             return Ok(0);
@@ -169,12 +257,14 @@ impl<S: Store> Dispatcher<S> {
         let mut failed = None;
         if !events.is_empty() {
             let result = match channel {
-                Some((_, open)) if open.status().connected() => self.publish(open, &events).await,
+                Some((_, open)) if open.status().connected() => {
+                    self.publish(open, &events, sent).await
+                }
                 _ => {
                     let opened = self.connect().await;
                     match opened {
                         Ok(pair) => {
-                            let result = self.publish(&pair.1, &events).await;
+                            let result = self.publish(&pair.1, &events, sent).await;
                             *channel = Some(pair);
                             result
                         }
@@ -189,9 +279,7 @@ impl<S: Store> Dispatcher<S> {
         }
         // Emails and reports do not need the broker: they go even when the
         // events could not, instead of waiting out their lease.
-        for row in &emails {
-            self.send_email(row).await?;
-        }
+        self.send_emails(&emails, sent).await?;
         for row in &reports {
             self.send_report(row).await?;
         }
@@ -209,17 +297,21 @@ impl<S: Store> Dispatcher<S> {
 
     /// Publishes every event, then waits for every confirm: the broker works
     /// through the whole set at once instead of one round trip per event.
-    async fn publish(&self, channel: &Channel, events: &[OutboxRow]) -> Result<(), DispatchError> {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        events: &[OutboxRow],
+        sent: &mut Vec<String>,
+    ) -> Result<(), DispatchError> {
         let mut confirms = Vec::with_capacity(events.len());
         for row in events {
-            let routing_key = serde_json::from_str::<serde_json::Value>(&row.payload)
-                .ok()
-                .and_then(|event| event["type"].as_str().map(str::to_owned))
+            let routing_key = serde_json::from_str::<EventType>(&row.payload)
+                .map(|event| event.kind)
                 .unwrap_or_default();
             let confirm = channel
                 .basic_publish(
                     OUTBOUND_EXCHANGE.into(),
-                    routing_key.as_str().into(),
+                    routing_key.as_ref().into(),
                     BasicPublishOptions::default(),
                     row.payload.as_bytes(),
                     persistent_cloudevent(&row.id),
@@ -238,37 +330,57 @@ impl<S: Store> Dispatcher<S> {
                     .await?;
             }
         }
-        self.store.outbox_done(&done, Ts::now()).await?;
+        self.mark_sent(sent, done).await?;
         Ok(())
     }
 
-    async fn send_email(&self, row: &OutboxRow) -> Result<(), DispatchError> {
-        let email: Email = match serde_json::from_str(&row.payload) {
-            Ok(email) => email,
-            Err(error) => {
-                // Written by this program; unreadable means a defect, which
-                // must not block the rows behind it.
-                tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
-                self.reschedule(std::slice::from_ref(row), &error.to_string())
-                    .await?;
-                return Ok(());
+    /// Sends `rows` (up to [`EMAILS_IN_FLIGHT`] at a time) and marks the
+    /// ones that went in one write: a crash between a send and its mark
+    /// sends that email again, with the same `Message-ID`.
+    async fn send_emails(
+        &self,
+        rows: &[OutboxRow],
+        sent: &mut Vec<String>,
+    ) -> Result<(), DispatchError> {
+        let sends: Vec<_> = rows
+            .iter()
+            .map(|row| async move { (row, self.send_email(row).await) })
+            .collect();
+        let results: Vec<(&OutboxRow, Result<(), String>)> = futures_util::stream::iter(sends)
+            .buffer_unordered(EMAILS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut done = Vec::with_capacity(results.len());
+        for (row, result) in results {
+            match result {
+                Ok(()) => done.push(row.id.clone()),
+                Err(error) => {
+                    self.reschedule(std::slice::from_ref(row), &error).await?;
+                }
             }
-        };
+        }
+        self.mark_sent(sent, done).await?;
+        Ok(())
+    }
+
+    async fn send_email(&self, row: &OutboxRow) -> Result<(), String> {
+        let email: Email = serde_json::from_str(&row.payload).map_err(|error| {
+            // Written by this program; unreadable means a defect, which
+            // must not block the rows behind it.
+            tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
+            error.to_string()
+        })?;
         match self.mailer.send(&self.mail_from, &email).await {
             Ok(()) => {
                 metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
-                self.store
-                    .outbox_done(std::slice::from_ref(&row.id), Ts::now())
-                    .await?;
+                Ok(())
             }
             Err(error) => {
                 metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
                 tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
-                self.reschedule(std::slice::from_ref(row), &error.to_string())
-                    .await?;
+                Err(error.to_string())
             }
         }
-        Ok(())
     }
 
     /// Builds a report into `REPORTS_DIR`, emails it as an attachment and,

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -54,6 +54,13 @@ impl Ts {
     pub fn whole_days_until(self, later: Ts) -> i64 {
         (later.0 - self.0).num_days()
     }
+
+    /// Whether RFC 3339 can write this instant: its UTC year has four
+    /// digits. Outside them chrono writes `+10000-…`, which no consumer of
+    /// an outbound event could read.
+    pub fn is_rfc3339(self) -> bool {
+        (0..=9999).contains(&self.0.year())
+    }
 }
 
 impl From<DateTime<Utc>> for Ts {
@@ -78,7 +85,14 @@ impl<'de> Deserialize<'de> for Ts {
     /// RFC 3339 with an offset, as the contract requires.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        Ts::parse(&text).map_err(|e| serde::de::Error::custom(format!("`{text}`: {e}")))
+        let ts =
+            Ts::parse(&text).map_err(|e| serde::de::Error::custom(format!("`{text}`: {e}")))?;
+        if !ts.is_rfc3339() {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` is outside the years 0000 to 9999 in UTC"
+            )));
+        }
+        Ok(ts)
     }
 }
 

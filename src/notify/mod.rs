@@ -176,11 +176,15 @@ impl Renderer {
 }
 
 /// Folds every control character (CR and LF included) into a space, so a
-/// subject can never carry a header of its own.
+/// subject can never carry a header of its own; and breaks every `=?`, so
+/// that text which merely looks like an RFC 2047 encoded word (lettre writes
+/// ASCII words as they are) cannot be decoded by a mail reader into a line
+/// break and a header either.
 pub fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect::<String>()
+        .replace("=?", "= ?")
         .trim()
         .to_owned()
 }

@@ -190,6 +190,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: i64,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
 
+    /// Gives back the rows still held by the claim that leased them until
+    /// `lease_until` (one dispatcher's claim, lost to a database error before
+    /// they were settled): due again at `now` instead of when the lease ends.
+    fn outbox_release(
+        &self,
+        lease_until: Ts,
+        now: Ts,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Marks rows as dispatched: they are never dispatched again.
     fn outbox_done(
         &self,

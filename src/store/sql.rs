@@ -14,6 +14,12 @@ pub(super) const BINDS_PER_STATEMENT_MAX: usize = 30_000;
 /// Values per `IN (…)` list.
 pub(super) const IN_LIST_MAX: usize = 5_000;
 
+// Statements whose text depends on how many rows or values they carry
+// (multi-row inserts, `IN (…)` lists) are not kept prepared
+// (`persistent(false)`): hardly any text comes twice, and a connection's
+// cache of such statements, each a program of thousands of steps, held a
+// hundred megabytes.
+
 pub(super) fn id(text: String) -> Result<Id, StoreError> {
     text.parse().map_err(StoreError::corrupt)
 }
@@ -130,7 +136,7 @@ macro_rules! sql_store {
                 }
                 query.push(")");
                 query.push(tail);
-                rows.extend(query.build().fetch_all(&mut *conn).await?);
+                rows.extend(query.build().persistent(false).fetch_all(&mut *conn).await?);
             }
             Ok(rows)
         }
@@ -310,7 +316,7 @@ macro_rules! sql_store {
                 let mut query = QueryBuilder::<$db>::new(head);
                 query.push_values(chunk.iter(), |mut row, item| bind(&mut row, item));
                 query.push(tail);
-                query.build().execute(&mut *conn).await?;
+                query.build().persistent(false).execute(&mut *conn).await?;
             }
             Ok(())
         }
@@ -342,7 +348,7 @@ macro_rules! sql_store {
                     list.push_bind(account.clone());
                 }
                 query.push(")");
-                query.build().execute(&mut *conn).await?;
+                query.build().persistent(false).execute(&mut *conn).await?;
             }
             let owners: Vec<(&Account, usize, &Owner)> = writes.accounts.iter()
                 .filter(|a| a.owners_dirty)
@@ -659,6 +665,16 @@ macro_rules! sql_store {
                 Ok(rows.into_iter().map(|(_, row)| row).collect())
             }
 
+            async fn outbox_release(&self, lease_until: Ts, now: Ts) -> Result<(), StoreError> {
+                let _gate = self.write_gate().await;
+                sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE dispatched_at IS NULL AND next_attempt_at = $2")
+                    .bind(now)
+                    .bind(lease_until)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
             async fn outbox_done(&self, ids: &[String], now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 for chunk in ids.chunks(IN_LIST_MAX) {
@@ -670,7 +686,7 @@ macro_rules! sql_store {
                         list.push_bind(id.clone());
                     }
                     query.push(")");
-                    query.build().execute(&self.pool).await?;
+                    query.build().persistent(false).execute(&self.pool).await?;
                 }
                 Ok(())
             }

@@ -307,11 +307,61 @@ pub fn header(headers: &FieldTable, name: &str) -> Option<String> {
 
 /// An SMTP server on a local socket that keeps every message it accepts.
 /// `stop` takes it down (refusing connections, dropping open ones) and
-/// `start` brings it back on the same port.
+/// `start` brings it back on the same port. [`SmtpSink::inject`] makes it
+/// misbehave the way real servers do: refuse with a reply code, or stall in
+/// the middle of a conversation until the client hangs up.
 pub struct SmtpSink {
     pub port: u16,
+    /// The messages accepted: kept once the server has said `250` to the
+    /// end of their DATA (or, for [`SmtpFault::StallAfterData`], once it
+    /// had them whole).
     pub messages: Arc<Mutex<Vec<String>>>,
+    faults: Arc<Mutex<Faults>>,
     running: Option<CancellationToken>,
+}
+
+/// A way for the sink to misbehave, in one conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpFault {
+    /// Greets with this reply code (`421`: service not available) and
+    /// hangs up.
+    Greeting(u16),
+    /// Never answers `MAIL FROM`: the conversation hangs there.
+    StallAfterMailFrom,
+    /// Says `354`, then stops answering in the middle of the message's
+    /// lines; nothing is kept.
+    StallInData,
+    /// Keeps the whole message, then never answers the end of DATA: the
+    /// client cannot know it was received.
+    StallAfterData,
+    /// Answers the end of DATA with this reply code (`451`: try again
+    /// later, `554`: refused); nothing is kept.
+    RejectData(u16),
+}
+
+/// The fault the next conversations meet, and what was injected so far.
+#[derive(Debug, Default)]
+struct Faults {
+    fault: Option<SmtpFault>,
+    /// How many conversations the fault is still for; `None`: until cleared.
+    remaining: Option<u64>,
+    conversations: u64,
+    injected: u64,
+}
+
+impl Faults {
+    /// The fault for a conversation starting now, counted.
+    fn take(&mut self) -> Option<SmtpFault> {
+        self.conversations += 1;
+        let fault = self.fault?;
+        match &mut self.remaining {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        self.injected += 1;
+        Some(fault)
+    }
 }
 
 impl SmtpSink {
@@ -323,6 +373,7 @@ impl SmtpSink {
         let mut sink = SmtpSink {
             port,
             messages: Arc::new(Mutex::new(Vec::new())),
+            faults: Arc::new(Mutex::new(Faults::default())),
             running: None,
         };
         sink.serve(listener);
@@ -346,6 +397,30 @@ impl SmtpSink {
         self.serve(listener);
     }
 
+    /// Every conversation from now on meets `fault`, the first `times` of
+    /// them only when `times` is given, until [`SmtpSink::heal`].
+    pub fn inject(&self, fault: SmtpFault, times: Option<u64>) {
+        let mut faults = self.faults.lock().expect("the sink lock");
+        faults.fault = Some(fault);
+        faults.remaining = times;
+    }
+
+    /// New conversations go well again (those stalled stay stalled until
+    /// their client hangs up).
+    pub fn heal(&self) {
+        self.faults.lock().expect("the sink lock").fault = None;
+    }
+
+    /// Conversations that met a fault so far.
+    pub fn faults_injected(&self) -> u64 {
+        self.faults.lock().expect("the sink lock").injected
+    }
+
+    /// Conversations opened so far (connections accepted).
+    pub fn conversations(&self) -> u64 {
+        self.faults.lock().expect("the sink lock").conversations
+    }
+
     pub fn received(&self) -> Vec<String> {
         self.messages.lock().expect("the sink lock").clone()
     }
@@ -359,6 +434,7 @@ impl SmtpSink {
         let token = CancellationToken::new();
         self.running = Some(token.clone());
         let messages = self.messages.clone();
+        let faults = self.faults.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -367,11 +443,12 @@ impl SmtpSink {
                 };
                 let Ok((socket, _)) = accepted else { continue };
                 let messages = messages.clone();
+                let fault = faults.lock().expect("the sink lock").take();
                 let token = token.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = converse(socket, messages) => {}
+                        _ = converse(socket, messages, fault) => {}
                     }
                 });
             }
@@ -385,13 +462,33 @@ impl Drop for SmtpSink {
     }
 }
 
-/// The server side of one SMTP conversation, as much as lettre needs.
+/// A stalled conversation: whatever the client still sends is read and
+/// never answered, until it hangs up.
+async fn stall(mut lines: BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The server side of one SMTP conversation, as much as lettre needs, with
+/// the fault it is to meet, if any.
 async fn converse(
     socket: tokio::net::TcpStream,
     messages: Arc<Mutex<Vec<String>>>,
+    fault: Option<SmtpFault>,
 ) -> std::io::Result<()> {
     let (read, mut write) = socket.into_split();
     let mut lines = BufReader::new(read);
+    if let Some(SmtpFault::Greeting(code)) = fault {
+        write
+            .write_all(format!("{code} sink not available\r\n").as_bytes())
+            .await?;
+        return Ok(());
+    }
     write.write_all(b"220 sink ESMTP\r\n").await?;
     let mut line = String::new();
     loop {
@@ -400,10 +497,15 @@ async fn converse(
             return Ok(());
         }
         let command = line.trim_end().to_ascii_uppercase();
-        let reply: &[u8] = if command.starts_with("EHLO") || command.starts_with("HELO") {
-            b"250-sink\r\n250 8BITMIME\r\n"
+        let reply: Vec<u8> = if command.starts_with("EHLO") || command.starts_with("HELO") {
+            b"250-sink\r\n250 8BITMIME\r\n".to_vec()
+        } else if command.starts_with("MAIL") && fault == Some(SmtpFault::StallAfterMailFrom) {
+            return stall(lines).await;
         } else if command.starts_with("DATA") {
             write.write_all(b"354 go on\r\n").await?;
+            if fault == Some(SmtpFault::StallInData) {
+                return stall(lines).await;
+            }
             let mut body = String::new();
             loop {
                 line.clear();
@@ -415,15 +517,28 @@ async fn converse(
                 }
                 body.push_str(&line);
             }
-            messages.lock().expect("the sink lock").push(body);
-            b"250 kept\r\n"
+            match fault {
+                Some(SmtpFault::StallAfterData) => {
+                    messages.lock().expect("the sink lock").push(body);
+                    return stall(lines).await;
+                }
+                Some(SmtpFault::RejectData(code)) => {
+                    format!("{code} not this time\r\n").into_bytes()
+                }
+                _ => {
+                    // Kept once the client has been told so.
+                    write.write_all(b"250 kept\r\n").await?;
+                    messages.lock().expect("the sink lock").push(body);
+                    continue;
+                }
+            }
         } else if command.starts_with("QUIT") {
             write.write_all(b"221 bye\r\n").await?;
             return Ok(());
         } else {
-            b"250 ok\r\n"
+            b"250 ok\r\n".to_vec()
         };
-        write.write_all(reply).await?;
+        write.write_all(&reply).await?;
     }
 }
 

@@ -5,6 +5,9 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod child;
+pub mod proxy;
+pub mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
