@@ -489,14 +489,7 @@ async fn three_workers_racing_on_one_hot_account_never_overdraw_it() {
     .collect();
     replay(&lines);
 
-    let verified = site.output(&["verify"], Duration::from_secs(60)).await;
-    assert_eq!(
-        verified.code(),
-        Some(0),
-        "verify: {}{}",
-        verified.stdout,
-        verified.stderr
-    );
+    site.assert_verifies(Duration::from_secs(60)).await;
 
     // Emails: one per owner for each hold and purchase, one per learner for
     // each decision; all written.

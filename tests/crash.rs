@@ -51,30 +51,6 @@ const RETRY_DELAYS: &str = "1s,2s,5s,10s";
 /// leased, after the stream is applied.
 const DRAIN_LIMIT: Duration = Duration::from_secs(LEASE.as_secs() + 60);
 
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
-macro_rules! crash_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
-
 async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing<S: Store>(
     store: S,
     url: String,
@@ -177,14 +153,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing<S: Store>(
 
     // The ledger: what the events give, and consistent.
     stream.check_balances(&store).await;
-    let verified = site.output(&["verify"], Duration::from_secs(60)).await;
-    assert_eq!(
-        verified.code(),
-        Some(0),
-        "verify: {}{}",
-        verified.stdout,
-        verified.stderr
-    );
+    site.assert_verifies(Duration::from_secs(60)).await;
     assert_eq!(client.dead_letter_count().await, 0, "nothing dead-lettered");
 
     // The outbox: everything sent, once per cause.
@@ -202,7 +171,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing<S: Store>(
         Duration::from_secs(30),
         "every outbound event and email to arrive",
         || async {
-            distinct_ids(&client) >= stream.outbound.len()
+            client.distinct_outbound_ids() >= stream.outbound.len()
                 && distinct_message_ids(&smtp) >= stream.emails.len()
         },
     )
@@ -240,15 +209,6 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing<S: Store>(
     );
 }
 
-fn distinct_ids(client: &Client) -> usize {
-    client
-        .outbound()
-        .iter()
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
-}
-
 /// Distinct `Message-ID` headers received, read off the raw messages (cheap
 /// enough to poll).
 fn distinct_message_ids(smtp: &SmtpSink) -> usize {
@@ -263,4 +223,4 @@ fn distinct_message_ids(smtp: &SmtpSink) -> usize {
         .len()
 }
 
-crash_tests!(sigkill_at_random_moments_loses_nothing_and_doubles_nothing);
+on_both_stores!(sigkill_at_random_moments_loses_nothing_and_doubles_nothing);

@@ -49,30 +49,6 @@ const HEARTBEAT_SECONDS: u64 = 2;
 /// heartbeat), plus time for the worker to report it.
 const STALL_NOTICED_WITHIN: Duration = Duration::from_secs(4 * HEARTBEAT_SECONDS + 4);
 
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
-macro_rules! broker_fault_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
-
 /// One test's world: a vhost, the proxy in front of the broker, an SMTP
 /// sink, the test's own client, the worker's site and the stream.
 struct Rig {
@@ -149,12 +125,13 @@ impl Rig {
 
     /// Waits until the whole stream is applied and everything it produced
     /// has arrived, then checks it all: balances, `verify`, no dead letter,
-    /// each outbound event once by cause, each email exactly once.
+    /// each outbound event once by cause, each email exactly once. Returns
+    /// the figures, in words.
     async fn assert_nothing_lost_nothing_doubled<S: Store>(
         &self,
         store: &S,
         publisher: tokio::task::JoinHandle<()>,
-    ) -> (usize, usize) {
+    ) -> String {
         publisher.await.expect("the stream is published");
         eventually(
             Duration::from_secs(90),
@@ -163,14 +140,7 @@ impl Rig {
         )
         .await;
         self.stream.check_balances(store).await;
-        let verified = self.site.output(&["verify"], Duration::from_secs(60)).await;
-        assert_eq!(
-            verified.code(),
-            Some(0),
-            "verify: {}{}",
-            verified.stdout,
-            verified.stderr
-        );
+        self.site.assert_verifies(Duration::from_secs(60)).await;
         assert_eq!(
             self.client.dead_letter_count().await,
             0,
@@ -186,7 +156,7 @@ impl Rig {
                     .expect("the outbox backlog")
                     .iter()
                     .all(|(_, count)| *count == 0)
-                    && distinct_ids(&self.client) >= self.stream.outbound.len()
+                    && self.client.distinct_outbound_ids() >= self.stream.outbound.len()
                     && self.smtp.received().len() >= self.stream.emails.len()
             },
         )
@@ -195,17 +165,15 @@ impl Rig {
         let mails = self.stream.check_emails(&self.smtp.mails());
         // The broker's faults never touch the SMTP conversation.
         assert_eq!(mails.repeats, 0, "no email was sent twice");
-        (outbound.events, outbound.repeats)
+        format!(
+            "{} inbound events, {} outbound events ({} repeated deliveries of the same id), {} \
+             emails once each",
+            self.stream.setup.len() + self.stream.events.len(),
+            outbound.events,
+            outbound.repeats,
+            self.stream.emails.len()
+        )
     }
-}
-
-fn distinct_ids(client: &Client) -> usize {
-    client
-        .outbound()
-        .iter()
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
 }
 
 /// Waits until the worker says it is not ready (`/readyz`), within `limit`;
@@ -244,7 +212,7 @@ async fn the_worker_reconnects_after_every_cut_and_loses_and_doubles_nothing<S: 
             rig.client.outbound().len()
         );
     }
-    let (events, repeats) = rig
+    let figures = rig
         .assert_nothing_lost_nothing_doubled(&store, publisher)
         .await;
     assert!(worker.is_running(), "the worker kept running");
@@ -255,11 +223,8 @@ async fn the_worker_reconnects_after_every_cut_and_loses_and_doubles_nothing<S: 
     );
     eprintln!(
         "cuts: {CUTS} cuts, {reconnected} reconnections, {} connections through the proxy, \
-         {} inbound events, {events} outbound events ({repeats} repeated deliveries of the same id), \
-         {} emails once each",
+         {figures}",
         rig.proxy.accepted(),
-        rig.stream.setup.len() + rig.stream.events.len(),
-        rig.stream.emails.len()
     );
     worker.stop_with("TERM").await;
 }
@@ -289,16 +254,13 @@ async fn the_worker_waits_out_an_unreachable_broker_and_resumes<S: Store>(store:
     let back = Instant::now();
     worker.await_ready().await;
     let recovered = back.elapsed();
-    let (events, repeats) = rig
+    let figures = rig
         .assert_nothing_lost_nothing_doubled(&store, publisher)
         .await;
     eprintln!(
         "outage: broker unreachable for {OUTAGE:?} after {published_before} published \
          ({captured_during} outbound events by then); noticed in {noticed:?}, ready again \
-         {recovered:?} after it was back; {} inbound events, {events} outbound events \
-         ({repeats} repeated deliveries of the same id), {} emails once each",
-        rig.stream.setup.len() + rig.stream.events.len(),
-        rig.stream.emails.len()
+         {recovered:?} after it was back; {figures}"
     );
     worker.stop_with("TERM").await;
 }
@@ -346,7 +308,7 @@ async fn a_half_open_connection_is_found_by_heartbeats_and_replaced<S: Store>(
     )
     .await;
     let broker_closed = stalled.elapsed();
-    let (events, repeats) = rig
+    let figures = rig
         .assert_nothing_lost_nothing_doubled(&store, publisher)
         .await;
     assert!(
@@ -357,11 +319,7 @@ async fn a_half_open_connection_is_found_by_heartbeats_and_replaced<S: Store>(
     eprintln!(
         "half-open: heartbeat {HEARTBEAT_SECONDS} s; the stalled connection was replaced after \
          {replaced:?}, events flowed again after {flowing:?} (the stall was never lifted), the \
-         broker closed its side after about {broker_closed:?}; \
-         {} inbound events, {events} outbound events ({repeats} repeated deliveries of the same \
-         id), {} emails once each",
-        rig.stream.setup.len() + rig.stream.events.len(),
-        rig.stream.emails.len()
+         broker closed its side after about {broker_closed:?}; {figures}"
     );
     worker.stop_with("TERM").await;
 }
@@ -392,21 +350,17 @@ async fn a_stalled_broker_is_noticed_and_the_worker_resumes_when_it_answers_agai
     let back = Instant::now();
     worker.await_ready().await;
     let recovered = back.elapsed();
-    let (events, repeats) = rig
+    let figures = rig
         .assert_nothing_lost_nothing_doubled(&store, publisher)
         .await;
     eprintln!(
         "stall: heartbeat {HEARTBEAT_SECONDS} s; every connection stalled for {STALL:?}, noticed \
-         in {noticed:?}, ready again {recovered:?} after the broker answered again; {} inbound \
-         events, {events} outbound events ({repeats} repeated deliveries of the same id), {} \
-         emails once each",
-        rig.stream.setup.len() + rig.stream.events.len(),
-        rig.stream.emails.len()
+         in {noticed:?}, ready again {recovered:?} after the broker answered again; {figures}"
     );
     worker.stop_with("TERM").await;
 }
 
-broker_fault_tests!(
+on_both_stores!(
     the_worker_reconnects_after_every_cut_and_loses_and_doubles_nothing,
     the_worker_waits_out_an_unreachable_broker_and_resumes,
     a_half_open_connection_is_found_by_heartbeats_and_replaced,

@@ -25,11 +25,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use training_credits::consume::topology::WORKER_QUEUE;
-use training_credits::domain::{Id, Ts};
+use training_credits::domain::Ts;
 use training_credits::notify::Email;
-use training_credits::store::{PgStore, Store, Wanted};
+use training_credits::store::{PgStore, Store};
 
+use common::available_now as available;
 use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
+use common::events::{event, purchase};
 use common::proxy::{Mode, Proxy};
 
 /// How long the worker may take to come back after a fault: its backoff
@@ -55,10 +57,6 @@ const FUNDING: i64 = 1_000;
 /// tells them apart from the test's own.
 const WORKER_APPLICATION: &str = "tc_faults_worker";
 
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
-
 fn account(n: usize) -> String {
     format!("acct-{n}")
 }
@@ -72,18 +70,6 @@ fn opened(n: usize) -> Value {
         json!({
             "account_id": id, "approval_mode": "automatic", "code": format!("CODE-{n}"),
             "owners": [{"email": format!("owner@{id}.test"), "name": format!("Owner {n}")}],
-        }),
-    )
-}
-
-fn purchase(event_id: &str, account_id: &str, purchase_id: &str, credits: i64) -> Value {
-    event(
-        event_id,
-        "shop",
-        "credits.purchase.completed",
-        json!({
-            "account_id": account_id, "purchase_id": purchase_id,
-            "credits": credits.to_string(), "purchased_at": Ts::now(),
         }),
     )
 }
@@ -109,7 +95,7 @@ fn message(k: usize) -> (Value, usize, i64) {
     let n = k % ACCOUNTS;
     if (k / ACCOUNTS).is_multiple_of(2) {
         let id = format!("buy-{k}");
-        (purchase(&id, &account(n), &format!("p-{k}"), 2), n, 2)
+        (purchase(&id, &account(n), &format!("p-{k}"), "2"), n, 2)
     } else {
         let id = format!("req-{k}");
         (
@@ -318,7 +304,7 @@ impl<S: Store> Run<S> {
                     &format!("fund-{n}"),
                     &account(n),
                     &format!("fund-{n}"),
-                    FUNDING,
+                    &FUNDING.to_string(),
                 ))
                 .await;
         }
@@ -493,19 +479,6 @@ impl<S: Store> Run<S> {
             received.len()
         );
     }
-}
-
-async fn available<S: Store>(store: &S, account_id: &str) -> Option<String> {
-    let id: Id = account_id.parse().expect("an account id");
-    let wanted = Wanted {
-        account_ids: vec![id.clone()],
-        ..Wanted::default()
-    };
-    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
-    ledger
-        .accounts
-        .get(&id)
-        .map(|account| account.available_at(Ts::now()).to_string())
 }
 
 /// Messages in the worker queue, ready and unacknowledged

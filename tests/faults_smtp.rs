@@ -19,50 +19,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use training_credits::domain::{Id, Ts};
 use training_credits::notify::Email;
-use training_credits::store::{SqliteStore, Store, Wanted};
+use training_credits::store::SqliteStore;
 
-use common::broker::{Client, SmtpFault, SmtpSink, TestWorker, Vhost, config, eventually};
+use common::broker::{
+    Client, SmtpFault, SmtpSink, TestWorker, Vhost, bare_message_id, config, eventually,
+    publish_purchases_until,
+};
+use common::events::{opened, purchase};
+use common::{assert_verified, available_now as available};
 
 /// Long enough for anything the worker does at once, on a loaded machine.
 const SOON: Duration = Duration::from_secs(20);
 /// How long the worker waits for the SMTP server in these tests (the
 /// `timeout` of `SMTP_URL`).
 const SMTP_TIMEOUT: &str = "2s";
-
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
-
-fn opened(event_id: &str, account_id: &str, owners: &[&str]) -> Value {
-    let owners: Vec<Value> = owners
-        .iter()
-        .map(|email| json!({"email": email, "name": format!("Owner {email}")}))
-        .collect();
-    event(
-        event_id,
-        "portal",
-        "credits.account.opened",
-        json!({
-            "account_id": account_id, "owners": owners, "approval_mode": "automatic",
-            "code": format!("{}-CODE", account_id.to_uppercase()),
-        }),
-    )
-}
-
-fn purchase(event_id: &str, account_id: &str, purchase_id: &str, credits: &str) -> Value {
-    event(
-        event_id,
-        "shop",
-        "credits.purchase.completed",
-        json!({
-            "account_id": account_id, "purchase_id": purchase_id, "credits": credits,
-            "purchased_at": Ts::now(),
-        }),
-    )
-}
 
 /// A SQLite ledger, a vhost, a client capturing the outbound events, and a
 /// worker sending its emails to `smtp`.
@@ -127,10 +98,6 @@ async fn outbox_emails(url: &str) -> Vec<EmailRow> {
         .collect()
 }
 
-fn bare_message_id(id: &str) -> String {
-    id.trim().trim_matches(|c| c == '<' || c == '>').to_owned()
-}
-
 /// How many times each item occurs.
 fn tally<T: Ord>(items: impl IntoIterator<Item = T>) -> BTreeMap<T, usize> {
     let mut counts = BTreeMap::new();
@@ -162,24 +129,6 @@ fn assert_each_received(smtp: &SmtpSink, outbox: &[EmailRow], copies: usize) {
         received_pairs, expected_pairs,
         "emails received, by recipient and subject"
     );
-}
-
-async fn available(store: &SqliteStore, account_id: &str) -> Option<String> {
-    let id: Id = account_id.parse().expect("an account id");
-    let wanted = Wanted {
-        account_ids: vec![id.clone()],
-        ..Wanted::default()
-    };
-    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
-    ledger
-        .accounts
-        .get(&id)
-        .map(|account| account.available_at(Ts::now()).to_string())
-}
-
-async fn assert_verified(store: &SqliteStore) {
-    let problems = store.verify().await.expect("verify runs");
-    assert!(problems.is_empty(), "verify found: {problems:#?}");
 }
 
 /// Waits until the outbox holds `count` emails, all dispatched.
@@ -364,27 +313,13 @@ async fn emails_wait_when_the_server_disappears_mid_stream_and_each_goes_out_onc
         ))
         .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let client = client.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut published = 0;
-            while published < PURCHASES_MAX && !stop.load(Ordering::SeqCst) {
-                let n = published;
-                client
-                    .publish(&purchase(
-                        &format!("g-buy-{n}"),
-                        "gone",
-                        &format!("p{n}"),
-                        "1",
-                    ))
-                    .await;
-                published += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            published
-        })
-    };
+    let publisher = publish_purchases_until(
+        client.clone(),
+        stop.clone(),
+        ("g", "gone"),
+        PURCHASES_MAX,
+        Duration::from_millis(50),
+    );
     // Emails flow, over a connection lettre keeps open between them.
     eventually(SOON, "ten emails delivered", || async {
         smtp.received().len() >= 10

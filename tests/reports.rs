@@ -18,6 +18,7 @@ use training_credits::report::{ReportError, ReportQuery, choose_columns, write};
 use training_credits::store::Store;
 
 use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
+use common::events::event;
 use common::{World, id, ts};
 
 // ---------------------------------------------------------------------------
@@ -1420,35 +1421,6 @@ async fn the_report_command_refuses_an_unknown_kind_column_format_or_instant_wit
 // ---------------------------------------------------------------------------
 // Requested reports, through the worker.
 
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both
-/// backends with a vhost of its own.
-macro_rules! through_the_worker {
-    ($($name:ident),* $(,)?) => {
-        mod worker_on_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod worker_on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
-
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
-
 /// One file attached to a received email.
 struct Attached {
     to: String,
@@ -1749,7 +1721,8 @@ async fn an_all_accounts_report_is_refused_to_a_non_staff_source_and_sent_to_sta
     running.worker.stop().await;
 }
 
-through_the_worker!(
+on_both_stores!(
+    mod worker_on_sqlite, worker_on_postgres;
     an_owner_s_requested_report_is_emailed_as_an_attachment_and_announced,
     an_all_accounts_report_is_refused_to_a_non_staff_source_and_sent_to_staff,
 );

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::broker::{Client, Vhost, eventually, http_get};
+use common::events::event;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -110,34 +111,61 @@ fn around(text: &str, needle: &str) -> String {
 // ---------------------------------------------------------------------------
 // Servers that ask for the password and refuse it.
 
-/// A PostgreSQL server as far as authentication: it asks for the password
-/// in clear, keeps it, and fails it (`28P01`).
-struct FakePostgres {
+/// A local server that holds each connection's conversation with
+/// `converse`, which keeps what it is to keep in the shared list.
+struct KeepingServer {
     port: u16,
-    passwords: Arc<Mutex<Vec<String>>>,
+    kept: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl FakePostgres {
-    async fn start() -> FakePostgres {
+impl KeepingServer {
+    async fn start<C, F>(converse: C) -> KeepingServer
+    where
+        C: Fn(tokio::net::TcpStream, Arc<Mutex<Vec<String>>>) -> F + Send + 'static,
+        F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a local port");
         let port = listener.local_addr().expect("an address").port();
-        let passwords = Arc::new(Mutex::new(Vec::new()));
-        let kept = passwords.clone();
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let shared = kept.clone();
         let task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                let kept = kept.clone();
+                let conversation = converse(socket, shared.clone());
                 tokio::spawn(async move {
-                    let _ = Self::converse(socket, kept).await;
+                    let _ = conversation.await;
                 });
             }
         });
+        KeepingServer { port, kept, task }
+    }
+
+    fn kept(&self) -> Vec<String> {
+        self.kept.lock().expect("the lock").clone()
+    }
+}
+
+impl Drop for KeepingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A PostgreSQL server as far as authentication: it asks for the password
+/// in clear, keeps it, and fails it (`28P01`).
+struct FakePostgres {
+    port: u16,
+    server: KeepingServer,
+}
+
+impl FakePostgres {
+    async fn start() -> FakePostgres {
+        let server = KeepingServer::start(Self::converse).await;
         FakePostgres {
-            port,
-            passwords,
-            task,
+            port: server.port,
+            server,
         }
     }
 
@@ -191,13 +219,7 @@ impl FakePostgres {
     }
 
     fn passwords(&self) -> Vec<String> {
-        self.passwords.lock().expect("the lock").clone()
-    }
-}
-
-impl Drop for FakePostgres {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.kept()
     }
 }
 
@@ -205,30 +227,15 @@ impl Drop for FakePostgres {
 /// sends for it, and refuses it (`535`).
 struct RefusingSmtp {
     port: u16,
-    auth_lines: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
+    server: KeepingServer,
 }
 
 impl RefusingSmtp {
     async fn start() -> RefusingSmtp {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a local port");
-        let port = listener.local_addr().expect("an address").port();
-        let auth_lines = Arc::new(Mutex::new(Vec::new()));
-        let kept = auth_lines.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let _ = Self::converse(socket, kept).await;
-                });
-            }
-        });
+        let server = KeepingServer::start(Self::converse).await;
         RefusingSmtp {
-            port,
-            auth_lines,
-            task,
+            port: server.port,
+            server,
         }
     }
 
@@ -285,18 +292,12 @@ impl RefusingSmtp {
 
     /// Whether the client sent `password` of `user` in an `AUTH`.
     fn received(&self, user: &str, password: &str) -> bool {
-        let lines = self.auth_lines.lock().expect("the lock").clone();
+        let lines = self.server.kept();
         let plain = base64(format!("\0{user}\0{password}").as_bytes());
         let login = base64(password.as_bytes());
         lines
             .iter()
             .any(|line| line.contains(&plain) || line.trim() == login)
-    }
-}
-
-impl Drop for RefusingSmtp {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -500,10 +501,6 @@ impl Worker {
             stderr: read("stderr"),
         }
     }
-}
-
-fn event(id: &str, source: &str, type_name: &str, data: serde_json::Value) -> serde_json::Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
 }
 
 // ---------------------------------------------------------------------------

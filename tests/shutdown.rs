@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use training_credits::consume::topology::WORKER_QUEUE;
-use training_credits::domain::Ts;
-use training_credits::store::{Store, Wanted};
+use training_credits::store::Store;
 
 use common::broker::{Client, TestWorker, Vhost, config, eventually, publish_confirmed};
 use common::child::{Site, exit_within, write};
+use common::events::{event, purchase};
 
 /// Purchases in the stream that the worker is stopped in the middle of.
 const STREAM_PURCHASES: usize = 1_000;
@@ -26,34 +26,6 @@ const STREAM_PURCHASES: usize = 1_000;
 const PUBLISHED_BEFORE_SIGTERM_MAX: usize = 500;
 /// Purchases published between two waits for their confirms.
 const PUBLISH_WINDOW: usize = 25;
-
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
-macro_rules! shutdown_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
-
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
 
 fn account_opened(account_id: &str) -> Value {
     event(
@@ -68,29 +40,10 @@ fn account_opened(account_id: &str) -> Value {
     )
 }
 
-fn purchase(account_id: &str, event_id: &str, purchase_id: &str, credits: &str) -> Value {
-    event(
-        event_id,
-        "shop",
-        "credits.purchase.completed",
-        json!({
-            "account_id": account_id, "purchase_id": purchase_id, "credits": credits,
-            "purchased_at": Ts::now(),
-        }),
-    )
-}
-
-/// The ledger's lots of `account_id`, read from the database directly.
+/// How many lots the ledger holds for `account_id`.
 async fn lots_of<S: Store>(store: &S, account_id: &str) -> usize {
-    let id: training_credits::domain::Id = account_id.parse().expect("an id");
-    let wanted = Wanted {
-        account_ids: vec![id.clone()],
-        ..Wanted::default()
-    };
-    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
-    ledger
-        .accounts
-        .get(&id)
+    common::account_in(store, account_id)
+        .await
         .map_or(0, |account| account.lots.len())
 }
 
@@ -121,7 +74,7 @@ async fn sigterm_during_a_stream_loses_nothing_and_doubles_nothing<S: Store>(
     // The stream: published on a channel of its own, with confirms, while
     // the worker runs, stops and runs again.
     let purchases: Vec<Value> = (1..=STREAM_PURCHASES)
-        .map(|n| purchase("acme", &format!("buy-{n:04}"), &format!("p-{n:04}"), "1.00"))
+        .map(|n| purchase(&format!("buy-{n:04}"), "acme", &format!("p-{n:04}"), "1.00"))
         .collect();
     let published = Arc::new(AtomicUsize::new(0));
     let (signalled, signal_sent) = tokio::sync::oneshot::channel::<()>();
@@ -203,14 +156,7 @@ async fn sigterm_during_a_stream_loses_nothing_and_doubles_nothing<S: Store>(
         })
         .collect();
     assert_eq!(lot_ids.len(), STREAM_PURCHASES, "one lot per purchase");
-    let verified = site.output(&["verify"], Duration::from_secs(30)).await;
-    assert_eq!(
-        verified.code(),
-        Some(0),
-        "verify: {}{}",
-        verified.stdout,
-        verified.stderr
-    );
+    site.assert_verifies(Duration::from_secs(30)).await;
 
     // The broker: nothing left to do, nothing dead-lettered.
     eventually(
@@ -275,8 +221,8 @@ async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: S
     // JSON Lines, a blank line among them.
     let lines = [
         account_opened("acme"),
-        purchase("acme", "file-1", "pf-1", "10"),
-        purchase("acme", "file-2", "pf-2", "20.50"),
+        purchase("file-1", "acme", "pf-1", "10"),
+        purchase("file-2", "acme", "pf-2", "20.50"),
     ]
     .iter()
     .map(Value::to_string)
@@ -302,7 +248,7 @@ async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: S
 
     // One CloudEvent object, pretty-printed over several lines.
     let single =
-        serde_json::to_string_pretty(&purchase("acme", "file-3", "pf-3", "5")).expect("JSON");
+        serde_json::to_string_pretty(&purchase("file-3", "acme", "pf-3", "5")).expect("JSON");
     let object = write(&site.folder.path().join("event.json"), &single);
     let published = site
         .output(&["publish", &object], Duration::from_secs(30))
@@ -319,8 +265,8 @@ async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: S
     // A line that is not JSON: nothing of the file is published.
     let broken = format!(
         "{}\nnot json at all\n{}\n",
-        purchase("acme", "bad-1", "pb-1", "1"),
-        purchase("acme", "bad-2", "pb-2", "1"),
+        purchase("bad-1", "acme", "pb-1", "1"),
+        purchase("bad-2", "acme", "pb-2", "1"),
     );
     let broken = write(&site.folder.path().join("broken.jsonl"), &broken);
     let refused = site
@@ -338,7 +284,7 @@ async fn publish_sends_a_file_of_events_with_confirms<S: Store>(store: S, url: S
     // any purchase of the broken file would have been recorded before it.
     let after = write(
         &site.folder.path().join("after.jsonl"),
-        &purchase("acme", "file-4", "pf-4", "1").to_string(),
+        &purchase("file-4", "acme", "pf-4", "1").to_string(),
     );
     let published = site
         .output(&["publish", &after], Duration::from_secs(30))
@@ -368,7 +314,7 @@ async fn run_stops_cleanly_on_sigint_too<S: Store>(store: S, url: String) {
     let mut worker = site.start_worker("the worker");
     worker.await_ready().await;
     client.publish(&account_opened("acme")).await;
-    client.publish(&purchase("acme", "buy-1", "p-1", "7")).await;
+    client.publish(&purchase("buy-1", "acme", "p-1", "7")).await;
     client
         .await_outbound("training-credits.purchase.recorded", 1)
         .await;
@@ -404,7 +350,7 @@ async fn run_refuses_a_taken_http_port<S: Store>(_store: S, url: String) {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
 
-shutdown_tests!(
+on_both_stores!(
     sigterm_during_a_stream_loses_nothing_and_doubles_nothing,
     publish_sends_a_file_of_events_with_confirms,
     run_stops_cleanly_on_sigint_too,

@@ -9,34 +9,7 @@ use serde_json::{Value, json};
 use training_credits::store::Store;
 
 use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
-
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
-macro_rules! worker_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
-
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
+use common::events::event;
 
 fn request(id: &str, code: &str, learner: &str, item: &str, cost: &str) -> Value {
     event(
@@ -178,4 +151,4 @@ async fn a_whole_account_life_cycle_yields_its_events_and_emails<S: Store>(store
     assert!(problems.is_empty(), "{problems:?}");
 }
 
-worker_tests!(a_whole_account_life_cycle_yields_its_events_and_emails);
+on_both_stores!(a_whole_account_life_cycle_yields_its_events_and_emails);

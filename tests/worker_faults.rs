@@ -18,75 +18,22 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Value, json};
 use training_credits::consume::persistent_cloudevent;
 use training_credits::consume::topology::{DEAD_QUEUE, OUTBOUND_EXCHANGE, retry_queue};
-use training_credits::domain::{Id, Ts};
+use training_credits::domain::Ts;
 use training_credits::notify::Email;
-use training_credits::store::{OutboxKind, Store, Wanted};
+use training_credits::store::{OutboxKind, Store};
 
 use common::broker::{
-    BrokerConnection, Client, SmtpSink, TestWorker, Vhost, config, eventually, header, http_get,
+    BrokerConnection, Client, SmtpSink, TestWorker, Vhost, bare_message_id, config, eventually,
+    header, http_get, publish_purchases_until,
 };
-
-/// Runs each `async fn NAME<S: Store>(store: S, url: String)` on both backends.
-macro_rules! worker_tests {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::sqlite_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (store, url, _keep) = super::common::pg_store().await;
-                    super::$name(store, url).await
-                }
-            )*
-        }
-    };
-}
+use common::events::{event, opened, purchase};
+use common::{assert_verified, available_now as available};
 
 /// Long enough for anything the worker does at once, on a loaded machine.
 const SOON: Duration = Duration::from_secs(15);
 /// The test configuration's `RETRY_DELAYS`, summed: the least a message
 /// retried through every delay queue waits before its dead letter.
 const ALL_RETRY_DELAYS: Duration = Duration::from_millis(200 + 400);
-
-fn event(id: &str, source: &str, type_name: &str, data: Value) -> Value {
-    json!({"specversion": "1.0", "id": id, "source": source, "type": type_name, "data": data})
-}
-
-fn opened(event_id: &str, account_id: &str, owners: &[&str]) -> Value {
-    let owners: Vec<Value> = owners
-        .iter()
-        .map(|email| json!({"email": email, "name": format!("Owner {email}")}))
-        .collect();
-    event(
-        event_id,
-        "portal",
-        "credits.account.opened",
-        json!({
-            "account_id": account_id, "owners": owners, "approval_mode": "automatic",
-            "code": format!("{}-CODE", account_id.to_uppercase()),
-        }),
-    )
-}
-
-fn purchase(event_id: &str, account_id: &str, purchase_id: &str, credits: &str) -> Value {
-    event(
-        event_id,
-        "shop",
-        "credits.purchase.completed",
-        json!({
-            "account_id": account_id, "purchase_id": purchase_id, "credits": credits,
-            "purchased_at": Ts::now(),
-        }),
-    )
-}
 
 /// A vhost, a client capturing the outbound events, and a worker on them.
 struct Rig {
@@ -114,26 +61,6 @@ async fn rig<S: Store>(store: &S, url: &str, smtp: Option<&SmtpSink>) -> Rig {
     }
 }
 
-/// `available` of an account now, as a two-decimal string; `None` if the
-/// ledger does not know it.
-async fn available<S: Store>(store: &S, account_id: &str) -> Option<String> {
-    let id: Id = account_id.parse().expect("an account id");
-    let wanted = Wanted {
-        account_ids: vec![id.clone()],
-        ..Wanted::default()
-    };
-    let ledger = store.snapshot(&wanted).await.expect("a snapshot");
-    ledger
-        .accounts
-        .get(&id)
-        .map(|account| account.available_at(Ts::now()).to_string())
-}
-
-async fn assert_verified<S: Store>(store: &S) {
-    let problems = store.verify().await.expect("verify runs");
-    assert!(problems.is_empty(), "verify found: {problems:#?}");
-}
-
 /// The emails still waiting in the outbox.
 async fn waiting_emails<S: Store>(store: &S) -> Vec<(Email, i64)> {
     store
@@ -147,10 +74,6 @@ async fn waiting_emails<S: Store>(store: &S) -> Vec<(Email, i64)> {
             (email, row.attempts)
         })
         .collect()
-}
-
-fn bare_message_id(id: &str) -> String {
-    id.trim().trim_matches(|c| c == '<' || c == '>').to_owned()
 }
 
 fn text_header(headers: &FieldTable, name: &str) -> String {
@@ -815,27 +738,13 @@ async fn the_worker_reconnects_when_the_broker_closes_its_connection_and_applies
 
     // Purchases of one credit each flow until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let client = client.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut published = 0;
-            while published < PURCHASES_MAX && !stop.load(Ordering::SeqCst) {
-                let n = published;
-                client
-                    .publish(&purchase(
-                        &format!("c-buy-{n}"),
-                        "flow",
-                        &format!("p{n}"),
-                        "1",
-                    ))
-                    .await;
-                published += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            published
-        })
-    };
+    let publisher = publish_purchases_until(
+        client.clone(),
+        stop.clone(),
+        ("c", "flow"),
+        PURCHASES_MAX,
+        Duration::from_millis(10),
+    );
     let distinct_recorded = |client: &Client| {
         client
             .outbound_of("training-credits.purchase.recorded")
@@ -1041,7 +950,7 @@ async fn health_readiness_and_metrics_are_served_over_http<S: Store>(store: S, u
     rig.worker.stop().await;
 }
 
-worker_tests!(
+on_both_stores!(
     malformed_messages_are_dead_lettered_at_once_with_their_reason_and_kept_whole,
     a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown_account,
     an_approval_of_an_unknown_request_is_retried_then_dead_lettered_unknown_request,

@@ -54,6 +54,11 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// Reads and writes share one pool.
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// PostgreSQL takes care of concurrent writers itself.
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
         None

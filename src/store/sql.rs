@@ -50,8 +50,9 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (a struct with a
-/// `pool: sqlx::Pool<$db>` field and an inherent `async fn write_gate`,
-/// taken around every write).
+/// `pool: sqlx::Pool<$db>` field for reads, an inherent `fn writer` giving
+/// the pool every write goes through, and an inherent `async fn
+/// write_gate`, taken around every write).
 macro_rules! sql_store {
     ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
@@ -477,7 +478,7 @@ macro_rules! sql_store {
                 F: FnOnce(Loaded) -> (T, Writes) + Send,
             {
                 let _gate = self.write_gate().await;
-                let mut tx = self.pool.begin_with($begin).await?;
+                let mut tx = self.writer().begin_with($begin).await?;
                 let loaded = load(&mut *tx, wanted, true).await?;
                 let (result, writes) = work(loaded);
                 write(&mut *tx, &writes).await?;
@@ -642,25 +643,29 @@ macro_rules! sql_store {
                 limit: i64,
             ) -> Result<Vec<OutboxRow>, StoreError> {
                 let _gate = self.write_gate().await;
-                let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET next_attempt_at = ");
-                query.push_bind(lease_until);
-                query.push(" WHERE seq IN (SELECT seq FROM outbox WHERE dispatched_at IS NULL AND next_attempt_at <= ");
-                query.push_bind(now);
-                query.push(" AND kind IN (");
-                let mut list = query.separated(", ");
+                // One kind at a time, each walked in order by its own index.
+                let mut rows: Vec<(i64, OutboxRow)> = Vec::new();
                 for kind in kinds {
-                    list.push_bind(kind.as_str());
+                    let wanted = limit - i64::try_from(rows.len()).unwrap_or(limit);
+                    if wanted <= 0 {
+                        break;
+                    }
+                    let claimed = sqlx::query(concat!(
+                        "UPDATE outbox SET next_attempt_at = $1 WHERE seq IN (SELECT seq FROM outbox \
+                         WHERE dispatched_at IS NULL AND kind = $2 AND next_attempt_at <= $3 ORDER BY seq LIMIT $4",
+                        $skip,
+                        ") RETURNING seq, id, kind, payload, created_at, attempts",
+                    ))
+                    .bind(lease_until)
+                    .bind(kind.as_str())
+                    .bind(now)
+                    .bind(wanted)
+                    .fetch_all(self.writer())
+                    .await?;
+                    for row in &claimed {
+                        rows.push((row.try_get("seq")?, outbox_from(row)?));
+                    }
                 }
-                query.push(") ORDER BY seq LIMIT ");
-                query.push_bind(limit);
-                query.push(concat!($skip, ") RETURNING seq, id, kind, payload, created_at, attempts"));
-                let mut rows: Vec<(i64, OutboxRow)> = query
-                    .build()
-                    .fetch_all(&self.pool)
-                    .await?
-                    .iter()
-                    .map(|row| Ok((row.try_get("seq")?, outbox_from(row)?)))
-                    .collect::<Result<_, StoreError>>()?;
                 rows.sort_by_key(|(seq, _)| *seq);
                 Ok(rows.into_iter().map(|(_, row)| row).collect())
             }
@@ -670,7 +675,7 @@ macro_rules! sql_store {
                 sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE dispatched_at IS NULL AND next_attempt_at = $2")
                     .bind(now)
                     .bind(lease_until)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 Ok(())
             }
@@ -686,14 +691,14 @@ macro_rules! sql_store {
                         list.push_bind(id.clone());
                     }
                     query.push(")");
-                    query.build().persistent(false).execute(&self.pool).await?;
+                    query.build().persistent(false).execute(self.writer()).await?;
                 }
                 Ok(())
             }
 
             async fn outbox_complete(&self, id: &str, follow_up: &[OutboxRow], now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
-                let mut tx = self.pool.begin_with($begin).await?;
+                let mut tx = self.writer().begin_with($begin).await?;
                 insert_outbox(&mut *tx, follow_up, "").await?;
                 sqlx::query("UPDATE outbox SET dispatched_at = $1 WHERE id = $2")
                     .bind(now)
@@ -712,7 +717,7 @@ macro_rules! sql_store {
                 .bind(next_attempt_at)
                 .bind(error.to_owned())
                 .bind(id.to_owned())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(())
             }
@@ -811,7 +816,7 @@ macro_rules! sql_store {
                 .bind(now)
                 .bind(baseline)
                 .bind(stale)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(claimed.rows_affected() == 1)
             }
@@ -821,7 +826,7 @@ macro_rules! sql_store {
                 sqlx::query("UPDATE job_firings SET done = TRUE WHERE job = $1 AND fire_at = $2")
                     .bind(job.to_owned())
                     .bind(fire_at)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 Ok(())
             }
@@ -831,7 +836,7 @@ macro_rules! sql_store {
                 sqlx::query("DELETE FROM job_firings WHERE job = $1 AND fire_at = $2")
                     .bind(job.to_owned())
                     .bind(fire_at)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 Ok(())
             }
@@ -850,7 +855,7 @@ macro_rules! sql_store {
 
             async fn enqueue_outbox(&self, rows: &[OutboxRow]) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
-                let mut conn = self.pool.acquire().await?;
+                let mut conn = self.writer().acquire().await?;
                 insert_outbox(&mut *conn, rows, " ON CONFLICT (id) DO NOTHING").await?;
                 Ok(())
             }

@@ -44,7 +44,9 @@ impl<'r> Decode<'r, Sqlite> for Ts {
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Reads (snapshots, reports, backlog).
     pool: SqlitePool,
+    writer: SqlitePool,
     /// SQLite has one writer at a time and its busy handler lets a waiting
     /// writer lose to a busy one again and again; this first-come,
     /// first-served lock makes the writers of this process take turns, so
@@ -67,14 +69,26 @@ impl SqliteStore {
             // indexes stay in memory instead of a read(2) per page.
             .pragma("cache_size", "-16384")
             .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
         Ok(SqliteStore {
             pool,
+            writer,
             gate: Arc::new(Mutex::new(())),
         })
+    }
+
+    /// Every write goes through one connection, whose page cache then stays
+    /// valid from one transaction to the next (SQLite drops a connection's
+    /// whole cache when another connection has written).
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {

@@ -242,6 +242,15 @@ impl Client {
         self.captured.lock().expect("the capture lock").clone()
     }
 
+    /// How many outbound events with distinct ids were captured.
+    pub fn distinct_outbound_ids(&self) -> usize {
+        self.outbound()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+
     pub fn outbound_of(&self, type_name: &str) -> Vec<Value> {
         self.outbound()
             .into_iter()
@@ -540,6 +549,42 @@ async fn converse(
         };
         write.write_all(&reply).await?;
     }
+}
+
+/// Publishes purchases of one credit on `account_id` (event ids
+/// `{prefix}-buy-{n}`, purchase ids `p{n}`), one every `pause`, until `stop`
+/// is set or `max` are out; returns how many it published.
+pub fn publish_purchases_until(
+    client: Arc<Client>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    (prefix, account_id): (&str, &str),
+    max: usize,
+    pause: Duration,
+) -> JoinHandle<usize> {
+    let prefix = prefix.to_owned();
+    let account_id = account_id.to_owned();
+    tokio::spawn(async move {
+        let mut published = 0;
+        while published < max && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let n = published;
+            client
+                .publish(&super::events::purchase(
+                    &format!("{prefix}-buy-{n}"),
+                    &account_id,
+                    &format!("p{n}"),
+                    "1",
+                ))
+                .await;
+            published += 1;
+            tokio::time::sleep(pause).await;
+        }
+        published
+    })
+}
+
+/// A `Message-ID` without its angle brackets and surrounding blanks.
+pub fn bare_message_id(id: &str) -> String {
+    id.trim().trim_matches(|c| c == '<' || c == '>').to_owned()
 }
 
 /// One received email, decoded from its MIME form.

@@ -136,6 +136,19 @@ impl Site {
         }
     }
 
+    /// Runs `training-credits verify` (within `limit`) and asserts that it
+    /// finds nothing wrong: exit code 0.
+    pub async fn assert_verifies(&self, limit: Duration) {
+        let verified = self.output(&["verify"], limit).await;
+        assert_eq!(
+            verified.code(),
+            Some(0),
+            "verify: {}{}",
+            verified.stdout,
+            verified.stderr
+        );
+    }
+
     /// Starts `training-credits run` on a free HTTP port, logging at `info`
     /// to a file of its own. `name` names it in panics and logs; it need
     /// not be unique (a worker restarted under the same name gets a new log).

@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod child;
+pub mod events;
 pub mod proxy;
 pub mod stream;
 
@@ -42,6 +43,38 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+    };
+}
+
+/// Runs each generic test `async fn NAME<S: Store>(store: S, url: String)`
+/// once on a fresh SQLite ledger and once on a fresh PostgreSQL one, each on
+/// a runtime of two threads (the worker under test runs beside the test).
+/// The tests go in modules `sqlite` and `postgres`, or in the two named
+/// first: `on_both_stores!(mod on_sqlite, on_postgres; NAME, …)`.
+#[macro_export]
+macro_rules! on_both_stores {
+    (mod $sqlite:ident, $postgres:ident; $($name:ident),* $(,)?) => {
+        mod $sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::sqlite_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+        mod $postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, url, _keep) = super::common::pg_store().await;
+                    super::$name(store, url).await
+                }
+            )*
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        $crate::on_both_stores!(mod sqlite, postgres; $($name),*);
     };
 }
 
@@ -699,4 +732,29 @@ pub async fn execute_sql(url: &str, statement: &str) -> u64 {
         pool.close().await;
         done.rows_affected()
     }
+}
+
+/// An account as the ledger in `store` keeps it, if it knows it.
+pub async fn account_in<S: Store>(store: &S, account_id: &str) -> Option<Account> {
+    let id = id(account_id);
+    let wanted = Wanted {
+        account_ids: vec![id.clone()],
+        ..Wanted::default()
+    };
+    let mut ledger = store.snapshot(&wanted).await.expect("a snapshot");
+    ledger.accounts.remove(&id)
+}
+
+/// `available` of an account now, as a two-decimal string; `None` if the
+/// ledger does not know it.
+pub async fn available_now<S: Store>(store: &S, account_id: &str) -> Option<String> {
+    account_in(store, account_id)
+        .await
+        .map(|account| account.available_at(Ts::now()).to_string())
+}
+
+/// Asserts that `verify` finds nothing wrong in the ledger of `store`.
+pub async fn assert_verified<S: Store>(store: &S) {
+    let problems = store.verify().await.expect("verify runs");
+    assert!(problems.is_empty(), "verify found: {problems:#?}");
 }

@@ -339,26 +339,11 @@ impl Stream {
             }
             ids_by_cause.entry(cause_of(event)).or_default().insert(id);
         }
-        let doubled: Vec<_> = ids_by_cause
-            .iter()
-            .filter(|(_, ids)| ids.len() > 1)
-            .collect();
-        assert!(
-            doubled.is_empty(),
-            "{} causes produced several events: {:?}",
-            doubled.len(),
-            &doubled[..doubled.len().min(10)]
-        );
-        let produced: BTreeSet<Cause> = ids_by_cause.keys().cloned().collect();
-        let lost: Vec<_> = self.outbound.difference(&produced).collect();
-        let unexpected: Vec<_> = produced.difference(&self.outbound).collect();
-        assert!(
-            lost.is_empty() && unexpected.is_empty(),
-            "{} expected outbound events never arrived, e.g. {:?}; {} arrived unexpected, e.g. {:?}",
-            lost.len(),
-            &lost[..lost.len().min(10)],
-            unexpected.len(),
-            &unexpected[..unexpected.len().min(10)],
+        assert_each_once(
+            &ids_by_cause,
+            &self.outbound,
+            "causes produced several events",
+            "outbound events",
         );
         OutboundFigures {
             events: bodies.len(),
@@ -382,26 +367,11 @@ impl Stream {
                 .or_default()
                 .insert(mail.message_id.clone());
         }
-        let doubled: Vec<_> = ids_by_cause
-            .iter()
-            .filter(|(_, ids)| ids.len() > 1)
-            .collect();
-        assert!(
-            doubled.is_empty(),
-            "{} emails were produced under several Message-IDs: {:?}",
-            doubled.len(),
-            &doubled[..doubled.len().min(10)]
-        );
-        let produced: BTreeSet<MailCause> = ids_by_cause.keys().cloned().collect();
-        let lost: Vec<_> = self.emails.difference(&produced).collect();
-        let unexpected: Vec<_> = produced.difference(&self.emails).collect();
-        assert!(
-            lost.is_empty() && unexpected.is_empty(),
-            "{} expected emails never arrived, e.g. {:?}; {} arrived unexpected, e.g. {:?}",
-            lost.len(),
-            &lost[..lost.len().min(10)],
-            unexpected.len(),
-            &unexpected[..unexpected.len().min(10)],
+        assert_each_once(
+            &ids_by_cause,
+            &self.emails,
+            "emails were produced under several Message-IDs",
+            "emails",
         );
         MailFigures {
             emails: seen.len(),
@@ -832,4 +802,36 @@ impl Builder {
         };
         self.stream.events.push(copy);
     }
+}
+
+/// Asserts that no cause came under several ids (`doubled` says what that
+/// is) and that the causes that came are exactly the `expected` ones
+/// (`what` names them).
+fn assert_each_once<C: Ord + Clone + std::fmt::Debug>(
+    ids_by_cause: &BTreeMap<C, BTreeSet<String>>,
+    expected: &BTreeSet<C>,
+    doubled_are: &str,
+    what: &str,
+) {
+    let doubled: Vec<_> = ids_by_cause
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "{} {doubled_are}: {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    let produced: BTreeSet<C> = ids_by_cause.keys().cloned().collect();
+    let lost: Vec<_> = expected.difference(&produced).collect();
+    let unexpected: Vec<_> = produced.difference(expected).collect();
+    assert!(
+        lost.is_empty() && unexpected.is_empty(),
+        "{} expected {what} never arrived, e.g. {:?}; {} arrived unexpected, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        unexpected.len(),
+        &unexpected[..unexpected.len().min(10)],
+    );
 }
