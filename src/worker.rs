@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Applier;
@@ -13,7 +12,7 @@ use crate::config::Config;
 use crate::consume::{Consumer, Limits};
 use crate::decode::Schemas;
 use crate::dispatch::mail::{MailError, Mailer};
-use crate::dispatch::{Dispatcher, Lane};
+use crate::dispatch::{Dispatcher, Handoff, Lane};
 use crate::domain::Ts;
 use crate::ops::{self, Health};
 use crate::schedule::{Job, Scheduler};
@@ -42,9 +41,9 @@ pub async fn run<S: Store>(
 ) -> Result<(), WorkerError> {
     ops::prometheus();
     let schemas = Arc::new(Schemas::load()?);
-    let applier = Arc::new(Applier::new(store.clone(), config.settings()));
+    let (handoff, events_inbox, mail_inbox) = Handoff::new();
+    let applier = Arc::new(Applier::new(store.clone(), config.settings()).handing_off_to(handoff));
     let health = Arc::new(Health::default());
-    let outbox_ready = Arc::new(Notify::new());
     let mailer = match &config.smtp_url {
         Some(url) => Mailer::smtp(url)?,
         None => Mailer::files(config.mail_dir.clone()),
@@ -67,7 +66,6 @@ pub async fn run<S: Store>(
             batch_max: config.batch_size,
             retry_delays: config.retry_delays.clone(),
         },
-        outbox_ready: outbox_ready.clone(),
         health: health.clone(),
     };
     let dispatcher = Dispatcher {
@@ -76,7 +74,6 @@ pub async fn run<S: Store>(
         mailer,
         mail_from: config.mail_from.clone(),
         retry_delays: config.retry_delays.clone(),
-        wake: outbox_ready,
         renderer: crate::notify::Renderer::new(&config.portal_url),
         reports_dir: config.reports_dir.clone(),
         event_source: config.event_source.clone(),
@@ -85,11 +82,11 @@ pub async fn run<S: Store>(
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(ops::serve(listener, store, health, http_stop.clone()));
     let dispatcher = Arc::new(dispatcher);
-    let dispatching: Vec<_> = [Lane::Events, Lane::Mail]
+    let dispatching: Vec<_> = [(Lane::Events, events_inbox), (Lane::Mail, mail_inbox)]
         .into_iter()
-        .map(|lane| {
+        .map(|(lane, inbox)| {
             let (dispatcher, stop) = (dispatcher.clone(), dispatcher_stop.clone());
-            tokio::spawn(async move { dispatcher.run(lane, stop).await })
+            tokio::spawn(async move { dispatcher.run(lane, Some(inbox), stop).await })
         })
         .collect();
     tracing::info!("The worker is running.");

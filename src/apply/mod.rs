@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::decode::{Decoded, EventKey};
+use crate::dispatch::{Handoff, Reservation};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
 use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, Policy};
@@ -60,6 +61,7 @@ pub struct Applier<S> {
     store: S,
     renderer: Renderer,
     settings: Settings,
+    handoff: Option<Handoff>,
 }
 
 impl<S: Store> Applier<S> {
@@ -68,6 +70,16 @@ impl<S: Store> Applier<S> {
             renderer: Renderer::new(&settings.portal_url),
             store,
             settings,
+            handoff: None,
+        }
+    }
+
+    /// Hands the events and emails of every committed batch to `handoff`
+    /// (leased to this worker until its lanes send them).
+    pub fn handing_off_to(self, handoff: Handoff) -> Applier<S> {
+        Applier {
+            handoff: Some(handoff),
+            ..self
         }
     }
 
@@ -84,9 +96,20 @@ impl<S: Store> Applier<S> {
     /// batch is to be tried again.
     pub async fn apply(&self, batch: &[Input], now: Ts) -> Result<Vec<Outcome>, StoreError> {
         let wanted = wanted(batch, now);
-        self.store
-            .transact(&wanted, |loaded| self.run(batch, loaded, now))
-            .await
+        let reservation = self
+            .handoff
+            .as_ref()
+            .map_or_else(Reservation::none, Handoff::reserve);
+        let (outcomes, fresh) = self
+            .store
+            .transact(&wanted, |loaded| {
+                let (outcomes, mut writes) = self.run(batch, loaded, now);
+                let fresh = reservation.lease(&mut writes.outbox, now);
+                ((outcomes, fresh), writes)
+            })
+            .await?;
+        reservation.hand_over(fresh);
+        Ok(outcomes)
     }
 
     fn run(&self, batch: &[Input], loaded: Loaded, now: Ts) -> (Vec<Outcome>, Writes) {
@@ -187,6 +210,7 @@ impl<S: Store> Applier<S> {
                         kind: OutboxKind::Event,
                         payload: event.to_string(),
                         created_at: now,
+                        next_attempt_at: now,
                         attempts: 0,
                     });
                 }
@@ -208,6 +232,7 @@ impl<S: Store> Applier<S> {
                             kind: OutboxKind::Email,
                             payload: serde_json::to_string(&email).expect("an email serialises"),
                             created_at: now,
+                            next_attempt_at: now,
                             attempts: 0,
                         });
                     }
@@ -225,6 +250,7 @@ impl<S: Store> Applier<S> {
                         })
                         .expect("a report job serialises"),
                         created_at: now,
+                        next_attempt_at: now,
                         attempts: 0,
                     });
                 }

@@ -19,7 +19,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
@@ -66,8 +65,6 @@ pub struct Consumer<S> {
     pub applier: Arc<Applier<S>>,
     pub schemas: Arc<Schemas>,
     pub limits: Limits,
-    /// Woken after every commit, so the dispatcher sends at once.
-    pub outbox_ready: Arc<Notify>,
     pub health: Arc<Health>,
 }
 
@@ -186,7 +183,6 @@ impl<S: Store> Consumer<S> {
         let Some(mut outcomes) = self.apply(&inputs, cancel).await else {
             return Ok(false);
         };
-        self.outbox_ready.notify_one();
         let mut fates = Vec::with_capacity(batch.len());
         for item in decoded {
             let fate = match item {

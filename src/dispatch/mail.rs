@@ -16,6 +16,9 @@ use crate::notify::{Email, one_line};
 /// How long one SMTP conversation may take before it counts as failed,
 /// unless `SMTP_URL` says otherwise (`?timeout=10s`).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Emails sent to an SMTP server at once (lettre's pool holds up to 10
+/// connections).
+pub const EMAILS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
@@ -97,6 +100,16 @@ impl Mailer {
         Mailer::Files(dir)
     }
 
+    /// How many emails to send at once: [`EMAILS_IN_FLIGHT`] to an SMTP
+    /// server, one file at a time (files created at once in one folder only
+    /// contend for it).
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Mailer::Smtp(_) => EMAILS_IN_FLIGHT,
+            Mailer::Files(_) => 1,
+        }
+    }
+
     pub async fn send(&self, from: &Mailbox, email: &Email) -> Result<(), MailError> {
         let mut files = Vec::with_capacity(email.attachments.len());
         for attachment in &email.attachments {
@@ -106,7 +119,6 @@ impl Mailer {
         match self {
             Mailer::Smtp(smtp) => smtp.send(message).await?,
             Mailer::Files(dir) => {
-                tokio::fs::create_dir_all(dir).await?;
                 let name = email
                     .message_id
                     .trim_matches(|c| c == '<' || c == '>')
@@ -114,11 +126,17 @@ impl Mailer {
                         |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
                         "_",
                     );
-                let path = dir.join(format!("{name}.eml"));
-                let partial = dir.join(format!("{name}.eml.partial"));
-                // Written whole or not at all: a reader never sees half a message.
-                tokio::fs::write(&partial, message.formatted()).await?;
-                tokio::fs::rename(&partial, &path).await?;
+                let dir = dir.clone();
+                // Written whole or not at all: a reader never sees half a
+                // message. One blocking task for the three calls.
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    let partial = dir.join(format!("{name}.eml.partial"));
+                    std::fs::write(&partial, message.formatted())?;
+                    std::fs::rename(&partial, dir.join(format!("{name}.eml")))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
             }
         }
         Ok(())

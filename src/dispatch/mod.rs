@@ -6,17 +6,22 @@
 //! PostgreSQL database never send the same row at the same time, and a
 //! worker that dies mid-send leaves its rows to be sent again: at least once,
 //! always with the same event id or `Message-ID`.
+//!
+//! Fresh events and emails do not wait to be claimed: the transaction that
+//! writes them leases them to its own worker, and once it commits they are
+//! handed to the dispatcher in memory ([`Handoff`]). Claiming is left for
+//! what a hand-off could not take: rows whose send failed, rows of a worker
+//! that died, report jobs, and rows handed over while the lane was full.
 
 pub mod mail;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection};
 use lettre::message::Mailbox;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use std::path::PathBuf;
@@ -42,16 +47,16 @@ pub const CLAIM_ROWS_MAX: i64 = 500;
 /// Emails and reports claimed per round, and so sent between two writes
 /// that mark them sent.
 pub const EMAILS_PER_MARK: usize = 25;
-/// Emails being sent at once (lettre's SMTP pool holds up to 10
-/// connections).
-pub const EMAILS_IN_FLIGHT: usize = 8;
 /// How long claimed emails and reports are this worker's before others may
 /// take them (a worker that dies leaves its claim to wait this long).
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The same for outbound events, which are published in well under a second.
 pub const EVENT_LEASE: Duration = Duration::from_secs(30);
-/// How often the outbox is looked at when nothing wakes the dispatcher.
+/// How often the outbox is looked at for rows no hand-off brought.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Committed batches a lane may hold in memory before further rows are left
+/// to wait out their lease and be claimed.
+pub const HANDOFF_BATCHES: usize = 16;
 /// How long a stopping worker keeps flushing the outbox.
 pub const FLUSH_TIME_MAX: Duration = Duration::from_secs(10);
 /// The longest wait before a failed row is tried again.
@@ -71,7 +76,6 @@ pub struct Dispatcher<S> {
     pub mailer: Mailer,
     pub mail_from: Mailbox,
     pub retry_delays: Vec<Duration>,
-    pub wake: Arc<Notify>,
     /// Renders the email a report travels in.
     pub renderer: Renderer,
     /// Where report files are written before they are sent.
@@ -110,9 +114,9 @@ pub fn backoff(attempts: i64) -> Duration {
 /// a slow SMTP server never holds up the outbound events, nor the reverse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
-    /// Outbound events, woken after every commit: their latency counts.
+    /// Outbound events: their latency counts.
     Events,
-    /// Emails and reports, looked at every [`POLL_INTERVAL`].
+    /// Emails and reports.
     Mail,
 }
 
@@ -131,6 +135,34 @@ impl Lane {
         }
     }
 
+    /// What to send next of what the hand-off brought: every event at hand,
+    /// or the next [`EMAILS_PER_MARK`] emails (so that emails are marked sent
+    /// as often as when they are claimed).
+    fn take(self, inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) -> Vec<OutboxRow> {
+        if let Some(open) = inbox.as_mut() {
+            while let Ok(rows) = open.try_recv() {
+                handed.extend(rows);
+            }
+        }
+        match self {
+            Lane::Events => std::mem::take(handed),
+            Lane::Mail => {
+                let rest = handed.split_off(handed.len().min(EMAILS_PER_MARK));
+                std::mem::replace(handed, rest)
+            }
+        }
+    }
+
+    /// The lane a fresh row of `kind` is handed to; report jobs, long to
+    /// build, are always claimed.
+    fn of(kind: OutboxKind) -> Option<Lane> {
+        match kind {
+            OutboxKind::Event => Some(Lane::Events),
+            OutboxKind::Email => Some(Lane::Mail),
+            OutboxKind::Report => None,
+        }
+    }
+
     fn lease(self) -> chrono::Duration {
         let lease = match self {
             Lane::Events => EVENT_LEASE,
@@ -140,37 +172,132 @@ impl Lane {
     }
 }
 
+/// Fresh rows on their way from the transaction that wrote them to this
+/// worker's dispatcher. Such a row is written leased to this worker
+/// ([`Reservation::lease`]), so no other dispatcher claims it while it waits
+/// in memory; one that never goes out (the worker died, the lease ran out
+/// before its turn) is claimed when that lease ends.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    events: mpsc::Sender<Vec<OutboxRow>>,
+    mail: mpsc::Sender<Vec<OutboxRow>>,
+}
+
+/// What a lane receives from a [`Handoff`].
+pub type Inbox = mpsc::Receiver<Vec<OutboxRow>>;
+
+impl Handoff {
+    /// A hand-off and the inboxes of the events lane and of the mail lane.
+    pub fn new() -> (Handoff, Inbox, Inbox) {
+        let (events, events_inbox) = mpsc::channel(HANDOFF_BATCHES);
+        let (mail, mail_inbox) = mpsc::channel(HANDOFF_BATCHES);
+        (Handoff { events, mail }, events_inbox, mail_inbox)
+    }
+
+    /// Room in each lane for one more batch, taken before the batch's
+    /// transaction so that only rows a lane will take are leased to it.
+    pub fn reserve(&self) -> Reservation<'_> {
+        Reservation {
+            events: self.events.try_reserve().ok(),
+            mail: self.mail.try_reserve().ok(),
+        }
+    }
+}
+
+/// Room in the lanes for one batch's events and emails (none when a lane is
+/// full: that batch's rows of the lane are then claimed as usual).
+pub struct Reservation<'a> {
+    events: Option<mpsc::Permit<'a, Vec<OutboxRow>>>,
+    mail: Option<mpsc::Permit<'a, Vec<OutboxRow>>>,
+}
+
+impl Reservation<'_> {
+    /// No room anywhere: every row is left to be claimed.
+    pub fn none<'a>() -> Reservation<'a> {
+        Reservation {
+            events: None,
+            mail: None,
+        }
+    }
+
+    /// Leases the rows there is room for to this worker's lanes (until the
+    /// lane's lease after `now` ends) and returns them, to be handed over
+    /// once they are committed.
+    pub fn lease(&self, rows: &mut [OutboxRow], now: Ts) -> Vec<OutboxRow> {
+        rows.iter_mut()
+            .filter_map(|row| {
+                let lane = Lane::of(row.kind)?;
+                let room = match lane {
+                    Lane::Events => self.events.is_some(),
+                    Lane::Mail => self.mail.is_some(),
+                };
+                room.then(|| {
+                    row.next_attempt_at = now.plus(lane.lease());
+                    row.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// Hands the committed `rows` (from [`Reservation::lease`]) to their
+    /// lanes.
+    pub fn hand_over(self, rows: Vec<OutboxRow>) {
+        let (events, mail): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
+            .into_iter()
+            .partition(|row| row.kind == OutboxKind::Event);
+        for (room, rows) in [(self.events, events), (self.mail, mail)] {
+            if let Some(room) = room.filter(|_| !rows.is_empty()) {
+                room.send(rows);
+            }
+        }
+    }
+}
+
 impl<S: Store> Dispatcher<S> {
-    /// Dispatches `lane` until `cancel`, then keeps sending what is due until
-    /// it is drained (or [`FLUSH_TIME_MAX`] has passed, as other workers may
-    /// keep adding rows), so a clean stop leaves nothing behind that could go.
-    pub async fn run(&self, lane: Lane, cancel: CancellationToken) {
+    /// Dispatches `lane` until `cancel`: what `inbox` brings at once, the
+    /// rest as it falls due. Then it keeps sending until the lane is drained
+    /// (or [`FLUSH_TIME_MAX`] has passed, as other workers may keep adding
+    /// rows), so a clean stop leaves nothing behind that could go.
+    pub async fn run(&self, lane: Lane, mut inbox: Option<Inbox>, cancel: CancellationToken) {
         let mut channel: Option<(Connection, Channel)> = None;
         let mut unsettled = Unsettled::default();
+        let mut handed: Vec<OutboxRow> = Vec::new();
+        let mut poll_at = tokio::time::Instant::now();
         while !cancel.is_cancelled() {
-            match self.round(lane, &mut channel, &mut unsettled).await {
-                Ok(claimed) if claimed > 0 => continue,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "Dispatching failed; trying again.");
-                    channel = None;
+            let rows = lane.take(&mut inbox, &mut handed);
+            let polling = rows.is_empty();
+            if !polling || tokio::time::Instant::now() >= poll_at {
+                match self.round(lane, rows, &mut channel, &mut unsettled).await {
+                    Ok(count) if count > 0 => continue,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "Dispatching failed; trying again.");
+                        channel = None;
+                    }
+                }
+                if polling {
+                    poll_at = tokio::time::Instant::now() + POLL_INTERVAL;
                 }
             }
-            let woken = async {
-                match lane {
-                    Lane::Events => self.wake.notified().await,
-                    Lane::Mail => std::future::pending().await,
+            let received = async {
+                match inbox.as_mut() {
+                    Some(open) => open.recv().await,
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = woken => {}
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                rows = received => match rows {
+                    Some(rows) => handed.extend(rows),
+                    None => inbox = None,
+                },
+                _ = tokio::time::sleep_until(poll_at) => {}
             }
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
         while tokio::time::Instant::now() < deadline {
-            match self.round(lane, &mut channel, &mut unsettled).await {
+            let rows = lane.take(&mut inbox, &mut handed);
+            match self.round(lane, rows, &mut channel, &mut unsettled).await {
                 Ok(claimed) if claimed > 0 => {}
                 Ok(_) => break,
                 Err(error) => {
@@ -184,16 +311,30 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Settles what an earlier round left unsettled, then claims due rows of
-    /// `lane` and sends them. Returns how many were claimed.
+    /// Settles what an earlier round left unsettled, then sends the `handed`
+    /// rows, or if there are none claims due rows of `lane` and sends them.
+    /// Returns how many rows it sent or claimed.
     async fn round(
         &self,
         lane: Lane,
+        handed: Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
         unsettled: &mut Unsettled,
     ) -> Result<usize, DispatchError> {
         self.settle(unsettled).await?;
         let now = Ts::now();
+        if !handed.is_empty() {
+            // A row whose lease is running out while it waited goes by claim,
+            // lest another worker claim it while this one sends it.
+            let still_ours = now.plus(lane.lease() / 2);
+            let rows: Vec<OutboxRow> = handed
+                .into_iter()
+                .filter(|row| row.next_attempt_at > still_ours)
+                .collect();
+            let count = rows.len();
+            self.send(rows, channel, &mut unsettled.sent).await?;
+            return Ok(count);
+        }
         let lease_until = now.plus(lane.lease());
         let sent = &mut unsettled.sent;
         match self
@@ -244,10 +385,21 @@ impl<S: Store> Dispatcher<S> {
             .store
             .claim_outbox(lane.kinds(), now, lease_until, lane.claim_max())
             .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
         let claimed = rows.len();
+        self.send(rows, channel, sent).await?;
+        Ok(claimed)
+    }
+
+    /// Sends `rows`: events to the broker, emails, reports.
+    async fn send(
+        &self,
+        rows: Vec<OutboxRow>,
+        channel: &mut Option<(Connection, Channel)>,
+        sent: &mut Vec<String>,
+    ) -> Result<(), DispatchError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let (events, rest): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
             .into_iter()
             .partition(|row| row.kind == OutboxKind::Event);
@@ -285,7 +437,7 @@ impl<S: Store> Dispatcher<S> {
         }
         match failed {
             Some(error) => Err(error),
-            None => Ok(claimed),
+            None => Ok(()),
         }
     }
 
@@ -334,7 +486,7 @@ impl<S: Store> Dispatcher<S> {
         Ok(())
     }
 
-    /// Sends `rows` (up to [`EMAILS_IN_FLIGHT`] at a time) and marks the
+    /// Sends `rows` (up to [`Mailer::in_flight`] at a time) and marks the
     /// ones that went in one write: a crash between a send and its mark
     /// sends that email again, with the same `Message-ID`.
     async fn send_emails(
@@ -347,7 +499,7 @@ impl<S: Store> Dispatcher<S> {
             .map(|row| async move { (row, self.send_email(row).await) })
             .collect();
         let results: Vec<(&OutboxRow, Result<(), String>)> = futures_util::stream::iter(sends)
-            .buffer_unordered(EMAILS_IN_FLIGHT)
+            .buffer_unordered(self.mailer.in_flight())
             .collect()
             .await;
         let mut done = Vec::with_capacity(results.len());
@@ -476,6 +628,7 @@ impl<S: Store> Dispatcher<S> {
             kind: OutboxKind::Event,
             payload: event.to_string(),
             created_at: now,
+            next_attempt_at: now,
             attempts: 0,
         }])
     }

@@ -260,6 +260,7 @@ impl<S: Store> Scheduler<S> {
                         kind: OutboxKind::Report,
                         payload: serde_json::to_string(&job).expect("a report job serialises"),
                         created_at: now,
+                        next_attempt_at: now,
                         attempts: 0,
                     });
                 }

@@ -101,6 +101,10 @@ pub struct OutboxRow {
     pub kind: OutboxKind,
     pub payload: String,
     pub created_at: Ts,
+    /// When a dispatcher may claim it: at once, at the end of a claim's
+    /// lease, after a failure's backoff, or at the end of the lease under
+    /// which a fresh row is handed to this worker's dispatcher in memory.
+    pub next_attempt_at: Ts,
     /// Failed dispatch attempts so far.
     pub attempts: i64,
 }

@@ -462,7 +462,7 @@ macro_rules! sql_store {
                     .push_bind(o.kind.as_str())
                     .push_bind(o.payload.clone())
                     .push_bind(o.created_at)
-                    .push_bind(o.created_at);
+                    .push_bind(o.next_attempt_at);
             }).await
         }
 
@@ -627,7 +627,7 @@ macro_rules! sql_store {
 
             async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT id, kind, payload, created_at, attempts FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
+                    "SELECT id, kind, payload, created_at, next_attempt_at, attempts FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
                 )
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -654,7 +654,7 @@ macro_rules! sql_store {
                         "UPDATE outbox SET next_attempt_at = $1 WHERE seq IN (SELECT seq FROM outbox \
                          WHERE dispatched_at IS NULL AND kind = $2 AND next_attempt_at <= $3 ORDER BY seq LIMIT $4",
                         $skip,
-                        ") RETURNING seq, id, kind, payload, created_at, attempts",
+                        ") RETURNING seq, id, kind, payload, created_at, next_attempt_at, attempts",
                     ))
                     .bind(lease_until)
                     .bind(kind.as_str())
@@ -884,6 +884,7 @@ macro_rules! sql_store {
                 kind: OutboxKind::parse(&kind).ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?,
                 payload: row.try_get("payload")?,
                 created_at: row.try_get("created_at")?,
+                next_attempt_at: row.try_get("next_attempt_at")?,
                 attempts: row.try_get("attempts")?,
             })
         }
