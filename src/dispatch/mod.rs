@@ -138,12 +138,7 @@ impl Lane {
     /// What to send next of what the hand-off brought: every event at hand,
     /// or the next [`EMAILS_PER_MARK`] emails (so that emails are marked sent
     /// as often as when they are claimed).
-    fn take(self, inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) -> Vec<OutboxRow> {
-        if let Some(open) = inbox.as_mut() {
-            while let Ok(rows) = open.try_recv() {
-                handed.extend(rows);
-            }
-        }
+    fn take(self, handed: &mut Vec<OutboxRow>) -> Vec<OutboxRow> {
         match self {
             Lane::Events => std::mem::take(handed),
             Lane::Mail => {
@@ -185,6 +180,15 @@ pub struct Handoff {
 
 /// What a lane receives from a [`Handoff`].
 pub type Inbox = mpsc::Receiver<Vec<OutboxRow>>;
+
+/// Moves what `inbox` holds into `handed`, without waiting.
+fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
+    if let Some(open) = inbox.as_mut() {
+        while let Ok(rows) = open.try_recv() {
+            handed.extend(rows);
+        }
+    }
+}
 
 impl Handoff {
     /// A hand-off and the inboxes of the events lane and of the mail lane.
@@ -264,10 +268,13 @@ impl<S: Store> Dispatcher<S> {
         let mut handed: Vec<OutboxRow> = Vec::new();
         let mut poll_at = tokio::time::Instant::now();
         while !cancel.is_cancelled() {
-            let rows = lane.take(&mut inbox, &mut handed);
-            let polling = rows.is_empty();
+            receive(&mut inbox, &mut handed);
+            let polling = handed.is_empty();
             if !polling || tokio::time::Instant::now() >= poll_at {
-                match self.round(lane, rows, &mut channel, &mut unsettled).await {
+                match self
+                    .round(lane, &mut handed, &mut channel, &mut unsettled)
+                    .await
+                {
                     Ok(count) if count > 0 => continue,
                     Ok(_) => {}
                     Err(error) => {
@@ -296,8 +303,11 @@ impl<S: Store> Dispatcher<S> {
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
         while tokio::time::Instant::now() < deadline {
-            let rows = lane.take(&mut inbox, &mut handed);
-            match self.round(lane, rows, &mut channel, &mut unsettled).await {
+            receive(&mut inbox, &mut handed);
+            match self
+                .round(lane, &mut handed, &mut channel, &mut unsettled)
+                .await
+            {
                 Ok(claimed) if claimed > 0 => {}
                 Ok(_) => break,
                 Err(error) => {
@@ -311,13 +321,13 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Settles what an earlier round left unsettled, then sends the `handed`
-    /// rows, or if there are none claims due rows of `lane` and sends them.
-    /// Returns how many rows it sent or claimed.
+    /// Settles what an earlier round left unsettled, then sends the next of
+    /// the `handed` rows, or if there are none claims due rows of `lane` and
+    /// sends them. Returns how many rows it sent or claimed.
     async fn round(
         &self,
         lane: Lane,
-        handed: Vec<OutboxRow>,
+        handed: &mut Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
         unsettled: &mut Unsettled,
     ) -> Result<usize, DispatchError> {
@@ -327,13 +337,23 @@ impl<S: Store> Dispatcher<S> {
             // A row whose lease is running out while it waited goes by claim,
             // lest another worker claim it while this one sends it.
             let still_ours = now.plus(lane.lease() / 2);
-            let rows: Vec<OutboxRow> = handed
+            let rows: Vec<OutboxRow> = lane
+                .take(handed)
                 .into_iter()
                 .filter(|row| row.next_attempt_at > still_ours)
                 .collect();
             let count = rows.len();
-            self.send(rows, channel, &mut unsettled.sent).await?;
-            return Ok(count);
+            let leases: Vec<Ts> = rows.iter().map(|row| row.next_attempt_at).collect();
+            return match self.send(rows, channel, &mut unsettled.sent).await {
+                Err(DispatchError::Store(error)) => {
+                    // Rows it could not mark failed stay leased: given back
+                    // once the database answers, like a lost claim.
+                    unsettled.leases.extend(leases);
+                    unsettled.leases.dedup();
+                    Err(DispatchError::Store(error))
+                }
+                other => other.map(|()| count),
+            };
         }
         let lease_until = now.plus(lane.lease());
         let sent = &mut unsettled.sent;
@@ -642,5 +662,105 @@ impl<S: Store> Dispatcher<S> {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
+        OutboxRow {
+            id: format!("row-{n}"),
+            kind,
+            payload: String::new(),
+            created_at: now,
+            next_attempt_at: now,
+            attempts: 0,
+        }
+    }
+
+    fn batch(now: Ts) -> Vec<OutboxRow> {
+        [OutboxKind::Event, OutboxKind::Email, OutboxKind::Report]
+            .into_iter()
+            .enumerate()
+            .map(|(n, kind)| row(n, kind, now))
+            .collect()
+    }
+
+    #[test]
+    fn events_and_emails_are_leased_and_handed_over_reports_are_claimed() {
+        let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
+        let (handoff, mut events, mut mail) = Handoff::new();
+        let mut rows = batch(now);
+        let reservation = handoff.reserve();
+        let fresh = reservation.lease(&mut rows, now);
+        reservation.hand_over(fresh);
+        let due: Vec<(OutboxKind, Ts)> = rows.iter().map(|r| (r.kind, r.next_attempt_at)).collect();
+        assert_eq!(
+            due,
+            [
+                (OutboxKind::Event, now.plus(Lane::Events.lease())),
+                (OutboxKind::Email, now.plus(Lane::Mail.lease())),
+                (OutboxKind::Report, now),
+            ]
+        );
+        assert_eq!(events.try_recv().expect("the event"), rows[..1]);
+        assert_eq!(mail.try_recv().expect("the email"), rows[1..2]);
+        assert!(events.try_recv().is_err() && mail.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_lane_leaves_its_rows_due_at_once_for_a_claim() {
+        let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
+        let (handoff, mut events, _mail) = Handoff::new();
+        for _ in 0..HANDOFF_BATCHES {
+            handoff
+                .reserve()
+                .hand_over(vec![row(0, OutboxKind::Event, now)]);
+        }
+        let mut rows = batch(now);
+        let reservation = handoff.reserve();
+        let fresh = reservation.lease(&mut rows, now);
+        reservation.hand_over(fresh);
+        assert_eq!(rows[0].next_attempt_at, now, "no room: claimed as usual");
+        assert_eq!(rows[1].next_attempt_at, now.plus(Lane::Mail.lease()));
+        let mut queued = 0;
+        while events.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, HANDOFF_BATCHES);
+    }
+
+    #[test]
+    fn an_unused_reservation_gives_its_room_back() {
+        let (handoff, _events, _mail) = Handoff::new();
+        for _ in 0..2 * HANDOFF_BATCHES {
+            drop(handoff.reserve());
+        }
+        let reservation = handoff.reserve();
+        assert!(reservation.events.is_some() && reservation.mail.is_some());
+    }
+
+    #[test]
+    fn the_mail_lane_takes_one_mark_of_emails_at_a_time_the_events_lane_all() {
+        let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
+        let (handoff, events, mail) = Handoff::new();
+        let emails: Vec<OutboxRow> = (0..EMAILS_PER_MARK + 3)
+            .map(|n| row(n, OutboxKind::Email, now))
+            .collect();
+        let events_rows: Vec<OutboxRow> = (0..3 * EMAILS_PER_MARK)
+            .map(|n| row(n, OutboxKind::Event, now))
+            .collect();
+        handoff.reserve().hand_over(emails.clone());
+        handoff.reserve().hand_over(events_rows.clone());
+        let mut held = Vec::new();
+        receive(&mut Some(mail), &mut held);
+        assert_eq!(Lane::Mail.take(&mut held), emails[..EMAILS_PER_MARK]);
+        assert_eq!(Lane::Mail.take(&mut held), emails[EMAILS_PER_MARK..]);
+        assert!(Lane::Mail.take(&mut held).is_empty());
+        let mut held = Vec::new();
+        receive(&mut Some(events), &mut held);
+        assert_eq!(Lane::Events.take(&mut held), events_rows);
     }
 }

@@ -279,8 +279,12 @@ macro_rules! sql_store {
                 loaded.ledger.insert_account(account);
             }
             let mut requests = fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await?;
-            requests.extend(fetch_in(conn, &format!("{REQUEST_COLUMNS} status IN ('pending', 'approved') AND learner_id"), &strings(&wanted.learner_ids), "").await?);
             requests.extend(fetch_in(conn, &format!("{REQUEST_COLUMNS} status = 'pending' AND account_id"), &strings(&wanted.pending_of), "").await?);
+            // Of a learner's requests only which items are taken matters (a
+            // learner's history of approved requests grows without end).
+            for row in fetch_in(conn, "SELECT learner_id, item_id, request_id FROM redemptions WHERE status IN ('pending', 'approved') AND learner_id", &strings(&wanted.learner_ids), "").await? {
+                loaded.ledger.active.insert((id(row.try_get("learner_id")?)?, id(row.try_get("item_id")?)?), id(row.try_get("request_id")?)?);
+            }
             for row in requests {
                 loaded.ledger.insert_request(request_from(&row)?);
             }
