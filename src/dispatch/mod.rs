@@ -56,7 +56,7 @@ pub const EVENT_LEASE: Duration = Duration::from_secs(30);
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Committed batches a lane may hold in memory before further rows are left
 /// to wait out their lease and be claimed.
-pub const HANDOFF_BATCHES: usize = 16;
+pub const HANDOFF_BATCHES: usize = 4;
 /// How long a stopping worker keeps flushing the outbox.
 pub const FLUSH_TIME_MAX: Duration = Duration::from_secs(10);
 /// The longest wait before a failed row is tried again.
@@ -93,6 +93,15 @@ struct Unsettled {
     sent: Vec<String>,
     /// Leases of claims whose rows may still be held.
     leases: Vec<Ts>,
+}
+
+impl Unsettled {
+    /// Gives handed-over rows back to be claimed, by their leases.
+    fn give_back(&mut self, rows: impl IntoIterator<Item = Ts>) {
+        self.leases.extend(rows);
+        self.leases.sort();
+        self.leases.dedup();
+    }
 }
 
 /// The `type` of an outbound CloudEvent, its routing key; read without
@@ -181,8 +190,13 @@ pub struct Handoff {
 /// What a lane receives from a [`Handoff`].
 pub type Inbox = mpsc::Receiver<Vec<OutboxRow>>;
 
-/// Moves what `inbox` holds into `handed`, without waiting.
+/// Moves what `inbox` holds into `handed` once `handed` is all sent,
+/// without waiting: a lane holds at most twice [`HANDOFF_BATCHES`] batches,
+/// and a lane that lags leaves the rest to be claimed.
 fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
+    if !handed.is_empty() {
+        return;
+    }
     if let Some(open) = inbox.as_mut() {
         while let Ok(rows) = open.try_recv() {
             handed.extend(rows);
@@ -286,10 +300,11 @@ impl<S: Store> Dispatcher<S> {
                     poll_at = tokio::time::Instant::now() + POLL_INTERVAL;
                 }
             }
+            let listening = handed.is_empty();
             let received = async {
                 match inbox.as_mut() {
-                    Some(open) => open.recv().await,
-                    None => std::future::pending().await,
+                    Some(open) if listening => open.recv().await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -334,22 +349,22 @@ impl<S: Store> Dispatcher<S> {
         self.settle(unsettled).await?;
         let now = Ts::now();
         if !handed.is_empty() {
-            // A row whose lease is running out while it waited goes by claim,
-            // lest another worker claim it while this one sends it.
+            // A row whose lease is running out while it waited (the database
+            // or the broker was away) is given back to be claimed, lest
+            // another worker claim it while this one sends it.
             let still_ours = now.plus(lane.lease() / 2);
-            let rows: Vec<OutboxRow> = lane
+            let (rows, stale): (Vec<OutboxRow>, Vec<OutboxRow>) = lane
                 .take(handed)
                 .into_iter()
-                .filter(|row| row.next_attempt_at > still_ours)
-                .collect();
+                .partition(|row| row.next_attempt_at > still_ours);
+            unsettled.give_back(stale.iter().map(|row| row.next_attempt_at));
             let count = rows.len();
             let leases: Vec<Ts> = rows.iter().map(|row| row.next_attempt_at).collect();
             return match self.send(rows, channel, &mut unsettled.sent).await {
                 Err(DispatchError::Store(error)) => {
-                    // Rows it could not mark failed stay leased: given back
+                    // What it could not mark failed stays leased: given back
                     // once the database answers, like a lost claim.
-                    unsettled.leases.extend(leases);
-                    unsettled.leases.dedup();
+                    unsettled.give_back(leases);
                     Err(DispatchError::Store(error))
                 }
                 other => other.map(|()| count),

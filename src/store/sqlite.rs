@@ -64,14 +64,14 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
-            // 16 MiB of page cache per connection instead of SQLite's 2 MiB:
-            // the batch's lookups into the idempotency, outbox and lot
-            // indexes stay in memory instead of a read(2) per page.
-            .pragma("cache_size", "-16384")
             .pragma("temp_store", "memory");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.clone())
+            // 16 MiB of page cache for the writer instead of SQLite's 2 MiB:
+            // the batch's lookups into the idempotency, outbox and lot
+            // indexes stay in memory instead of a read(2) per page. Readers
+            // (snapshots, reports, the backlog gauge) keep the default.
+            .connect_with(options.clone().pragma("cache_size", "-16384"))
             .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
