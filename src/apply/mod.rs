@@ -304,7 +304,10 @@ fn derived_id(key: &EventKey, index: usize) -> String {
 
 /// Everything `batch` refers to, for one load.
 fn wanted(batch: &[Input], now: Ts) -> Wanted {
-    let mut wanted = Wanted::default();
+    let mut wanted = Wanted {
+        live_lots: true,
+        ..Wanted::default()
+    };
     for input in batch {
         wanted.keys.push(input.key.clone());
         let command = &input.command;
@@ -318,6 +321,8 @@ fn wanted(batch: &[Input], now: Ts) -> Wanted {
                 wanted.code_keys.extend(c.code.as_ref().map(Code::key));
             }
             Command::OwnerAdded(c) => wanted.owner_emails.push(c.owner.email.clone()),
+            Command::PurchaseCompleted(c) => wanted.purchase_ids.push(c.purchase_id.clone()),
+            Command::LotExtended(c) => wanted.purchase_ids.push(c.purchase_id.clone()),
             Command::CodeRotated(c) => wanted.code_keys.extend(c.code.as_ref().map(Code::key)),
             Command::AccountClosed(c) => wanted.pending_of.push(c.account_id.clone()),
             Command::Sweep { account_id } => wanted.pending_of.push(account_id.clone()),

@@ -85,6 +85,14 @@ pub struct Wanted {
     pub pending_of: Vec<Id>,
     /// Invalid-code attempts after this instant count.
     pub attempts_since: Option<Ts>,
+    /// Load of the accounts' lots only those with credits in them or held,
+    /// and the lots of `purchase_ids` and of the loaded requests'
+    /// allocations: a spent lot changes only through those (a repeated
+    /// purchase, an extension, a refund), and an account's spent lots grow
+    /// without end. Otherwise every lot is loaded.
+    pub live_lots: bool,
+    /// Lots a batch names (purchases, extensions), loaded even if spent.
+    pub purchase_ids: Vec<Id>,
 }
 
 /// What a batch found: the ledger view and the digests of events seen before.

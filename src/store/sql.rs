@@ -227,7 +227,7 @@ macro_rules! sql_store {
             low_balance_threshold, notes, created_at FROM accounts WHERE account_id";
         const LOT_COLUMNS: &str = "SELECT account_id, purchase_id, credits, remaining, held, expired, \
             purchased_at, expires_at, price_amount, price_currency, channel, reminded_stage, fingerprint \
-            FROM lots WHERE account_id";
+            FROM lots WHERE";
         const REQUEST_COLUMNS: &str = "SELECT request_id, account_id, learner_id, learner_email, learner_name, \
             item_id, item_kind, item_title, item_group_ids, cost, status, reason, requested_at, created_at, \
             decided_by, decided_at, allocations, refunded, fingerprint FROM redemptions WHERE";
@@ -269,7 +269,21 @@ macro_rules! sql_store {
                     });
                 }
             }
-            for row in fetch_in(conn, LOT_COLUMNS, &account_ids, "").await? {
+            let mut requests = Vec::new();
+            for row in fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await? {
+                requests.push(request_from(&row)?);
+            }
+            for row in fetch_in(conn, &format!("{REQUEST_COLUMNS} status = 'pending' AND account_id"), &strings(&wanted.pending_of), "").await? {
+                requests.push(request_from(&row)?);
+            }
+            let live = if wanted.live_lots { " AND (remaining <> 0 OR held <> 0)" } else { "" };
+            let mut lots = fetch_in(conn, &format!("{LOT_COLUMNS} account_id"), &account_ids, live).await?;
+            if wanted.live_lots {
+                let named = strings(wanted.purchase_ids.iter()
+                    .chain(requests.iter().flat_map(|r| r.allocations.iter().map(|a| &a.purchase_id))));
+                lots.extend(fetch_in(conn, &format!("{LOT_COLUMNS} remaining = 0 AND held = 0 AND purchase_id"), &named, "").await?);
+            }
+            for row in lots {
                 if let Some(account) = accounts.get_mut(&id(row.try_get("account_id")?)?) {
                     account.lots.push(lot_from(&row)?);
                 }
@@ -278,15 +292,13 @@ macro_rules! sql_store {
                 account.sort_lots();
                 loaded.ledger.insert_account(account);
             }
-            let mut requests = fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await?;
-            requests.extend(fetch_in(conn, &format!("{REQUEST_COLUMNS} status = 'pending' AND account_id"), &strings(&wanted.pending_of), "").await?);
             // Of a learner's requests only which items are taken matters (a
             // learner's history of approved requests grows without end).
             for row in fetch_in(conn, "SELECT learner_id, item_id, request_id FROM redemptions WHERE status IN ('pending', 'approved') AND learner_id", &strings(&wanted.learner_ids), "").await? {
                 loaded.ledger.active.insert((id(row.try_get("learner_id")?)?, id(row.try_get("item_id")?)?), id(row.try_get("request_id")?)?);
             }
-            for row in requests {
-                loaded.ledger.insert_request(request_from(&row)?);
+            for request in requests {
+                loaded.ledger.insert_request(request);
             }
             if let Some(since) = wanted.attempts_since {
                 for row in fetch_in(conn, "SELECT learner_id, at FROM code_attempts WHERE learner_id", &strings(&wanted.learner_ids), "").await? {
