@@ -2,7 +2,7 @@
 //! up front (`BEGIN IMMEDIATE`), so a batch never fails halfway for want of it.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sqlx::encode::IsNull;
@@ -42,6 +42,9 @@ impl<'r> Decode<'r, Sqlite> for Ts {
     }
 }
 
+/// How often the WAL is checkpointed in the background.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     /// Reads (snapshots, reports, backlog).
@@ -71,17 +74,22 @@ impl SqliteStore {
             // the batch's lookups into the idempotency, outbox and lot
             // indexes stay in memory instead of a read(2) per page. Readers
             // (snapshots, reports, the backlog gauge) keep the default.
-            .connect_with(options.clone().pragma("cache_size", "-16384"))
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("cache_size", "-16384")
+                    // The writer checkpoints only if the background
+                    // checkpoints fall far behind (40 MiB of WAL).
+                    .pragma("wal_autocheckpoint", "10000"),
+            )
             .await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        Ok(SqliteStore {
-            pool,
-            writer,
-            gate: Arc::new(Mutex::new(())),
-        })
+        let gate = Arc::new(Mutex::new(()));
+        checkpoint_in_background(pool.clone(), Arc::downgrade(&gate));
+        Ok(SqliteStore { pool, writer, gate })
     }
 
     /// Every write goes through one connection, whose page cache then stays
@@ -96,6 +104,25 @@ impl SqliteStore {
     }
 }
 
+/// Copies the WAL into the database file every [`CHECKPOINT_INTERVAL`] from
+/// a reader connection, beside the writer, for as long as the store lives: a
+/// commit no longer pays for the checkpoint that SQLite would otherwise run
+/// inside it every 1,000 pages (tens of milliseconds, the tail of the
+/// latency). A passive checkpoint never blocks the writer.
+fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
+    tokio::spawn(async move {
+        while store.strong_count() > 0 {
+            tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(%error, "A background checkpoint failed; the next one catches up.");
+            }
+        }
+    });
+}
+
 super::sql::sql_store!(
     SqliteStore,
     Sqlite,
@@ -105,3 +132,34 @@ super::sql::sql_store!(
     agg = "group_concat",
     migrator = sqlx::migrate!("./migrations/sqlite")
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_without_waiting_for_the_writer() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("a store");
+        store.migrate().await.expect("migrated");
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.pool)
+            .await
+            .expect("a page count");
+        let whole = u64::try_from(pages).expect("a count") * 4096;
+        assert!(whole > 8 * 4096, "the schema takes a few pages");
+        // The writer alone would leave them in the WAL up to 10,000 pages.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&path).expect("the file").len() < whole {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no checkpoint copied the WAL into the file"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
