@@ -806,6 +806,43 @@ async fn approving_or_denying_a_decided_request_is_refused_not_pending<S: Store>
     w.verify_ok().await;
 }
 
+async fn a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch<S: Store>(
+    mut w: World<S>,
+) {
+    acme(&mut w, "manual", "100").await;
+    assert_eq!(
+        w.request("r9", CODE, "l1", "c1", "30").await,
+        Outcome::Applied
+    );
+    // The new request's id sorts before the cancelled one's: the batch must
+    // not write it while the old one still counts as pending.
+    let cancel = w.event(
+        "lms",
+        "credits.redemption.cancelled",
+        json!({"request_id": "r9", "learner_id": "l1"}),
+    );
+    let again = w.event(
+        "lms",
+        "credits.redemption.requested",
+        json!({
+            "request_id": "r1",
+            "code": CODE,
+            "learner": {"id": "l1", "email": "l1@learners.test", "name": "Learner l1"},
+            "item": {"id": "c1", "kind": "course", "title": "Course c1"},
+            "cost": "30",
+            "requested_at": w.now,
+        }),
+    );
+    assert_eq!(
+        w.deliver_batch(&[cancel, again]).await,
+        [Ok(Outcome::Applied), Ok(Outcome::Applied)]
+    );
+    assert_eq!(w.status_of("r9").await, "cancelled");
+    assert_eq!(w.status_of("r1").await, "pending");
+    assert_eq!(w.available("acme").await, "70.00");
+    w.verify_ok().await;
+}
+
 async fn only_the_requesting_learner_may_cancel<S: Store>(mut w: World<S>) {
     acme(&mut w, "manual", "100").await;
     assert_eq!(
@@ -2607,6 +2644,7 @@ on_both_backends!(
     an_all_accounts_report_needs_a_staff_source,
     approving_or_denying_a_decided_request_is_refused_not_pending,
     only_the_requesting_learner_may_cancel,
+    a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch,
     the_last_owner_of_an_account_cannot_be_removed,
     an_email_owns_at_most_one_account,
     codes_are_unique_without_regard_to_case_spaces_or_dashes,

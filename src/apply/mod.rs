@@ -181,6 +181,11 @@ impl<S: Store> Applier<S> {
             .iter()
             .filter_map(|id| ledger.requests.get(id).cloned())
             .collect();
+        // Those that stop being pending or approved are written first: a
+        // learner may cancel a request and ask for the same item again in
+        // one batch, and the database checks one active request per
+        // (learner, item) row by row.
+        writes.requests.sort_by_key(|r| r.status.is_active());
         (outcomes, writes)
     }
 
