@@ -15,6 +15,7 @@
 
 pub mod mail;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -91,17 +92,8 @@ struct Unsettled {
     /// Ids sent (confirmed by the broker, taken by the SMTP server) but not
     /// marked sent yet.
     sent: Vec<String>,
-    /// Leases of claims whose rows may still be held.
-    leases: Vec<Ts>,
-}
-
-impl Unsettled {
-    /// Gives handed-over rows back to be claimed, by their leases.
-    fn give_back(&mut self, rows: impl IntoIterator<Item = Ts>) {
-        self.leases.extend(rows);
-        self.leases.sort();
-        self.leases.dedup();
-    }
+    /// Leases of claims (or hand-offs) whose rows may still be held.
+    leases: BTreeSet<Ts>,
 }
 
 /// The `type` of an outbound CloudEvent, its routing key; read without
@@ -348,40 +340,42 @@ impl<S: Store> Dispatcher<S> {
     ) -> Result<usize, DispatchError> {
         self.settle(unsettled).await?;
         let now = Ts::now();
-        if !handed.is_empty() {
+        // The leases the rows are held under: if the database fails under
+        // the round, they are given back once it answers, so that nothing
+        // waits them out.
+        let (rows, leases) = if handed.is_empty() {
+            let lease_until = now.plus(lane.lease());
+            let claimed = self
+                .store
+                .claim_outbox(lane.kinds(), now, lease_until, lane.claim_max())
+                .await;
+            let rows = claimed.inspect_err(|_| {
+                // The claim may have been written even if its answer was lost.
+                unsettled.leases.insert(lease_until);
+            })?;
+            (rows, BTreeSet::from([lease_until]))
+        } else {
             // A row whose lease is running out while it waited (the database
-            // or the broker was away) is given back to be claimed, lest
-            // another worker claim it while this one sends it.
+            // or the broker was away) is given back at once, lest another
+            // worker claim it while this one sends it.
             let still_ours = now.plus(lane.lease() / 2);
             let (rows, stale): (Vec<OutboxRow>, Vec<OutboxRow>) = lane
                 .take(handed)
                 .into_iter()
                 .partition(|row| row.next_attempt_at > still_ours);
-            unsettled.give_back(stale.iter().map(|row| row.next_attempt_at));
-            let count = rows.len();
-            let leases: Vec<Ts> = rows.iter().map(|row| row.next_attempt_at).collect();
-            return match self.send(rows, channel, &mut unsettled.sent).await {
-                Err(DispatchError::Store(error)) => {
-                    // What it could not mark failed stays leased: given back
-                    // once the database answers, like a lost claim.
-                    unsettled.give_back(leases);
-                    Err(DispatchError::Store(error))
-                }
-                other => other.map(|()| count),
-            };
-        }
-        let lease_until = now.plus(lane.lease());
-        let sent = &mut unsettled.sent;
-        match self
-            .claim_and_send(lane, now, lease_until, channel, sent)
-            .await
-        {
+            unsettled
+                .leases
+                .extend(stale.iter().map(|row| row.next_attempt_at));
+            let leases = rows.iter().map(|row| row.next_attempt_at).collect();
+            (rows, leases)
+        };
+        let count = rows.len();
+        match self.send(rows, channel, &mut unsettled.sent).await {
             Err(DispatchError::Store(error)) => {
-                // The claim may have been written even if its answer was lost.
-                unsettled.leases.push(lease_until);
+                unsettled.leases.extend(leases);
                 Err(DispatchError::Store(error))
             }
-            other => other,
+            other => other.map(|()| count),
         }
     }
 
@@ -390,9 +384,9 @@ impl<S: Store> Dispatcher<S> {
     /// lease.
     async fn settle(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
         self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
-        while let Some(lease_until) = unsettled.leases.last() {
-            self.store.outbox_release(*lease_until, Ts::now()).await?;
-            unsettled.leases.pop();
+        while let Some(&lease_until) = unsettled.leases.last() {
+            self.store.outbox_release(lease_until, Ts::now()).await?;
+            unsettled.leases.remove(&lease_until);
         }
         Ok(())
     }
@@ -406,23 +400,6 @@ impl<S: Store> Dispatcher<S> {
             sent.clear();
         }
         Ok(())
-    }
-
-    async fn claim_and_send(
-        &self,
-        lane: Lane,
-        now: Ts,
-        lease_until: Ts,
-        channel: &mut Option<(Connection, Channel)>,
-        sent: &mut Vec<String>,
-    ) -> Result<usize, DispatchError> {
-        let rows = self
-            .store
-            .claim_outbox(lane.kinds(), now, lease_until, lane.claim_max())
-            .await?;
-        let claimed = rows.len();
-        self.send(rows, channel, sent).await?;
-        Ok(claimed)
     }
 
     /// Sends `rows`: events to the broker, emails, reports.
