@@ -1717,6 +1717,39 @@ async fn a_purchase_repeated_under_a_new_event_id_is_a_duplicate_and_with_other_
     w.verify_ok().await;
 }
 
+/// A batch leaves an account's spent lots unread unless it names them: a
+/// repeated purchase must still find its lot once every credit of it is gone.
+async fn a_purchase_repeated_after_its_lot_is_spent_is_still_a_duplicate_or_an_id_conflict<
+    S: Store,
+>(
+    mut w: World<S>,
+) {
+    assert_eq!(
+        w.open("acme", "automatic", "boss@acme.test", "ACME-1234")
+            .await,
+        Outcome::Applied
+    );
+    assert_eq!(w.purchase("acme", "p1", "100").await, Outcome::Applied);
+    assert_eq!(
+        w.request("r1", "ACME-1234", "l1", "c1", "100").await,
+        Outcome::Applied
+    );
+    assert_eq!(w.lot("acme", "p1").await, ("0.00".into(), "0.00".into()));
+    let events = w.events().await.len();
+    assert_eq!(w.purchase("acme", "p1", "100").await, Outcome::Duplicate);
+    match w.purchase("acme", "p1", "150").await {
+        Outcome::Dead {
+            reason: DeadReason::IdConflict,
+            detail,
+        } => assert!(detail.contains("p1"), "{detail}"),
+        other => panic!("expected an id conflict, got {other:?}"),
+    }
+    assert_eq!(w.events().await.len(), events, "nothing recorded again");
+    assert_eq!(w.lot("acme", "p1").await, ("0.00".into(), "0.00".into()));
+    assert_eq!(w.available("acme").await, "0.00");
+    w.verify_ok().await;
+}
+
 async fn a_request_repeated_under_a_new_event_id_is_a_duplicate_and_with_another_cost_an_id_conflict<
     S: Store,
 >(
@@ -2323,6 +2356,7 @@ on_both_backends!(
     the_same_event_redelivered_even_reserialised_is_a_duplicate_that_changes_nothing,
     the_same_id_from_another_source_is_another_event,
     a_purchase_repeated_under_a_new_event_id_is_a_duplicate_and_with_other_credits_an_id_conflict,
+    a_purchase_repeated_after_its_lot_is_spent_is_still_a_duplicate_or_an_id_conflict,
     a_request_repeated_under_a_new_event_id_is_a_duplicate_and_with_another_cost_an_id_conflict,
     a_purchase_for_an_account_not_known_yet_is_retried_and_applies_once_the_account_is_opened,
     every_command_on_an_account_not_known_yet_is_retried_as_unknown_account,

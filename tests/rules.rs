@@ -816,23 +816,8 @@ async fn a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch<S: St
     );
     // The new request's id sorts before the cancelled one's: the batch must
     // not write it while the old one still counts as pending.
-    let cancel = w.event(
-        "lms",
-        "credits.redemption.cancelled",
-        json!({"request_id": "r9", "learner_id": "l1"}),
-    );
-    let again = w.event(
-        "lms",
-        "credits.redemption.requested",
-        json!({
-            "request_id": "r1",
-            "code": CODE,
-            "learner": {"id": "l1", "email": "l1@learners.test", "name": "Learner l1"},
-            "item": {"id": "c1", "kind": "course", "title": "Course c1"},
-            "cost": "30",
-            "requested_at": w.now,
-        }),
-    );
+    let cancel = w.cancel_event("r9", "l1");
+    let again = w.request_event("r1", CODE, "l1", "c1", "30");
     assert_eq!(
         w.deliver_batch(&[cancel, again]).await,
         [Ok(Outcome::Applied), Ok(Outcome::Applied)]

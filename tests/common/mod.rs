@@ -302,9 +302,19 @@ impl<S: Store> World<S> {
     /// it is malformed.
     pub async fn send_from(&mut self, source: &str, type_name: &str, data: Value) -> Outcome {
         let event = self.event(source, type_name, data);
+        self.deliver_ok(&event).await
+    }
+
+    /// Applies `event`, which must be well formed.
+    pub async fn deliver_ok(&mut self, event: &Value) -> Outcome {
         self.deliver(event.to_string().as_bytes())
             .await
-            .unwrap_or_else(|m| panic!("{type_name} was malformed: {m:?}"))
+            .unwrap_or_else(|m| {
+                panic!(
+                    "{} was malformed: {m:?}",
+                    event["type"].as_str().unwrap_or_default()
+                )
+            })
     }
 
     /// Sends an event from the portal.
@@ -482,8 +492,21 @@ impl<S: Store> World<S> {
         item: &str,
         cost: &str,
     ) -> Outcome {
+        let event = self.request_event(request_id, code, learner, item, cost);
+        self.deliver_ok(&event).await
+    }
+
+    /// The event [`World::request`] sends, to send in a batch.
+    pub fn request_event(
+        &mut self,
+        request_id: &str,
+        code: &str,
+        learner: &str,
+        item: &str,
+        cost: &str,
+    ) -> Value {
         let requested_at = self.now;
-        self.send_from(
+        self.event(
             "lms",
             "credits.redemption.requested",
             json!({
@@ -495,7 +518,6 @@ impl<S: Store> World<S> {
                 "requested_at": requested_at,
             }),
         )
-        .await
     }
 
     pub async fn approve(&mut self, request_id: &str, approver: &str) -> Outcome {
@@ -515,12 +537,17 @@ impl<S: Store> World<S> {
     }
 
     pub async fn cancel(&mut self, request_id: &str, learner: &str) -> Outcome {
-        self.send_from(
+        let event = self.cancel_event(request_id, learner);
+        self.deliver_ok(&event).await
+    }
+
+    /// The event [`World::cancel`] sends, to send in a batch.
+    pub fn cancel_event(&mut self, request_id: &str, learner: &str) -> Value {
+        self.event(
             "lms",
             "credits.redemption.cancelled",
             json!({"request_id": request_id, "learner_id": learner}),
         )
-        .await
     }
 
     pub async fn unenroll(&mut self, request_id: &str) -> Outcome {
