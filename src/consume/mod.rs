@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
 use crate::config::redact;
-use crate::decode::{Malformed, Schemas, decode};
+use crate::decode::{Schemas, decode};
 use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
@@ -172,21 +172,26 @@ impl<S: Store> Consumer<S> {
         cancel: &CancellationToken,
     ) -> Result<bool, ConsumeError> {
         metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
-        let decoded: Vec<Result<Input, Malformed>> = batch
-            .iter()
-            .map(|d| decode(&self.schemas, &d.data).map(Input::from))
-            .collect();
-        let inputs: Vec<Input> = decoded
-            .iter()
-            .filter_map(|d| d.as_ref().ok().cloned())
-            .collect();
-        let Some(mut outcomes) = self.apply(&inputs, cancel).await else {
+        // Per delivery, the reason it could not be decoded, if any.
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut malformed = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match decode(&self.schemas, &delivery.data) {
+                Ok(decoded) => {
+                    inputs.push(Input::from(decoded));
+                    malformed.push(None);
+                }
+                Err(refusal) => malformed.push(Some(refusal)),
+            }
+        }
+        let Some(outcomes) = self.apply(&inputs, cancel).await else {
             return Ok(false);
         };
+        let mut applied = inputs.iter().zip(outcomes);
         let mut fates = Vec::with_capacity(batch.len());
-        for item in decoded {
-            let fate = match item {
-                Err(malformed) => {
+        for refusal in malformed {
+            let fate = match refusal {
+                Some(malformed) => {
                     let type_name = malformed.type_name.as_deref().unwrap_or("unknown");
                     metrics::counter!(metric::MESSAGES, "type" => type_name.to_owned(), "outcome" => "dead_letter").increment(1);
                     Fate::Dead {
@@ -194,8 +199,8 @@ impl<S: Store> Consumer<S> {
                         detail: malformed.detail,
                     }
                 }
-                Ok(input) => {
-                    let outcome = outcomes.remove(0);
+                None => {
+                    let (input, outcome) = applied.next().expect("one outcome per input");
                     metrics::counter!(metric::MESSAGES, "type" => input.command.type_name(), "outcome" => outcome.label()).increment(1);
                     tracing::debug!(event_id = %input.key.id, source = %input.key.source, r#type = input.command.type_name(), account = ?input.command.account_id(), outcome = outcome.label(), "Applied.");
                     match outcome {

@@ -128,6 +128,11 @@ pub struct Account {
     /// taken in (SPEC §6 rule 3).
     pub lots: Vec<Lot>,
     pub owners_dirty: bool,
+    /// The `accounts` row itself must be written: the account is new or one
+    /// of its own fields changed (kept by [`Ledger::absorb`]).
+    ///
+    /// [`Ledger::absorb`]: super::ledger::Ledger::absorb
+    pub row_dirty: bool,
 }
 
 /// The three figures of SPEC §6 rule 2 at one instant.
@@ -139,6 +144,20 @@ pub struct Balances {
 }
 
 impl Account {
+    /// Whether `self` and `other` have the same `accounts` row (their lots
+    /// and owners aside).
+    pub fn same_row(&self, other: &Account) -> bool {
+        self.id == other.id
+            && self.name == other.name
+            && self.status == other.status
+            && self.approval_mode == other.approval_mode
+            && self.code == other.code
+            && self.scope == other.scope
+            && self.low_balance_threshold == other.low_balance_threshold
+            && self.notes == other.notes
+            && self.created_at == other.created_at
+    }
+
     pub fn balances_at(&self, now: Ts) -> Balances {
         let mut balance = Credits::ZERO;
         let mut held = Credits::ZERO;

@@ -457,6 +457,7 @@ fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         created_at: step.now(),
         lots: Vec::new(),
         owners_dirty: true,
+        row_dirty: true,
     };
     step.audit(
         &account.id,

@@ -143,8 +143,8 @@ impl OutboxKind {
 /// Everything a batch writes, in the same transaction as its loads.
 #[derive(Clone, Debug, Default)]
 pub struct Writes {
-    /// Changed accounts; of their lots only those marked dirty are written,
-    /// and their owners only when `owners_dirty`.
+    /// Changed accounts: their row only when `row_dirty`, their owners only
+    /// when `owners_dirty`, of their lots only those marked dirty.
     pub accounts: Vec<Account>,
     pub requests: Vec<Redemption>,
     pub journal: Vec<(JournalEntry, String)>,

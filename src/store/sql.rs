@@ -165,6 +165,7 @@ macro_rules! sql_store {
                 created_at: row.try_get("created_at")?,
                 lots: Vec::new(),
                 owners_dirty: false,
+                row_dirty: false,
             })
         }
 
@@ -340,8 +341,9 @@ macro_rules! sql_store {
 
         async fn write(conn: &mut Conn, writes: &Writes) -> Result<(), StoreError> {
             let now = writes.now.unwrap_or_else(Ts::now);
+            let rows: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
             insert_rows(conn, "INSERT INTO accounts (account_id, name, status, approval_mode, code, code_key, scope, \
-                low_balance_threshold, notes, created_at) ", 10, &writes.accounts,
+                low_balance_threshold, notes, created_at) ", 10, &rows,
                 " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, status = excluded.status, \
                 approval_mode = excluded.approval_mode, code = excluded.code, code_key = excluded.code_key, \
                 scope = excluded.scope, low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
