@@ -334,6 +334,9 @@ fn wanted(batch: &[Input], now: Ts) -> Wanted {
             Command::RedemptionRequested(c) => {
                 wanted.code_keys.push(CodeKey::of(&c.code));
                 wanted.learner_ids.push(c.learner.id.clone());
+                wanted
+                    .learner_items
+                    .push((c.learner.id.clone(), c.item.id.clone()));
                 wanted.attempts_since =
                     Some(now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES)));
             }

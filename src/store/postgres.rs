@@ -65,6 +65,11 @@ impl PgStore {
     }
 }
 
+/// A list of values as one bind: a `text[]`.
+fn list(items: &[String]) -> &[String] {
+    items
+}
+
 super::sql::sql_store!(
     PgStore,
     Postgres,
@@ -72,5 +77,8 @@ super::sql::sql_store!(
     lock = " FOR UPDATE",
     skip_locked = " FOR UPDATE SKIP LOCKED",
     agg = "string_agg",
+    in_list = " = ANY($1)",
+    list = list,
+    pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb))",
     migrator = sqlx::migrate!("./migrations/postgres")
 );

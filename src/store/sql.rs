@@ -11,14 +11,12 @@ use crate::domain::Id;
 
 /// Binds per statement stay well under SQLite's and PostgreSQL's limits.
 pub(super) const BINDS_PER_STATEMENT_MAX: usize = 30_000;
-/// Values per `IN (…)` list.
-pub(super) const IN_LIST_MAX: usize = 5_000;
 
-// Statements whose text depends on how many rows or values they carry
-// (multi-row inserts, `IN (…)` lists) are not kept prepared
-// (`persistent(false)`): hardly any text comes twice, and a connection's
-// cache of such statements, each a program of thousands of steps, held a
-// hundred megabytes.
+// Multi-row inserts, whose text depends on how many rows they carry, are not
+// kept prepared (`persistent(false)`): hardly any text comes twice, and a
+// connection's cache of such statements, each a program of thousands of
+// steps, held a hundred megabytes. Lists of values are one bind (a JSON
+// array on SQLite, an array on PostgreSQL), so their statements are.
 
 pub(super) fn id(text: String) -> Result<Id, StoreError> {
     text.parse().map_err(StoreError::corrupt)
@@ -54,7 +52,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// the pool every write goes through, and an inherent `async fn
 /// write_gate`, taken around every write).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -63,7 +61,7 @@ macro_rules! sql_store {
         use $crate::domain::ledger::{EntryKind, Ledger};
         use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
         use $crate::domain::{Credits, Id, Ts};
-        use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX, IN_LIST_MAX};
+        use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX};
         use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes, FIRING_LEASE};
         use $crate::domain::command::ReportKind;
         use $crate::report::{Cell, ReportQuery};
@@ -120,26 +118,23 @@ macro_rules! sql_store {
         type Conn = <$db as sqlx::Database>::Connection;
         type DbRow = <$db as sqlx::Database>::Row;
 
-        /// Runs `head IN (items…) tail` in chunks and gathers the rows.
+        /// Runs `head` + `$in_list` + `tail`, the items bound as one list
+        /// (`$1`): the text is the same however many items there are, so the
+        /// statement is prepared once per connection.
         async fn fetch_in(
             conn: &mut Conn,
             head: &str,
             items: &[String],
             tail: &str,
         ) -> Result<Vec<DbRow>, sqlx::Error> {
-            let mut rows = Vec::new();
-            for chunk in items.chunks(IN_LIST_MAX) {
-                let mut query = QueryBuilder::<$db>::new(head);
-                query.push(" IN (");
-                let mut list = query.separated(", ");
-                for item in chunk {
-                    list.push_bind(item.clone());
-                }
-                query.push(")");
-                query.push(tail);
-                rows.extend(query.build().persistent(false).fetch_all(&mut *conn).await?);
+            if items.is_empty() {
+                return Ok(Vec::new());
             }
-            Ok(rows)
+            // `head` and `tail` are this module's own text; values are bound.
+            sqlx::query(sqlx::AssertSqlSafe(format!(concat!("{}", $in_list, "{}"), head, tail)))
+                .bind($list(items))
+                .fetch_all(&mut *conn)
+                .await
         }
 
         fn strings<T: AsRef<str>>(items: impl IntoIterator<Item = T>) -> Vec<String> {
@@ -293,10 +288,18 @@ macro_rules! sql_store {
                 account.sort_lots();
                 loaded.ledger.insert_account(account);
             }
-            // Of a learner's requests only which items are taken matters (a
-            // learner's history of approved requests grows without end).
-            for row in fetch_in(conn, "SELECT learner_id, item_id, request_id FROM redemptions WHERE status IN ('pending', 'approved') AND learner_id", &strings(&wanted.learner_ids), "").await? {
-                loaded.ledger.active.insert((id(row.try_get("learner_id")?)?, id(row.try_get("item_id")?)?), id(row.try_get("request_id")?)?);
+            // Of a learner's requests only whether the items asked for are
+            // taken matters (a learner's approved requests grow without end).
+            let pairs: BTreeSet<[&str; 2]> = wanted.learner_items.iter().map(|(learner, item)| [learner.as_str(), item.as_str()]).collect();
+            if !pairs.is_empty() {
+                let rows = sqlx::query(concat!("SELECT learner_id, item_id, request_id FROM redemptions \
+                    WHERE status IN ('pending', 'approved') AND (learner_id, item_id)", $pairs_in))
+                    .bind(to_json(&pairs))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for row in rows {
+                    loaded.ledger.active.insert((id(row.try_get("learner_id")?)?, id(row.try_get("item_id")?)?), id(row.try_get("request_id")?)?);
+                }
             }
             for request in requests {
                 loaded.ledger.insert_request(request);
@@ -360,14 +363,11 @@ macro_rules! sql_store {
                         .push_bind(a.created_at);
                 }).await?;
             let reowned: Vec<String> = writes.accounts.iter().filter(|a| a.owners_dirty).map(|a| a.id.to_string()).collect();
-            for chunk in reowned.chunks(IN_LIST_MAX) {
-                let mut query = QueryBuilder::<$db>::new("DELETE FROM owners WHERE account_id IN (");
-                let mut list = query.separated(", ");
-                for account in chunk {
-                    list.push_bind(account.clone());
-                }
-                query.push(")");
-                query.build().persistent(false).execute(&mut *conn).await?;
+            if !reowned.is_empty() {
+                sqlx::query(concat!("DELETE FROM owners WHERE account_id", $in_list))
+                    .bind($list(&reowned))
+                    .execute(&mut *conn)
+                    .await?;
             }
             let owners: Vec<(&Account, usize, &Owner)> = writes.accounts.iter()
                 .filter(|a| a.owners_dirty)
@@ -700,16 +700,12 @@ macro_rules! sql_store {
 
             async fn outbox_done(&self, ids: &[String], now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
-                for chunk in ids.chunks(IN_LIST_MAX) {
-                    let mut query = QueryBuilder::<$db>::new("UPDATE outbox SET dispatched_at = ");
-                    query.push_bind(now);
-                    query.push(" WHERE id IN (");
-                    let mut list = query.separated(", ");
-                    for id in chunk {
-                        list.push_bind(id.clone());
-                    }
-                    query.push(")");
-                    query.build().persistent(false).execute(self.writer()).await?;
+                if !ids.is_empty() {
+                    sqlx::query(concat!("UPDATE outbox SET dispatched_at = $2 WHERE id", $in_list))
+                        .bind($list(ids))
+                        .bind(now)
+                        .execute(self.writer())
+                        .await?;
                 }
                 Ok(())
             }

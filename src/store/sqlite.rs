@@ -123,6 +123,11 @@ fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     });
 }
 
+/// A list of values as one bind: a JSON array, read by `json_each`.
+fn list(items: &[String]) -> String {
+    serde_json::to_string(items).expect("strings serialise")
+}
+
 super::sql::sql_store!(
     SqliteStore,
     Sqlite,
@@ -130,6 +135,9 @@ super::sql::sql_store!(
     lock = "",
     skip_locked = "",
     agg = "group_concat",
+    in_list = " IN (SELECT value FROM json_each($1))",
+    list = list,
+    pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))",
     migrator = sqlx::migrate!("./migrations/sqlite")
 );
 
