@@ -1188,34 +1188,18 @@ COMMIT;"
 // ---------------------------------------------------------------------------
 // The worker process and the other commands of the binary
 
-/// Variables of the worker's configuration that the bench sets itself or
-/// keeps at their defaults (PREFETCH and BATCH_SIZE pass through).
-const CONFIG_VARIABLES: [&str; 19] = [
-    "DATABASE_URL",
-    "AMQP_URL",
-    "SMTP_URL",
-    "MAIL_DIR",
-    "MAIL_FROM",
-    "PORTAL_URL",
-    "HTTP_ADDR",
-    "REPORTS_DIR",
-    "EVENT_SOURCE",
-    "ADMIN_SOURCES",
-    "RETRY_DELAYS",
-    "REFUND_WINDOW_DAYS",
-    "PENDING_TIMEOUT_DAYS",
-    "EXPIRY_REMINDER_DAYS",
-    "SWEEP_CRON",
-    "STATEMENT_CRON",
-    "REPORT_CRON",
-    "LOG_FORMAT",
-    "RUST_LOG",
-];
+/// Variables of the worker's configuration that pass through to it; the
+/// bench sets or defaults every other one.
+const PASSED_ON: [&str; 2] = ["PREFETCH", "BATCH_SIZE"];
 
 fn binary(args: &[&str], database_url: &str, dir: &std::path::Path) -> Command {
     let mut command = Command::new(BINARY);
     command.args(args).current_dir(dir);
-    for variable in CONFIG_VARIABLES {
+    let variables = training_credits::config::VARIABLES
+        .iter()
+        .chain(&["LOG_FORMAT", "RUST_LOG"])
+        .filter(|variable| !PASSED_ON.contains(variable));
+    for variable in variables {
         command.env_remove(variable);
     }
     command

@@ -175,6 +175,30 @@ fn http_url(text: &str) -> Result<String, String> {
     }
 }
 
+/// Every variable [`Config`] reads (SPEC §2), for those who run the binary
+/// and must keep their own environment out of it (tests, the bench).
+pub const VARIABLES: &[&str] = &[
+    "DATABASE_URL",
+    "AMQP_URL",
+    "SMTP_URL",
+    "MAIL_DIR",
+    "MAIL_FROM",
+    "PORTAL_URL",
+    "HTTP_ADDR",
+    "REPORTS_DIR",
+    "EVENT_SOURCE",
+    "ADMIN_SOURCES",
+    "RETRY_DELAYS",
+    "REFUND_WINDOW_DAYS",
+    "PENDING_TIMEOUT_DAYS",
+    "EXPIRY_REMINDER_DAYS",
+    "SWEEP_CRON",
+    "STATEMENT_CRON",
+    "REPORT_CRON",
+    "PREFETCH",
+    "BATCH_SIZE",
+];
+
 impl Config {
     /// Reads the process environment (after a `.env` file, if any).
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -287,6 +311,21 @@ mod tests {
         assert_eq!(config.retry_delays.len(), 4);
         assert!(config.admin_sources.contains("admin"));
         assert!(config.smtp_url.is_none());
+    }
+
+    #[test]
+    fn every_variable_read_is_listed() {
+        let read = std::sync::Mutex::new(Vec::new());
+        Config::from_vars(|name| {
+            read.lock().unwrap().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let mut read = read.into_inner().unwrap();
+        read.sort();
+        let mut listed: Vec<&str> = VARIABLES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(read, listed);
     }
 
     #[test]

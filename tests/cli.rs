@@ -71,7 +71,7 @@ async fn run(url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
         let folder = tempfile::tempdir().expect("a working folder");
         let mut command = Command::new(common::BINARY);
         command.args(&args).current_dir(folder.path());
-        for variable in common::CONTRACT_VARIABLES {
+        for variable in common::contract_variables() {
             command.env_remove(variable);
         }
         if let Some(url) = url {

@@ -1354,7 +1354,7 @@ async fn binary(url: &str, args: &[String]) -> Run {
         let folder = tempfile::tempdir().expect("a working folder");
         let mut command = std::process::Command::new(common::BINARY);
         command.args(&args).current_dir(folder.path());
-        for variable in common::CONTRACT_VARIABLES {
+        for variable in common::contract_variables() {
             command.env_remove(variable);
         }
         command.env("DATABASE_URL", url);

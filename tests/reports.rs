@@ -1196,7 +1196,7 @@ async fn binary(url: &str, args: &[&str]) -> Run {
         let folder = tempfile::tempdir().expect("a working folder");
         let mut command = Command::new(common::BINARY);
         command.args(&args).current_dir(folder.path());
-        for variable in common::CONTRACT_VARIABLES {
+        for variable in common::contract_variables() {
             command.env_remove(variable);
         }
         command.env("DATABASE_URL", url);

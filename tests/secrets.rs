@@ -381,7 +381,7 @@ struct Output {
 fn command(folder: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
     let mut command = std::process::Command::new(common::BINARY);
     command.args(args).current_dir(folder);
-    for variable in common::CONTRACT_VARIABLES {
+    for variable in common::contract_variables() {
         command.env_remove(variable);
     }
     command.env("RUST_LOG", "trace");

@@ -92,7 +92,7 @@ impl Site {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(super::BINARY);
         command.args(args).current_dir(self.folder.path());
-        for variable in super::CONTRACT_VARIABLES {
+        for variable in super::contract_variables() {
             command.env_remove(variable);
         }
         command

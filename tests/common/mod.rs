@@ -85,30 +85,13 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
 
 /// Every variable the binary reads, removed from the environment of each run
 /// so that none leaks in from the one the tests run in.
-pub const CONTRACT_VARIABLES: &[&str] = &[
-    "DATABASE_URL",
-    "AMQP_URL",
-    "SMTP_URL",
-    "MAIL_DIR",
-    "MAIL_FROM",
-    "PORTAL_URL",
-    "HTTP_ADDR",
-    "REPORTS_DIR",
-    "EVENT_SOURCE",
-    "ADMIN_SOURCES",
-    "RETRY_DELAYS",
-    "REFUND_WINDOW_DAYS",
-    "PENDING_TIMEOUT_DAYS",
-    "EXPIRY_REMINDER_DAYS",
-    "SWEEP_CRON",
-    "STATEMENT_CRON",
-    "REPORT_CRON",
-    "PREFETCH",
-    "BATCH_SIZE",
-    "RUST_LOG",
-    "LOG_FORMAT",
-    "TEST_POSTGRES_URL",
-];
+pub fn contract_variables() -> impl Iterator<Item = &'static str> {
+    training_credits::config::VARIABLES.iter().copied().chain([
+        "RUST_LOG",
+        "LOG_FORMAT",
+        "TEST_POSTGRES_URL",
+    ])
+}
 
 pub fn settings() -> Settings {
     Settings {
