@@ -333,7 +333,6 @@ fn wanted(batch: &[Input], now: Ts) -> Wanted {
             Command::Sweep { account_id } => wanted.pending_of.push(account_id.clone()),
             Command::RedemptionRequested(c) => {
                 wanted.code_keys.push(CodeKey::of(&c.code));
-                wanted.learner_ids.push(c.learner.id.clone());
                 wanted
                     .learner_items
                     .push((c.learner.id.clone(), c.item.id.clone()));

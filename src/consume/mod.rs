@@ -172,8 +172,8 @@ impl<S: Store> Consumer<S> {
         cancel: &CancellationToken,
     ) -> Result<bool, ConsumeError> {
         metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
-        // Per delivery, the reason it could not be decoded, if any.
         let mut inputs = Vec::with_capacity(batch.len());
+        // Per delivery, the reason it could not be decoded, if any.
         let mut malformed = Vec::with_capacity(batch.len());
         for delivery in batch {
             match decode(&self.schemas, &delivery.data) {

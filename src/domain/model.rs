@@ -147,15 +147,31 @@ impl Account {
     /// Whether `self` and `other` have the same `accounts` row (their lots
     /// and owners aside).
     pub fn same_row(&self, other: &Account) -> bool {
-        self.id == other.id
-            && self.name == other.name
-            && self.status == other.status
-            && self.approval_mode == other.approval_mode
-            && self.code == other.code
-            && self.scope == other.scope
-            && self.low_balance_threshold == other.low_balance_threshold
-            && self.notes == other.notes
-            && self.created_at == other.created_at
+        // Every field named, so that a new one cannot be left out unseen.
+        let Account {
+            id,
+            name,
+            status,
+            approval_mode,
+            owners: _,
+            code,
+            scope,
+            low_balance_threshold,
+            notes,
+            created_at,
+            lots: _,
+            owners_dirty: _,
+            row_dirty: _,
+        } = self;
+        *id == other.id
+            && *name == other.name
+            && *status == other.status
+            && *approval_mode == other.approval_mode
+            && *code == other.code
+            && *scope == other.scope
+            && *low_balance_threshold == other.low_balance_threshold
+            && *notes == other.notes
+            && *created_at == other.created_at
     }
 
     pub fn balances_at(&self, now: Ts) -> Balances {

@@ -79,10 +79,8 @@ pub struct Wanted {
     pub code_keys: Vec<CodeKey>,
     pub request_ids: Vec<Id>,
     pub owner_emails: Vec<Email>,
-    /// Learners whose recent invalid codes matter.
-    pub learner_ids: Vec<Id>,
     /// (learner, item) pairs asked for: whether each is already pending or
-    /// approved.
+    /// approved, and the learners' recent invalid codes.
     pub learner_items: Vec<(Id, Id)>,
     /// Accounts whose pending requests must all be loaded (closing, sweep).
     pub pending_of: Vec<Id>,

@@ -305,7 +305,7 @@ macro_rules! sql_store {
                 loaded.ledger.insert_request(request);
             }
             if let Some(since) = wanted.attempts_since {
-                for row in fetch_in(conn, "SELECT learner_id, at FROM code_attempts WHERE learner_id", &strings(&wanted.learner_ids), "").await? {
+                for row in fetch_in(conn, "SELECT learner_id, at FROM code_attempts WHERE learner_id", &strings(wanted.learner_items.iter().map(|(learner, _)| learner)), "").await? {
                     let at: Ts = row.try_get("at")?;
                     if at > since {
                         loaded.ledger.attempts.entry(id(row.try_get("learner_id")?)?).or_default().push(at);
