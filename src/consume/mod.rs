@@ -8,9 +8,12 @@
 
 pub mod topology;
 
+use std::mem::take;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::{Fuse, FusedFuture};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -23,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
 use crate::config::redact;
-use crate::decode::{Schemas, decode};
+use crate::decode::{Malformed, Schemas, decode};
 use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
@@ -66,6 +69,32 @@ pub struct Consumer<S> {
     pub schemas: Arc<Schemas>,
     pub limits: Limits,
     pub health: Arc<Health>,
+}
+
+/// Deliveries taken together, decoded as they arrive.
+#[derive(Default)]
+struct Batch {
+    deliveries: Vec<Delivery>,
+    inputs: Vec<Input>,
+    /// Per delivery, the reason it could not be decoded, if any.
+    malformed: Vec<Option<Malformed>>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    fn push(&mut self, schemas: &Schemas, delivery: Delivery) {
+        match decode(schemas, &delivery.data) {
+            Ok(decoded) => {
+                self.inputs.push(Input::from(decoded));
+                self.malformed.push(None);
+            }
+            Err(refusal) => self.malformed.push(Some(refusal)),
+        }
+        self.deliveries.push(delivery);
+    }
 }
 
 /// What became of one delivery.
@@ -129,28 +158,43 @@ impl<S: Store> Consumer<S> {
             prefetch = self.limits.prefetch,
             "Consuming."
         );
+        // Two batches at a time: one being applied (`in_hand`), the next
+        // growing and being decoded as its deliveries arrive, so decoding
+        // overlaps the database's work and a batch is as large as what
+        // arrived while the one before it was applied.
+        let mut next = Batch::default();
+        let mut in_hand = pin!(Fuse::terminated());
+        let mut stopping = false;
         loop {
-            // A stop request wins over deliveries already waiting: the batch in
-            // hand is finished, no new one is taken.
-            let first = tokio::select! {
+            tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
-                next = deliveries.next() => next,
-            };
-            let mut batch = match first {
-                Some(delivery) => vec![delivery?],
-                None => return Err(ConsumeError::ConsumerGone),
-            };
-            // Whatever else has already arrived joins the batch; nothing waits
-            // for more, so a lone message is applied at once.
-            while batch.len() < self.limits.batch_max {
-                match deliveries.next().now_or_never() {
-                    Some(Some(delivery)) => batch.push(delivery?),
-                    _ => break,
+                done = &mut in_hand, if !in_hand.is_terminated() => {
+                    if !done? {
+                        break;
+                    }
+                }
+                // A stop request wins over deliveries already waiting: the
+                // batch in hand is finished, no new one is taken.
+                _ = cancel.cancelled(), if !stopping => stopping = true,
+                delivery = deliveries.next(), if !stopping && next.len() < self.limits.batch_max => {
+                    next.push(&self.schemas, delivery.ok_or(ConsumeError::ConsumerGone)??);
+                    // Whatever else has already arrived joins it.
+                    while next.len() < self.limits.batch_max {
+                        match deliveries.next().now_or_never() {
+                            Some(Some(delivery)) => next.push(&self.schemas, delivery?),
+                            _ => break,
+                        }
+                    }
                 }
             }
-            if !self.handle(&channel, &batch, cancel).await? {
-                break;
+            if in_hand.is_terminated() {
+                if stopping {
+                    break;
+                }
+                // Nothing waits for more: a lone message is applied at once.
+                if next.len() > 0 {
+                    in_hand.set(self.handle(&channel, take(&mut next), cancel).fuse());
+                }
             }
         }
         Health::set(&self.health.consumer_running, false);
@@ -168,22 +212,15 @@ impl<S: Store> Consumer<S> {
     async fn handle(
         &self,
         channel: &Channel,
-        batch: &[Delivery],
+        batch: Batch,
         cancel: &CancellationToken,
     ) -> Result<bool, ConsumeError> {
+        let Batch {
+            deliveries: batch,
+            inputs,
+            malformed,
+        } = batch;
         metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
-        let mut inputs = Vec::with_capacity(batch.len());
-        // Per delivery, the reason it could not be decoded, if any.
-        let mut malformed = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            match decode(&self.schemas, &delivery.data) {
-                Ok(decoded) => {
-                    inputs.push(Input::from(decoded));
-                    malformed.push(None);
-                }
-                Err(refusal) => malformed.push(Some(refusal)),
-            }
-        }
         let Some(outcomes) = self.apply(&inputs, cancel).await else {
             return Ok(false);
         };

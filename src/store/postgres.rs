@@ -7,9 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::postgres::{
+    PgArguments, PgConnection, PgHasArrayType, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef,
+};
+use sqlx::query::Query;
 use sqlx::{Decode, Encode, Postgres, Type};
 use tokio::sync::MutexGuard;
+
+use super::sql::{self, Column, Kind};
 
 /// Instants are `TIMESTAMPTZ`, microsecond precision like [`Ts`].
 impl Type<Postgres> for Ts {
@@ -65,6 +70,59 @@ impl PgStore {
     }
 }
 
+impl PgHasArrayType for Ts {
+    fn array_type_info() -> PgTypeInfo {
+        <DateTime<Utc> as PgHasArrayType>::array_type_info()
+    }
+}
+
+/// Inserts `rows` in one statement, each column bound as one array: the
+/// text is the same however many rows there are, so PostgreSQL parses and
+/// plans it once per connection.
+async fn insert_columns(conn: &mut PgConnection, rows: sql::Rows) -> Result<(), sqlx::Error> {
+    let arrays: Vec<String> = (1..=rows.columns.len())
+        .zip(rows.table.columns)
+        .map(|(at, (_, kind))| {
+            let array = match kind {
+                Kind::Text => "text[]",
+                Kind::Int => "int8[]",
+                Kind::Time => "timestamptz[]",
+            };
+            format!("${at}::{array}")
+        })
+        .collect();
+    let text = format!(
+        "{}SELECT * FROM UNNEST({}){}",
+        rows.table.head(),
+        arrays.join(", "),
+        rows.tail
+    );
+    // The text is this module's own; the values are bound.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
+    for column in rows.columns {
+        query = match column {
+            Column::Text(values) => query.bind(values),
+            Column::Int(values) => query.bind(values),
+            Column::Time(values) => query.bind(values),
+        };
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
+/// The (learner, item) pairs looked up by `pairs_in`: two `text[]`, zipped
+/// by `UNNEST`.
+fn bind_pairs<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    pairs: &std::collections::BTreeSet<[&str; 2]>,
+) -> Query<'q, Postgres, PgArguments> {
+    let (learners, items): (Vec<String>, Vec<String>) = pairs
+        .iter()
+        .map(|[learner, item]| ((*learner).to_owned(), (*item).to_owned()))
+        .unzip();
+    query.bind(learners).bind(items)
+}
+
 /// A list of values as one bind: a `text[]`.
 fn list(items: &[String]) -> &[String] {
     items
@@ -79,6 +137,8 @@ super::sql::sql_store!(
     agg = "string_agg",
     in_list = " = ANY($1)",
     list = list,
-    pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb))",
+    pairs_in = " IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+    bind_pairs = bind_pairs,
+    insert = insert_columns,
     migrator = sqlx::migrate!("./migrations/postgres")
 );

@@ -7,16 +7,248 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::StoreError;
-use crate::domain::Id;
+use crate::domain::{Id, Ts};
 
 /// Binds per statement stay well under SQLite's and PostgreSQL's limits.
 pub(super) const BINDS_PER_STATEMENT_MAX: usize = 30_000;
 
-// Multi-row inserts, whose text depends on how many rows they carry, are not
-// kept prepared (`persistent(false)`): hardly any text comes twice, and a
-// connection's cache of such statements, each a program of thousands of
-// steps, held a hundred megabytes. Lists of values are one bind (a JSON
-// array on SQLite, an array on PostgreSQL), so their statements are.
+// Lists of values are one bind (a JSON array on SQLite, an array on
+// PostgreSQL), so their statements have one text and stay prepared. Rows to
+// insert are gathered column by column ([`Rows`]): PostgreSQL binds each
+// column as one array (`UNNEST`), one prepared statement per table; SQLite
+// binds them row by row in multi-row `VALUES`.
+
+/// The type of a column, the same in both schemas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Text,
+    Int,
+    /// An instant ([`Ts`]).
+    Time,
+}
+
+/// A table and the columns an insert fills, in order.
+pub(super) struct Table {
+    pub name: &'static str,
+    pub columns: &'static [(&'static str, Kind)],
+}
+
+impl Table {
+    /// `INSERT INTO name (a, b, …) `.
+    pub fn head(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+        format!("INSERT INTO {} ({}) ", self.name, names.join(", "))
+    }
+}
+
+/// The values of one column, a row each.
+pub(super) enum Column {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Time(Vec<Option<Ts>>),
+}
+
+/// Rows to insert into a [`Table`], kept column by column. Values are given
+/// row after row, each in the table's column order.
+pub(super) struct Rows {
+    pub table: &'static Table,
+    pub columns: Vec<Column>,
+    /// What follows the rows: an `ON CONFLICT` clause, or nothing.
+    pub tail: &'static str,
+    next: usize,
+}
+
+impl Rows {
+    pub fn new(table: &'static Table, rows: usize, tail: &'static str) -> Rows {
+        let columns = table
+            .columns
+            .iter()
+            .map(|(_, kind)| match kind {
+                Kind::Text => Column::Text(Vec::with_capacity(rows)),
+                Kind::Int => Column::Int(Vec::with_capacity(rows)),
+                Kind::Time => Column::Time(Vec::with_capacity(rows)),
+            })
+            .collect();
+        Rows {
+            table,
+            columns,
+            tail,
+            next: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.columns[0] {
+            Column::Text(values) => values.len(),
+            Column::Int(values) => values.len(),
+            Column::Time(values) => values.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The column the next value belongs to.
+    fn slot(&mut self) -> (&'static str, &mut Column) {
+        let at = self.next;
+        self.next = (at + 1) % self.columns.len();
+        (self.table.columns[at].0, &mut self.columns[at])
+    }
+
+    pub fn text(&mut self, value: impl Into<Option<String>>) -> &mut Rows {
+        match self.slot() {
+            (_, Column::Text(values)) => values.push(value.into()),
+            (name, _) => unreachable!("{name} is not a text column"),
+        }
+        self
+    }
+
+    pub fn int(&mut self, value: impl Into<Option<i64>>) -> &mut Rows {
+        match self.slot() {
+            (_, Column::Int(values)) => values.push(value.into()),
+            (name, _) => unreachable!("{name} is not an integer column"),
+        }
+        self
+    }
+
+    pub fn time(&mut self, value: impl Into<Option<Ts>>) -> &mut Rows {
+        match self.slot() {
+            (_, Column::Time(values)) => values.push(value.into()),
+            (name, _) => unreachable!("{name} is not an instant column"),
+        }
+        self
+    }
+}
+
+use Kind::{Int, Text, Time};
+
+pub(super) const ACCOUNTS: Table = Table {
+    name: "accounts",
+    columns: &[
+        ("account_id", Text),
+        ("name", Text),
+        ("status", Text),
+        ("approval_mode", Text),
+        ("code", Text),
+        ("code_key", Text),
+        ("scope", Text),
+        ("low_balance_threshold", Int),
+        ("notes", Text),
+        ("created_at", Time),
+    ],
+};
+
+pub(super) const OWNERS: Table = Table {
+    name: "owners",
+    columns: &[
+        ("email", Text),
+        ("account_id", Text),
+        ("name", Text),
+        ("position", Int),
+    ],
+};
+
+pub(super) const LOTS: Table = Table {
+    name: "lots",
+    columns: &[
+        ("account_id", Text),
+        ("purchase_id", Text),
+        ("credits", Int),
+        ("remaining", Int),
+        ("held", Int),
+        ("expired", Int),
+        ("purchased_at", Time),
+        ("expires_at", Time),
+        ("price_amount", Int),
+        ("price_currency", Text),
+        ("channel", Text),
+        ("reminded_stage", Int),
+        ("remind_at", Time),
+        ("fingerprint", Text),
+    ],
+};
+
+pub(super) const REDEMPTIONS: Table = Table {
+    name: "redemptions",
+    columns: &[
+        ("request_id", Text),
+        ("account_id", Text),
+        ("learner_id", Text),
+        ("learner_email", Text),
+        ("learner_name", Text),
+        ("item_id", Text),
+        ("item_kind", Text),
+        ("item_title", Text),
+        ("item_group_ids", Text),
+        ("cost", Int),
+        ("status", Text),
+        ("reason", Text),
+        ("requested_at", Time),
+        ("created_at", Time),
+        ("decided_by", Text),
+        ("decided_at", Time),
+        ("allocations", Text),
+        ("refunded", Int),
+        ("fingerprint", Text),
+    ],
+};
+
+pub(super) const JOURNAL: Table = Table {
+    name: "journal",
+    columns: &[
+        ("at", Time),
+        ("account_id", Text),
+        ("entry", Text),
+        ("purchase_id", Text),
+        ("request_id", Text),
+        ("amount", Int),
+        ("held_delta", Int),
+        ("balance_after", Int),
+        ("actor", Text),
+        ("causation_id", Text),
+    ],
+};
+
+pub(super) const AUDIT: Table = Table {
+    name: "audit",
+    columns: &[
+        ("at", Time),
+        ("account_id", Text),
+        ("actor", Text),
+        ("field", Text),
+        ("old_value", Text),
+        ("new_value", Text),
+        ("causation_id", Text),
+    ],
+};
+
+pub(super) const PROCESSED: Table = Table {
+    name: "processed",
+    columns: &[
+        ("source", Text),
+        ("event_id", Text),
+        ("digest", Text),
+        ("outcome", Text),
+        ("processed_at", Time),
+    ],
+};
+
+pub(super) const CODE_ATTEMPTS: Table = Table {
+    name: "code_attempts",
+    columns: &[("learner_id", Text), ("at", Time)],
+};
+
+pub(super) const OUTBOX: Table = Table {
+    name: "outbox",
+    columns: &[
+        ("id", Text),
+        ("kind", Text),
+        ("payload", Text),
+        ("created_at", Time),
+        ("next_attempt_at", Time),
+    ],
+};
 
 pub(super) fn id(text: String) -> Result<Id, StoreError> {
     text.parse().map_err(StoreError::corrupt)
@@ -52,7 +284,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// the pool every write goes through, and an inherent `async fn
 /// write_gate`, taken around every write).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, insert = $insert:path, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -61,7 +293,7 @@ macro_rules! sql_store {
         use $crate::domain::ledger::{EntryKind, Ledger};
         use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
         use $crate::domain::{Credits, Id, Ts};
-        use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, BINDS_PER_STATEMENT_MAX};
+        use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, Rows, ACCOUNTS, AUDIT, CODE_ATTEMPTS, JOURNAL, LOTS, OUTBOX, OWNERS, PROCESSED, REDEMPTIONS};
         use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes, FIRING_LEASE};
         use $crate::domain::command::ReportKind;
         use $crate::report::{Cell, ReportQuery};
@@ -293,8 +525,8 @@ macro_rules! sql_store {
             let pairs: BTreeSet<[&str; 2]> = wanted.learner_items.iter().map(|(learner, item)| [learner.as_str(), item.as_str()]).collect();
             if !pairs.is_empty() {
                 let rows = sqlx::query(concat!("SELECT learner_id, item_id, request_id FROM redemptions \
-                    WHERE status IN ('pending', 'approved') AND (learner_id, item_id)", $pairs_in))
-                    .bind(to_json(&pairs))
+                    WHERE status IN ('pending', 'approved') AND (learner_id, item_id)", $pairs_in));
+                let rows = $bind_pairs(rows, &pairs)
                     .fetch_all(&mut *conn)
                     .await?;
                 for row in rows {
@@ -324,44 +556,34 @@ macro_rules! sql_store {
             Ok(loaded)
         }
 
-        /// Inserts `rows` with as many rows per statement as the bind limit allows.
-        async fn insert_rows<T>(
-            conn: &mut Conn,
-            head: &str,
-            columns: usize,
-            rows: &[T],
-            tail: &str,
-            mut bind: impl FnMut(&mut sqlx::query_builder::Separated<'_, $db, &'static str>, &T),
-        ) -> Result<(), sqlx::Error> {
-            for chunk in rows.chunks((BINDS_PER_STATEMENT_MAX / columns).max(1)) {
-                let mut query = QueryBuilder::<$db>::new(head);
-                query.push_values(chunk.iter(), |mut row, item| bind(&mut row, item));
-                query.push(tail);
-                query.build().persistent(false).execute(&mut *conn).await?;
+        /// Inserts `rows`, if there are any.
+        async fn insert(conn: &mut Conn, rows: Rows) -> Result<(), sqlx::Error> {
+            if rows.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            $insert(conn, rows).await
         }
 
         async fn write(conn: &mut Conn, writes: &Writes) -> Result<(), StoreError> {
             let now = writes.now.unwrap_or_else(Ts::now);
-            let rows: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
-            insert_rows(conn, "INSERT INTO accounts (account_id, name, status, approval_mode, code, code_key, scope, \
-                low_balance_threshold, notes, created_at) ", 10, &rows,
-                " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, status = excluded.status, \
-                approval_mode = excluded.approval_mode, code = excluded.code, code_key = excluded.code_key, \
-                scope = excluded.scope, low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
-                |row, a| {
-                    row.push_bind(a.id.to_string())
-                        .push_bind(a.name.clone())
-                        .push_bind(to_text(&a.status))
-                        .push_bind(to_text(&a.approval_mode))
-                        .push_bind(a.code.to_string())
-                        .push_bind(a.code.key().as_str().to_owned())
-                        .push_bind(to_json(&a.scope))
-                        .push_bind(a.low_balance_threshold.map(Credits::cents))
-                        .push_bind(a.notes.clone())
-                        .push_bind(a.created_at);
-                }).await?;
+            let dirty: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
+            let mut rows = Rows::new(&ACCOUNTS, dirty.len(), " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, \
+                status = excluded.status, approval_mode = excluded.approval_mode, code = excluded.code, \
+                code_key = excluded.code_key, scope = excluded.scope, \
+                low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes");
+            for a in dirty {
+                rows.text(a.id.to_string())
+                    .text(a.name.clone())
+                    .text(to_text(&a.status))
+                    .text(to_text(&a.approval_mode))
+                    .text(a.code.to_string())
+                    .text(a.code.key().as_str().to_owned())
+                    .text(to_json(&a.scope))
+                    .int(a.low_balance_threshold.map(Credits::cents))
+                    .text(a.notes.clone())
+                    .time(a.created_at);
+            }
+            insert(conn, rows).await?;
             let reowned: Vec<String> = writes.accounts.iter().filter(|a| a.owners_dirty).map(|a| a.id.to_string()).collect();
             if !reowned.is_empty() {
                 sqlx::query(concat!("DELETE FROM owners WHERE account_id", $in_list))
@@ -369,119 +591,122 @@ macro_rules! sql_store {
                     .execute(&mut *conn)
                     .await?;
             }
-            let owners: Vec<(&Account, usize, &Owner)> = writes.accounts.iter()
-                .filter(|a| a.owners_dirty)
-                .flat_map(|a| a.owners.iter().enumerate().map(move |(i, o)| (a, i, o)))
-                .collect();
-            insert_rows(conn, "INSERT INTO owners (email, account_id, name, position) ", 4, &owners, "", |row, (a, i, o)| {
-                row.push_bind(o.email.to_string())
-                    .push_bind(a.id.to_string())
-                    .push_bind(o.name.clone())
-                    .push_bind(i64::try_from(*i).expect("an account has few owners"));
-            }).await?;
-            let lots: Vec<(&Account, &Lot)> = writes.accounts.iter()
-                .flat_map(|a| a.lots.iter().filter(|l| l.dirty).map(move |l| (a, l)))
-                .collect();
+            let mut rows = Rows::new(&OWNERS, reowned.len(), "");
+            for a in writes.accounts.iter().filter(|a| a.owners_dirty) {
+                for (position, o) in a.owners.iter().enumerate() {
+                    rows.text(o.email.to_string())
+                        .text(a.id.to_string())
+                        .text(o.name.clone())
+                        .int(i64::try_from(position).expect("an account has few owners"));
+                }
+            }
+            insert(conn, rows).await?;
             let stages = &writes.reminder_stages;
-            insert_rows(conn, "INSERT INTO lots (account_id, purchase_id, credits, remaining, held, expired, purchased_at, \
-                expires_at, price_amount, price_currency, channel, reminded_stage, remind_at, fingerprint) ", 14, &lots,
-                " ON CONFLICT (account_id, purchase_id) DO UPDATE SET remaining = excluded.remaining, held = excluded.held, \
-                expired = excluded.expired, expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
-                remind_at = excluded.remind_at",
-                |row, (a, l)| {
-                    row.push_bind(a.id.to_string())
-                        .push_bind(l.purchase_id.to_string())
-                        .push_bind(l.credits.cents())
-                        .push_bind(l.remaining.cents())
-                        .push_bind(l.held.cents())
-                        .push_bind(l.expired.cents())
-                        .push_bind(l.purchased_at)
-                        .push_bind(l.expires_at)
-                        .push_bind(l.price_paid.as_ref().map(|p| p.amount.cents()))
-                        .push_bind(l.price_paid.as_ref().map(|p| p.currency.clone()))
-                        .push_bind(l.channel.clone())
-                        .push_bind(l.reminded_stage.map(i64::from))
-                        .push_bind(l.next_reminder_at(stages))
-                        .push_bind(l.fingerprint.clone());
-                }).await?;
-            insert_rows(conn, "INSERT INTO redemptions (request_id, account_id, learner_id, learner_email, learner_name, \
-                item_id, item_kind, item_title, item_group_ids, cost, status, reason, requested_at, created_at, decided_by, \
-                decided_at, allocations, refunded, fingerprint) ", 19, &writes.requests,
-                " ON CONFLICT (request_id) DO UPDATE SET status = excluded.status, reason = excluded.reason, \
-                decided_by = excluded.decided_by, decided_at = excluded.decided_at, refunded = excluded.refunded",
-                |row, r| {
-                    row.push_bind(r.request_id.to_string())
-                        .push_bind(r.account_id.as_ref().map(Id::to_string))
-                        .push_bind(r.learner.id.to_string())
-                        .push_bind(r.learner.email.to_string())
-                        .push_bind(r.learner.name.clone())
-                        .push_bind(r.item.id.to_string())
-                        .push_bind(to_text(&r.item.kind))
-                        .push_bind(r.item.title.clone())
-                        .push_bind(to_json(&r.item.group_ids))
-                        .push_bind(r.cost.cents())
-                        .push_bind(r.status.as_str())
-                        .push_bind(r.reason.clone())
-                        .push_bind(r.requested_at)
-                        .push_bind(r.created_at)
-                        .push_bind(r.decided_by.clone())
-                        .push_bind(r.decided_at)
-                        .push_bind(to_json(&r.allocations))
-                        .push_bind(r.refunded.cents())
-                        .push_bind(r.fingerprint.clone());
-                }).await?;
-            insert_rows(conn, "INSERT INTO journal (at, account_id, entry, purchase_id, request_id, amount, held_delta, \
-                balance_after, actor, causation_id) ", 10, &writes.journal, "", |row, (e, cause)| {
-                row.push_bind(e.at)
-                    .push_bind(e.account_id.to_string())
-                    .push_bind(e.kind.as_str())
-                    .push_bind(e.purchase_id.to_string())
-                    .push_bind(e.request_id.as_ref().map(Id::to_string))
-                    .push_bind(e.amount.cents())
-                    .push_bind(e.held_delta.cents())
-                    .push_bind(e.balance_after.cents())
-                    .push_bind(e.actor.clone())
-                    .push_bind(cause.clone());
-            }).await?;
-            insert_rows(conn, "INSERT INTO audit (at, account_id, actor, field, old_value, new_value, causation_id) ", 7,
-                &writes.audit, "", |row, (e, cause)| {
-                row.push_bind(e.at)
-                    .push_bind(e.account_id.to_string())
-                    .push_bind(e.actor.clone())
-                    .push_bind(e.field.clone())
-                    .push_bind(e.old.to_string())
-                    .push_bind(e.new.to_string())
-                    .push_bind(cause.clone());
-            }).await?;
-            insert_rows(conn, "INSERT INTO processed (source, event_id, digest, outcome, processed_at) ", 5,
-                &writes.processed, "", |row, (key, digest, outcome)| {
-                row.push_bind(key.source.clone())
-                    .push_bind(key.id.clone())
-                    .push_bind(digest.clone())
-                    .push_bind(*outcome)
-                    .push_bind(now);
-            }).await?;
+            let mut rows = Rows::new(&LOTS, writes.accounts.len(), " ON CONFLICT (account_id, purchase_id) DO UPDATE SET \
+                remaining = excluded.remaining, held = excluded.held, expired = excluded.expired, \
+                expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, remind_at = excluded.remind_at");
+            for a in &writes.accounts {
+                for l in a.lots.iter().filter(|l| l.dirty) {
+                    rows.text(a.id.to_string())
+                        .text(l.purchase_id.to_string())
+                        .int(l.credits.cents())
+                        .int(l.remaining.cents())
+                        .int(l.held.cents())
+                        .int(l.expired.cents())
+                        .time(l.purchased_at)
+                        .time(l.expires_at)
+                        .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
+                        .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
+                        .text(l.channel.clone())
+                        .int(l.reminded_stage.map(i64::from))
+                        .time(l.next_reminder_at(stages))
+                        .text(l.fingerprint.clone());
+                }
+            }
+            insert(conn, rows).await?;
+            let mut rows = Rows::new(&REDEMPTIONS, writes.requests.len(), " ON CONFLICT (request_id) DO UPDATE SET \
+                status = excluded.status, reason = excluded.reason, decided_by = excluded.decided_by, \
+                decided_at = excluded.decided_at, refunded = excluded.refunded");
+            for r in &writes.requests {
+                rows.text(r.request_id.to_string())
+                    .text(r.account_id.as_ref().map(Id::to_string))
+                    .text(r.learner.id.to_string())
+                    .text(r.learner.email.to_string())
+                    .text(r.learner.name.clone())
+                    .text(r.item.id.to_string())
+                    .text(to_text(&r.item.kind))
+                    .text(r.item.title.clone())
+                    .text(to_json(&r.item.group_ids))
+                    .int(r.cost.cents())
+                    .text(r.status.as_str().to_owned())
+                    .text(r.reason.clone())
+                    .time(r.requested_at)
+                    .time(r.created_at)
+                    .text(r.decided_by.clone())
+                    .time(r.decided_at)
+                    .text(to_json(&r.allocations))
+                    .int(r.refunded.cents())
+                    .text(r.fingerprint.clone());
+            }
+            insert(conn, rows).await?;
+            let mut rows = Rows::new(&JOURNAL, writes.journal.len(), "");
+            for (e, cause) in &writes.journal {
+                rows.time(e.at)
+                    .text(e.account_id.to_string())
+                    .text(e.kind.as_str().to_owned())
+                    .text(e.purchase_id.to_string())
+                    .text(e.request_id.as_ref().map(Id::to_string))
+                    .int(e.amount.cents())
+                    .int(e.held_delta.cents())
+                    .int(e.balance_after.cents())
+                    .text(e.actor.clone())
+                    .text(cause.clone());
+            }
+            insert(conn, rows).await?;
+            let mut rows = Rows::new(&AUDIT, writes.audit.len(), "");
+            for (e, cause) in &writes.audit {
+                rows.time(e.at)
+                    .text(e.account_id.to_string())
+                    .text(e.actor.clone())
+                    .text(e.field.clone())
+                    .text(e.old.to_string())
+                    .text(e.new.to_string())
+                    .text(cause.clone());
+            }
+            insert(conn, rows).await?;
+            let mut rows = Rows::new(&PROCESSED, writes.processed.len(), "");
+            for (key, digest, outcome) in &writes.processed {
+                rows.text(key.source.clone())
+                    .text(key.id.clone())
+                    .text(digest.clone())
+                    .text((*outcome).to_owned())
+                    .time(now);
+            }
+            insert(conn, rows).await?;
             if !writes.attempts.is_empty() {
                 // Attempts older than the window never count again.
                 let horizon = now.plus(-chrono::Duration::minutes($crate::domain::rules::INVALID_CODE_WINDOW_MINUTES));
                 sqlx::query("DELETE FROM code_attempts WHERE at <= $1").bind(horizon).execute(&mut *conn).await?;
             }
-            insert_rows(conn, "INSERT INTO code_attempts (learner_id, at) ", 2, &writes.attempts, "", |row, (learner, at)| {
-                row.push_bind(learner.to_string()).push_bind(*at);
-            }).await?;
+            let mut rows = Rows::new(&CODE_ATTEMPTS, writes.attempts.len(), "");
+            for (learner, at) in &writes.attempts {
+                rows.text(learner.to_string()).time(*at);
+            }
+            insert(conn, rows).await?;
             insert_outbox(conn, &writes.outbox, "").await?;
             Ok(())
         }
 
-        async fn insert_outbox(conn: &mut Conn, rows: &[OutboxRow], tail: &str) -> Result<(), sqlx::Error> {
-            insert_rows(conn, "INSERT INTO outbox (id, kind, payload, created_at, next_attempt_at) ", 5, rows, tail,
-                |row, o| {
-                row.push_bind(o.id.clone())
-                    .push_bind(o.kind.as_str())
-                    .push_bind(o.payload.clone())
-                    .push_bind(o.created_at)
-                    .push_bind(o.next_attempt_at);
-            }).await
+        async fn insert_outbox(conn: &mut Conn, outbox: &[OutboxRow], tail: &'static str) -> Result<(), sqlx::Error> {
+            let mut rows = Rows::new(&OUTBOX, outbox.len(), tail);
+            for o in outbox {
+                rows.text(o.id.clone())
+                    .text(o.kind.as_str().to_owned())
+                    .text(o.payload.clone())
+                    .time(o.created_at)
+                    .time(o.next_attempt_at);
+            }
+            insert(conn, rows).await
         }
 
         impl Store for $store {

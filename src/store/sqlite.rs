@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
+use sqlx::query::Query;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    SqliteTypeInfo, SqliteValueRef,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
 };
 use sqlx::{Decode, Encode, Sqlite, Type};
 use tokio::sync::{Mutex, MutexGuard};
+
+use super::sql::{self, BINDS_PER_STATEMENT_MAX, Column};
 
 /// Instants are stored as microseconds since the epoch, which sort and
 /// compare exactly.
@@ -123,6 +126,46 @@ fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     });
 }
 
+/// Inserts `rows` in multi-row `VALUES` statements, as many rows each as the
+/// bind limit allows. Their text depends on how many rows they carry, so
+/// they are not kept prepared (`persistent(false)`): hardly any text comes
+/// twice, and a connection's cache of such statements, each a program of
+/// thousands of steps, held a hundred megabytes.
+async fn insert_columns(conn: &mut SqliteConnection, rows: sql::Rows) -> Result<(), sqlx::Error> {
+    let len = rows.len();
+    let sql::Rows {
+        table,
+        mut columns,
+        tail,
+        ..
+    } = rows;
+    let head = table.head();
+    let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
+    for start in (0..len).step_by(per_statement) {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(&head);
+        query.push_values(start..len.min(start + per_statement), |mut row, at| {
+            for column in &mut columns {
+                match column {
+                    Column::Text(values) => row.push_bind(values[at].take()),
+                    Column::Int(values) => row.push_bind(values[at]),
+                    Column::Time(values) => row.push_bind(values[at]),
+                };
+            }
+        });
+        query.push(tail);
+        query.build().persistent(false).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The (learner, item) pairs looked up by `pairs_in`: a JSON array of pairs.
+fn bind_pairs<'q>(
+    query: Query<'q, Sqlite, SqliteArguments>,
+    pairs: &std::collections::BTreeSet<[&str; 2]>,
+) -> Query<'q, Sqlite, SqliteArguments> {
+    query.bind(sql::to_json(pairs))
+}
+
 /// A list of values as one bind: a JSON array, read by `json_each`.
 fn list(items: &[String]) -> String {
     serde_json::to_string(items).expect("strings serialise")
@@ -138,6 +181,8 @@ super::sql::sql_store!(
     in_list = " IN (SELECT value FROM json_each($1))",
     list = list,
     pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))",
+    bind_pairs = bind_pairs,
+    insert = insert_columns,
     migrator = sqlx::migrate!("./migrations/sqlite")
 );
 
