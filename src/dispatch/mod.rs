@@ -129,7 +129,8 @@ impl Unsettled {
 }
 
 /// Publishes `events`, their confirms joining `confirming` (taken by
-/// [`Dispatcher::confirmed`]). On a failure, how many were published.
+/// [`Dispatcher::confirmed`]): the broker works through them all at once, and
+/// the lane does not wait for them. On a failure, how many were published.
 async fn publish(
     channel: &Channel,
     events: &[OutboxRow],
@@ -552,8 +553,6 @@ impl<S: Store> Dispatcher<S> {
             .inspect_err(|error| tracing::warn!(%error, broker = %redact(&self.amqp_url), "Cannot reach the broker to publish."))?)
     }
 
-    /// Publishes every event, then waits for every confirm: the broker works
-    /// through the whole set at once instead of one round trip per event.
     /// Takes the broker's `answer` and any others already in: confirmed
     /// events wait to be marked sent, refused or lost ones are tried again
     /// later.
