@@ -18,10 +18,7 @@ pub mod mail;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
-use lapin::Confirmation;
+use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Connection};
 use lettre::message::Mailbox;
@@ -56,15 +53,6 @@ pub const EMAILS_PER_MARK: usize = 25;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The same for outbound events, which are published in well under a second.
 pub const EVENT_LEASE: Duration = Duration::from_secs(30);
-/// How long a sent event may wait to be marked sent, so that under a steady
-/// stream one write marks the events of many rounds (on SQLite each write
-/// is a commit the consumer waits for). A worker killed meanwhile publishes
-/// them again, with the same ids.
-pub const EVENT_MARK_DELAY: Duration = Duration::from_millis(50);
-/// Events published but not marked sent (awaiting their confirm or their
-/// mark) before the lane waits for them all before sending more: about what
-/// a killed worker publishes again.
-const UNMARKED_EVENTS_MAX: usize = CLAIM_ROWS_MAX as usize / 2;
 /// How often the outbox is looked at for rows no hand-off brought.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Committed batches a lane may hold in memory before further rows are left
@@ -97,63 +85,15 @@ pub struct Dispatcher<S> {
     pub event_source: String,
 }
 
-/// An outbound event published, with the broker's answer once it comes.
-type Answer = (OutboxRow, Result<Confirmation, lapin::Error>);
-
-/// What a round left unsettled: events waiting for the broker's confirm,
-/// events sent but not marked yet, and what the database failed under.
-#[derive(Default)]
+/// What a round left unsettled when the database failed under it, settled
+/// at the start of the next round.
+#[derive(Debug, Default)]
 struct Unsettled {
-    /// Events published, in order, whose confirms have not been taken: the
-    /// lane goes on sending while the broker writes them.
-    confirming: FuturesOrdered<BoxFuture<'static, Answer>>,
     /// Ids sent (confirmed by the broker, taken by the SMTP server) but not
     /// marked sent yet.
     sent: Vec<String>,
-    /// Since when the oldest of `sent` has waited.
-    sent_since: Option<tokio::time::Instant>,
     /// Leases of claims (or hand-offs) whose rows may still be held.
     leases: BTreeSet<Ts>,
-}
-
-impl Unsettled {
-    /// When `sent` must be marked: [`EVENT_MARK_DELAY`] after the oldest was
-    /// sent.
-    fn mark_at(&self) -> Option<tokio::time::Instant> {
-        Some(self.sent_since? + EVENT_MARK_DELAY)
-    }
-
-    fn mark_due(&self, now: tokio::time::Instant) -> bool {
-        self.mark_at().is_some_and(|at| at <= now)
-    }
-}
-
-/// Publishes `events`, their confirms joining `confirming` (taken by
-/// [`Dispatcher::confirmed`]): the broker works through them all at once, and
-/// the lane does not wait for them. On a failure, how many were published.
-async fn publish(
-    channel: &Channel,
-    events: &[OutboxRow],
-    confirming: &mut FuturesOrdered<BoxFuture<'static, Answer>>,
-) -> Result<(), (usize, DispatchError)> {
-    for (published, row) in events.iter().enumerate() {
-        let routing_key = serde_json::from_str::<EventType>(&row.payload)
-            .map(|event| event.kind)
-            .unwrap_or_default();
-        let confirm = channel
-            .basic_publish(
-                OUTBOUND_EXCHANGE.into(),
-                routing_key.as_ref().into(),
-                BasicPublishOptions::default(),
-                row.payload.as_bytes(),
-                persistent_cloudevent(&row.id),
-            )
-            .await
-            .map_err(|error| (published, error.into()))?;
-        let row = row.clone();
-        confirming.push_back(async move { (row, confirm.await) }.boxed());
-    }
-    Ok(())
 }
 
 /// The `type` of an outbound CloudEvent, its routing key; read without
@@ -359,26 +299,13 @@ impl<S: Store> Dispatcher<S> {
                     _ => std::future::pending().await,
                 }
             };
-            let mark_at = unsettled.mark_at();
-            let confirming = !unsettled.confirming.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                Some(answer) = unsettled.confirming.next(), if confirming => {
-                    if let Err(error) = self.confirmed(&mut unsettled, answer).await {
-                        tracing::warn!(%error, "Taking the broker's confirms failed; trying again.");
-                    }
-                }
                 rows = received => match rows {
                     Some(rows) => handed.extend(rows),
                     None => inbox = None,
                 },
                 _ = tokio::time::sleep_until(poll_at) => {}
-                _ = tokio::time::sleep_until(mark_at.unwrap_or(poll_at)), if mark_at.is_some() => {
-                    if let Err(error) = self.settle(&mut unsettled, false).await {
-                        tracing::warn!(%error, "Marking sent events failed; trying again.");
-                        unsettled.sent_since = Some(tokio::time::Instant::now());
-                    }
-                }
             }
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
@@ -411,17 +338,7 @@ impl<S: Store> Dispatcher<S> {
         channel: &mut Option<(Connection, Channel)>,
         unsettled: &mut Unsettled,
     ) -> Result<usize, DispatchError> {
-        // A claim round, or a hand-off when many events are unmarked, takes
-        // every confirm and marks everything first; otherwise the hand-off
-        // is sent first and the marks wait until they are due.
-        let everything = handed.is_empty()
-            || unsettled.confirming.len() + unsettled.sent.len() >= UNMARKED_EVENTS_MAX;
-        if everything {
-            while let Some(answer) = unsettled.confirming.next().await {
-                self.confirmed(unsettled, answer).await?;
-            }
-        }
-        self.settle(unsettled, everything).await?;
+        self.settle(unsettled).await?;
         let now = Ts::now();
         // The leases the rows are held under: if the database fails under
         // the round, they are given back once it answers, so that nothing
@@ -453,15 +370,7 @@ impl<S: Store> Dispatcher<S> {
             (rows, leases)
         };
         let count = rows.len();
-        let result = self.send(rows, channel, unsettled).await;
-        if unsettled.sent.is_empty() {
-            unsettled.sent_since = None;
-        } else {
-            unsettled
-                .sent_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        }
-        match result {
+        match self.send(rows, channel, &mut unsettled.sent).await {
             Err(DispatchError::Store(error)) => {
                 unsettled.leases.extend(leases);
                 Err(DispatchError::Store(error))
@@ -470,14 +379,11 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Marks what was sent but not marked (`everything`, or only once the
-    /// marks are due), and gives back the rows of lost claims, so they are
-    /// neither sent again nor left waiting out their lease.
-    async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
-        if everything || unsettled.mark_due(tokio::time::Instant::now()) {
-            self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
-            unsettled.sent_since = None;
-        }
+    /// Marks what was sent but not marked, and gives back the rows of lost
+    /// claims, so they are neither sent again nor left waiting out their
+    /// lease.
+    async fn settle(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
+        self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
         while let Some(&lease_until) = unsettled.leases.last() {
             self.store.outbox_release(lease_until, Ts::now()).await?;
             unsettled.leases.remove(&lease_until);
@@ -501,7 +407,7 @@ impl<S: Store> Dispatcher<S> {
         &self,
         rows: Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
-        unsettled: &mut Unsettled,
+        sent: &mut Vec<String>,
     ) -> Result<(), DispatchError> {
         if rows.is_empty() {
             return Ok(());
@@ -514,30 +420,30 @@ impl<S: Store> Dispatcher<S> {
             .partition(|row| row.kind == OutboxKind::Email);
         let mut failed = None;
         if !events.is_empty() {
-            let confirming = &mut unsettled.confirming;
             let result = match channel {
                 Some((_, open)) if open.status().connected() => {
-                    publish(open, &events, confirming).await
+                    self.publish(open, &events, sent).await
                 }
-                _ => match self.connect().await {
-                    Ok(pair) => {
-                        let result = publish(&pair.1, &events, confirming).await;
-                        *channel = Some(pair);
-                        result
+                _ => {
+                    let opened = self.connect().await;
+                    match opened {
+                        Ok(pair) => {
+                            let result = self.publish(&pair.1, &events, sent).await;
+                            *channel = Some(pair);
+                            result
+                        }
+                        Err(error) => Err(error),
                     }
-                    Err(error) => Err((0, error)),
-                },
+                }
             };
-            if let Err((published, error)) = result {
-                // Those published are rescheduled if their confirms fail.
-                self.reschedule(&events[published..], &error.to_string())
-                    .await?;
+            if let Err(error) = result {
+                self.reschedule(&events, &error.to_string()).await?;
                 failed = Some(error);
             }
         }
         // Emails and reports do not need the broker: they go even when the
         // events could not, instead of waiting out their lease.
-        self.send_emails(&emails, &mut unsettled.sent).await?;
+        self.send_emails(&emails, sent).await?;
         for row in &reports {
             self.send_report(row).await?;
         }
@@ -553,35 +459,42 @@ impl<S: Store> Dispatcher<S> {
             .inspect_err(|error| tracing::warn!(%error, broker = %redact(&self.amqp_url), "Cannot reach the broker to publish."))?)
     }
 
-    /// Takes the broker's `answer` and any others already in: confirmed
-    /// events wait to be marked sent, refused or lost ones are tried again
-    /// later.
-    async fn confirmed(&self, unsettled: &mut Unsettled, answer: Answer) -> Result<(), StoreError> {
-        let mut answers = vec![answer];
-        while let Some(Some(answer)) = unsettled.confirming.next().now_or_never() {
-            answers.push(answer);
-        }
-        for (row, answer) in answers {
-            let failure = match answer {
-                Ok(confirmation) if confirmation.is_ack() => {
-                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
-                    unsettled.sent.push(row.id);
-                    continue;
-                }
-                Ok(_) => {
-                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
-                    "the broker refused the event".to_owned()
-                }
-                Err(error) => error.to_string(),
-            };
-            self.reschedule(std::slice::from_ref(&row), &failure)
+    /// Publishes every event, then waits for every confirm: the broker works
+    /// through the whole set at once instead of one round trip per event.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        events: &[OutboxRow],
+        sent: &mut Vec<String>,
+    ) -> Result<(), DispatchError> {
+        let mut confirms = Vec::with_capacity(events.len());
+        for row in events {
+            let routing_key = serde_json::from_str::<EventType>(&row.payload)
+                .map(|event| event.kind)
+                .unwrap_or_default();
+            let confirm = channel
+                .basic_publish(
+                    OUTBOUND_EXCHANGE.into(),
+                    routing_key.as_ref().into(),
+                    BasicPublishOptions::default(),
+                    row.payload.as_bytes(),
+                    persistent_cloudevent(&row.id),
+                )
                 .await?;
+            confirms.push((row, confirm));
         }
-        if !unsettled.sent.is_empty() {
-            unsettled
-                .sent_since
-                .get_or_insert_with(tokio::time::Instant::now);
+        let mut done = Vec::with_capacity(events.len());
+        for (row, confirm) in confirms {
+            if confirm.await?.is_ack() {
+                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
+                done.push(row.id.clone());
+            } else {
+                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
+                self.reschedule(std::slice::from_ref(row), "the broker refused the event")
+                    .await?;
+            }
         }
+        self.mark_sent(sent, done).await?;
         Ok(())
     }
 
@@ -747,19 +660,6 @@ impl<S: Store> Dispatcher<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sent_events_are_marked_once_the_oldest_has_waited_the_mark_delay() {
-        let mut unsettled = Unsettled::default();
-        let now = tokio::time::Instant::now();
-        assert_eq!(unsettled.mark_at(), None, "nothing to mark");
-        assert!(!unsettled.mark_due(now));
-        unsettled.sent.push("a".to_owned());
-        unsettled.sent_since = Some(now);
-        assert_eq!(unsettled.mark_at(), Some(now + EVENT_MARK_DELAY));
-        assert!(!unsettled.mark_due(now));
-        assert!(unsettled.mark_due(now + EVENT_MARK_DELAY));
-    }
 
     fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
         OutboxRow {
