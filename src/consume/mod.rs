@@ -165,6 +165,11 @@ impl<S: Store> Consumer<S> {
         let mut next = Batch::default();
         let mut in_hand = pin!(Fuse::terminated());
         let mut stopping = false;
+        // A broker failure stops the taking of deliveries, but the batch in
+        // hand is finished first: dropped after its commit, its events and
+        // emails would never be handed to the dispatcher (they would wait out
+        // their lease).
+        let mut failure = None;
         loop {
             tokio::select! {
                 biased;
@@ -177,17 +182,33 @@ impl<S: Store> Consumer<S> {
                 // batch in hand is finished, no new one is taken.
                 _ = cancel.cancelled(), if !stopping => stopping = true,
                 delivery = deliveries.next(), if !stopping && next.len() < self.limits.batch_max => {
-                    next.push(&self.schemas, delivery.ok_or(ConsumeError::ConsumerGone)??);
-                    // Whatever else has already arrived joins it.
-                    while next.len() < self.limits.batch_max {
+                    let mut delivery = delivery
+                        .ok_or(ConsumeError::ConsumerGone)
+                        .and_then(|taken| taken.map_err(ConsumeError::from));
+                    loop {
+                        match delivery {
+                            Ok(taken) => next.push(&self.schemas, taken),
+                            Err(error) => {
+                                failure = Some(error);
+                                stopping = true;
+                                break;
+                            }
+                        }
+                        // Whatever else has already arrived joins it.
+                        if next.len() >= self.limits.batch_max {
+                            break;
+                        }
                         match deliveries.next().now_or_never() {
-                            Some(Some(delivery)) => next.push(&self.schemas, delivery?),
+                            Some(Some(taken)) => delivery = taken.map_err(ConsumeError::from),
                             _ => break,
                         }
                     }
                 }
             }
             if in_hand.is_terminated() {
+                if let Some(error) = failure {
+                    return Err(error);
+                }
                 if stopping {
                     break;
                 }
