@@ -15,12 +15,12 @@
 
 pub mod mail;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 use lettre::message::Mailbox;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +53,19 @@ pub const EMAILS_PER_MARK: usize = 25;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The same for outbound events, which are published in well under a second.
 pub const EVENT_LEASE: Duration = Duration::from_secs(30);
+/// How long a sent event may wait to be marked sent, so that under a steady
+/// stream one write marks the events of many rounds (on SQLite each write
+/// is a commit the consumer waits for). A worker killed meanwhile publishes
+/// them again, with the same ids.
+pub const EVENT_MARK_DELAY: Duration = Duration::from_millis(50);
+/// Events published but not marked sent (awaiting their confirm or their
+/// mark) before the lane waits for them all before sending more: about what
+/// a killed worker publishes again.
+const UNMARKED_EVENTS_MAX: usize = CLAIM_ROWS_MAX as usize / 2;
+/// How often a lane waiting for confirms checks that the channel they are
+/// owed on is still open (lapin fails them when it closes; this is the
+/// guard should an answer never come).
+const CHANNEL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the outbox is looked at for rows no hand-off brought.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Committed batches a lane may hold in memory before further rows are left
@@ -85,15 +98,83 @@ pub struct Dispatcher<S> {
     pub event_source: String,
 }
 
-/// What a round left unsettled when the database failed under it, settled
-/// at the start of the next round.
-#[derive(Debug, Default)]
+/// An outbound event published, with the broker's answer once it comes.
+type Answer = (OutboxRow, Result<Confirmation, lapin::Error>);
+
+/// What a round left unsettled: events waiting for the broker's confirm,
+/// events sent but not marked yet, and what the database failed under.
+#[derive(Default)]
 struct Unsettled {
+    /// Events published on the lane's channel, in order, whose confirms
+    /// have not been taken: the lane goes on sending while the broker writes
+    /// them.
+    confirming: VecDeque<(OutboxRow, PublisherConfirm)>,
     /// Ids sent (confirmed by the broker, taken by the SMTP server) but not
     /// marked sent yet.
     sent: Vec<String>,
+    /// Since when the oldest of `sent` has waited.
+    sent_since: Option<tokio::time::Instant>,
     /// Leases of claims (or hand-offs) whose rows may still be held.
     leases: BTreeSet<Ts>,
+}
+
+impl Unsettled {
+    /// When `sent` must be marked: [`EVENT_MARK_DELAY`] after the oldest was
+    /// sent.
+    fn mark_at(&self) -> Option<tokio::time::Instant> {
+        Some(self.sent_since? + EVENT_MARK_DELAY)
+    }
+
+    fn mark_due(&self, now: tokio::time::Instant) -> bool {
+        self.mark_at().is_some_and(|at| at <= now)
+    }
+
+    /// The broker's answer for the oldest event awaiting one.
+    async fn next_confirm(&mut self) -> Option<Answer> {
+        let (_, confirm) = self.confirming.front_mut()?;
+        let answer = confirm.await;
+        let (row, _) = self.confirming.pop_front()?;
+        Some((row, answer))
+    }
+
+    /// The answers already in, without waiting.
+    fn ready_confirms(&mut self) -> Vec<Answer> {
+        std::iter::from_fn(|| self.next_confirm().now_or_never().flatten()).collect()
+    }
+}
+
+/// Whether `channel` is there and open.
+fn connected(channel: &Option<(Connection, Channel)>) -> bool {
+    channel
+        .as_ref()
+        .is_some_and(|(_, open)| open.status().connected())
+}
+
+/// Publishes `events`, their confirms joining `confirming` (taken by
+/// [`Dispatcher::confirmed`]): the broker works through them all at once, and
+/// the lane does not wait for them. On a failure, how many were published.
+async fn publish(
+    channel: &Channel,
+    events: &[OutboxRow],
+    confirming: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
+) -> Result<(), (usize, DispatchError)> {
+    for (published, row) in events.iter().enumerate() {
+        let routing_key = serde_json::from_str::<EventType>(&row.payload)
+            .map(|event| event.kind)
+            .unwrap_or_default();
+        let confirm = channel
+            .basic_publish(
+                OUTBOUND_EXCHANGE.into(),
+                routing_key.as_ref().into(),
+                BasicPublishOptions::default(),
+                row.payload.as_bytes(),
+                persistent_cloudevent(&row.id),
+            )
+            .await
+            .map_err(|error| (published, error.into()))?;
+        confirming.push_back((row.clone(), confirm));
+    }
+    Ok(())
 }
 
 /// The `type` of an outbound CloudEvent, its routing key; read without
@@ -285,7 +366,12 @@ impl<S: Store> Dispatcher<S> {
                     Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(%error, "Dispatching failed; trying again.");
-                        channel = None;
+                        if matches!(error, DispatchError::Broker(_)) {
+                            channel = None;
+                            if let Err(error) = self.abandon_confirms(&mut unsettled).await {
+                                tracing::warn!(%error, "Events whose confirms were lost wait out their lease.");
+                            }
+                        }
                     }
                 }
                 if polling {
@@ -299,13 +385,26 @@ impl<S: Store> Dispatcher<S> {
                     _ => std::future::pending().await,
                 }
             };
+            let mark_at = unsettled.mark_at();
+            let confirming = !unsettled.confirming.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => {}
+                Some(answer) = unsettled.next_confirm(), if confirming => {
+                    if let Err(error) = self.confirmed(&mut unsettled, answer).await {
+                        tracing::warn!(%error, "Taking the broker's confirms failed; trying again.");
+                    }
+                }
                 rows = received => match rows {
                     Some(rows) => handed.extend(rows),
                     None => inbox = None,
                 },
                 _ = tokio::time::sleep_until(poll_at) => {}
+                _ = tokio::time::sleep_until(mark_at.unwrap_or(poll_at)), if mark_at.is_some() => {
+                    if let Err(error) = self.settle(&mut unsettled, false).await {
+                        tracing::warn!(%error, "Marking sent events failed; trying again.");
+                        unsettled.sent_since = Some(tokio::time::Instant::now());
+                    }
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIME_MAX;
@@ -338,7 +437,15 @@ impl<S: Store> Dispatcher<S> {
         channel: &mut Option<(Connection, Channel)>,
         unsettled: &mut Unsettled,
     ) -> Result<usize, DispatchError> {
-        self.settle(unsettled).await?;
+        // A claim round, or a hand-off when many events are unmarked, takes
+        // every confirm and marks everything first; otherwise the hand-off
+        // is sent first and the marks wait until they are due.
+        let everything = handed.is_empty()
+            || unsettled.confirming.len() + unsettled.sent.len() >= UNMARKED_EVENTS_MAX;
+        if everything {
+            self.take_confirms(unsettled, channel).await?;
+        }
+        self.settle(unsettled, everything).await?;
         let now = Ts::now();
         // The leases the rows are held under: if the database fails under
         // the round, they are given back once it answers, so that nothing
@@ -370,7 +477,15 @@ impl<S: Store> Dispatcher<S> {
             (rows, leases)
         };
         let count = rows.len();
-        match self.send(rows, channel, &mut unsettled.sent).await {
+        let result = self.send(rows, channel, unsettled).await;
+        if unsettled.sent.is_empty() {
+            unsettled.sent_since = None;
+        } else {
+            unsettled
+                .sent_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
+        match result {
             Err(DispatchError::Store(error)) => {
                 unsettled.leases.extend(leases);
                 Err(DispatchError::Store(error))
@@ -379,11 +494,14 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Marks what was sent but not marked, and gives back the rows of lost
-    /// claims, so they are neither sent again nor left waiting out their
-    /// lease.
-    async fn settle(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
-        self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
+    /// Marks what was sent but not marked (`everything`, or only once the
+    /// marks are due), and gives back the rows of lost claims, so they are
+    /// neither sent again nor left waiting out their lease.
+    async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
+        if everything || unsettled.mark_due(tokio::time::Instant::now()) {
+            self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
+            unsettled.sent_since = None;
+        }
         while let Some(&lease_until) = unsettled.leases.last() {
             self.store.outbox_release(lease_until, Ts::now()).await?;
             unsettled.leases.remove(&lease_until);
@@ -407,7 +525,7 @@ impl<S: Store> Dispatcher<S> {
         &self,
         rows: Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
-        sent: &mut Vec<String>,
+        unsettled: &mut Unsettled,
     ) -> Result<(), DispatchError> {
         if rows.is_empty() {
             return Ok(());
@@ -420,30 +538,20 @@ impl<S: Store> Dispatcher<S> {
             .partition(|row| row.kind == OutboxKind::Email);
         let mut failed = None;
         if !events.is_empty() {
-            let result = match channel {
-                Some((_, open)) if open.status().connected() => {
-                    self.publish(open, &events, sent).await
-                }
-                _ => {
-                    let opened = self.connect().await;
-                    match opened {
-                        Ok(pair) => {
-                            let result = self.publish(&pair.1, &events, sent).await;
-                            *channel = Some(pair);
-                            result
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
+            let result = match self.open_channel(channel, unsettled).await {
+                Ok(open) => publish(open, &events, &mut unsettled.confirming).await,
+                Err(error) => Err((0, error)),
             };
-            if let Err(error) = result {
-                self.reschedule(&events, &error.to_string()).await?;
+            if let Err((published, error)) = result {
+                // Those published are rescheduled if their confirms fail.
+                self.reschedule(&events[published..], &error.to_string())
+                    .await?;
                 failed = Some(error);
             }
         }
         // Emails and reports do not need the broker: they go even when the
         // events could not, instead of waiting out their lease.
-        self.send_emails(&emails, sent).await?;
+        self.send_emails(&emails, &mut unsettled.sent).await?;
         for row in &reports {
             self.send_report(row).await?;
         }
@@ -453,49 +561,90 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
+    /// The lane's channel, opened anew if it is not open (the confirms the
+    /// old one owes are settled first).
+    async fn open_channel<'c>(
+        &self,
+        channel: &'c mut Option<(Connection, Channel)>,
+        unsettled: &mut Unsettled,
+    ) -> Result<&'c Channel, DispatchError> {
+        let pair = match channel.take().filter(|(_, open)| open.status().connected()) {
+            Some(pair) => pair,
+            None => {
+                self.abandon_confirms(unsettled).await?;
+                self.connect().await?
+            }
+        };
+        Ok(&channel.insert(pair).1)
+    }
+
     async fn connect(&self) -> Result<(Connection, Channel), DispatchError> {
         Ok(connect(&self.amqp_url, &self.retry_delays)
             .await
             .inspect_err(|error| tracing::warn!(%error, broker = %redact(&self.amqp_url), "Cannot reach the broker to publish."))?)
     }
 
-    /// Publishes every event, then waits for every confirm: the broker works
-    /// through the whole set at once instead of one round trip per event.
-    async fn publish(
-        &self,
-        channel: &Channel,
-        events: &[OutboxRow],
-        sent: &mut Vec<String>,
-    ) -> Result<(), DispatchError> {
-        let mut confirms = Vec::with_capacity(events.len());
-        for row in events {
-            let routing_key = serde_json::from_str::<EventType>(&row.payload)
-                .map(|event| event.kind)
-                .unwrap_or_default();
-            let confirm = channel
-                .basic_publish(
-                    OUTBOUND_EXCHANGE.into(),
-                    routing_key.as_ref().into(),
-                    BasicPublishOptions::default(),
-                    row.payload.as_bytes(),
-                    persistent_cloudevent(&row.id),
-                )
+    /// Takes the broker's `answer` and any others already in: confirmed
+    /// events wait to be marked sent, refused or lost ones are tried again
+    /// later.
+    async fn confirmed(&self, unsettled: &mut Unsettled, answer: Answer) -> Result<(), StoreError> {
+        let mut answers = vec![answer];
+        answers.extend(unsettled.ready_confirms());
+        for (row, answer) in answers {
+            let failure = match answer {
+                Ok(confirmation) if confirmation.is_ack() => {
+                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
+                    unsettled.sent.push(row.id);
+                    continue;
+                }
+                Ok(_) => {
+                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
+                    "the broker refused the event".to_owned()
+                }
+                Err(error) => error.to_string(),
+            };
+            self.reschedule(std::slice::from_ref(&row), &failure)
                 .await?;
-            confirms.push((row, confirm));
         }
-        let mut done = Vec::with_capacity(events.len());
-        for (row, confirm) in confirms {
-            if confirm.await?.is_ack() {
-                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
-                done.push(row.id.clone());
-            } else {
-                metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
-                self.reschedule(std::slice::from_ref(row), "the broker refused the event")
-                    .await?;
+        if !unsettled.sent.is_empty() {
+            unsettled
+                .sent_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
+        Ok(())
+    }
+
+    /// Takes every confirm owed, waiting for them while their `channel` is
+    /// open; once it is not, those it still owes are tried again later.
+    async fn take_confirms(
+        &self,
+        unsettled: &mut Unsettled,
+        channel: &Option<(Connection, Channel)>,
+    ) -> Result<(), StoreError> {
+        while !unsettled.confirming.is_empty() {
+            match tokio::time::timeout(CHANNEL_CHECK_INTERVAL, unsettled.next_confirm()).await {
+                Ok(Some(answer)) => self.confirmed(unsettled, answer).await?,
+                Ok(None) => break,
+                Err(_) if connected(channel) => {}
+                Err(_) => return self.abandon_confirms(unsettled).await,
             }
         }
-        self.mark_sent(sent, done).await?;
         Ok(())
+    }
+
+    /// Settles the confirms of a channel given up: the answers already in
+    /// are taken; the events still awaiting one are tried again later (the
+    /// broker may have them: at least once, with the same ids).
+    async fn abandon_confirms(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
+        if let Some(answer) = unsettled.next_confirm().now_or_never().flatten() {
+            self.confirmed(unsettled, answer).await?;
+        }
+        let owed: Vec<OutboxRow> = unsettled.confirming.drain(..).map(|(row, _)| row).collect();
+        self.reschedule(
+            &owed,
+            "the channel closed before the broker confirmed the event",
+        )
+        .await
     }
 
     /// Sends `rows` (up to [`Mailer::in_flight`] at a time) and marks the
@@ -660,6 +809,19 @@ impl<S: Store> Dispatcher<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sent_events_are_marked_once_the_oldest_has_waited_the_mark_delay() {
+        let mut unsettled = Unsettled::default();
+        let now = tokio::time::Instant::now();
+        assert_eq!(unsettled.mark_at(), None, "nothing to mark");
+        assert!(!unsettled.mark_due(now));
+        unsettled.sent.push("a".to_owned());
+        unsettled.sent_since = Some(now);
+        assert_eq!(unsettled.mark_at(), Some(now + EVENT_MARK_DELAY));
+        assert!(!unsettled.mark_due(now));
+        assert!(unsettled.mark_due(now + EVENT_MARK_DELAY));
+    }
 
     fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
         OutboxRow {
