@@ -556,16 +556,34 @@ macro_rules! sql_store {
             Ok(loaded)
         }
 
-        /// Inserts `rows`, if there are any.
-        async fn insert(conn: &mut Conn, rows: Rows) -> Result<(), sqlx::Error> {
-            if rows.is_empty() {
+        /// Inserts the rows of `tables` (those that have any), in order, in
+        /// one exchange with the database: a batch's writes are one
+        /// statement, not one per table.
+        async fn insert(conn: &mut Conn, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
+            let tables: Vec<Rows> = tables.into_iter().filter(|rows| !rows.is_empty()).collect();
+            if tables.is_empty() {
                 return Ok(());
             }
-            $insert(conn, rows).await
+            $insert(conn, tables).await
         }
 
         async fn write(conn: &mut Conn, writes: &Writes) -> Result<(), StoreError> {
             let now = writes.now.unwrap_or_else(Ts::now);
+            // Rows replaced are deleted first; everything else is inserted
+            // or upserted in one exchange below.
+            let reowned: Vec<String> = writes.accounts.iter().filter(|a| a.owners_dirty).map(|a| a.id.to_string()).collect();
+            if !reowned.is_empty() {
+                sqlx::query(concat!("DELETE FROM owners WHERE account_id", $in_list))
+                    .bind($list(&reowned))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            if !writes.attempts.is_empty() {
+                // Attempts older than the window never count again.
+                let horizon = now.plus(-chrono::Duration::minutes($crate::domain::rules::INVALID_CODE_WINDOW_MINUTES));
+                sqlx::query("DELETE FROM code_attempts WHERE at <= $1").bind(horizon).execute(&mut *conn).await?;
+            }
+            let mut tables = Vec::with_capacity(9);
             let dirty: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
             let mut rows = Rows::new(&ACCOUNTS, dirty.len(), " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, \
                 status = excluded.status, approval_mode = excluded.approval_mode, code = excluded.code, \
@@ -583,14 +601,7 @@ macro_rules! sql_store {
                     .text(a.notes.clone())
                     .time(a.created_at);
             }
-            insert(conn, rows).await?;
-            let reowned: Vec<String> = writes.accounts.iter().filter(|a| a.owners_dirty).map(|a| a.id.to_string()).collect();
-            if !reowned.is_empty() {
-                sqlx::query(concat!("DELETE FROM owners WHERE account_id", $in_list))
-                    .bind($list(&reowned))
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            tables.push(rows);
             let mut rows = Rows::new(&OWNERS, reowned.len(), "");
             for a in writes.accounts.iter().filter(|a| a.owners_dirty) {
                 for (position, o) in a.owners.iter().enumerate() {
@@ -600,7 +611,7 @@ macro_rules! sql_store {
                         .int(i64::try_from(position).expect("an account has few owners"));
                 }
             }
-            insert(conn, rows).await?;
+            tables.push(rows);
             let stages = &writes.reminder_stages;
             let mut rows = Rows::new(&LOTS, writes.accounts.len(), " ON CONFLICT (account_id, purchase_id) DO UPDATE SET \
                 remaining = excluded.remaining, held = excluded.held, expired = excluded.expired, \
@@ -623,7 +634,7 @@ macro_rules! sql_store {
                         .text(l.fingerprint.clone());
                 }
             }
-            insert(conn, rows).await?;
+            tables.push(rows);
             let mut rows = Rows::new(&REDEMPTIONS, writes.requests.len(), " ON CONFLICT (request_id) DO UPDATE SET \
                 status = excluded.status, reason = excluded.reason, decided_by = excluded.decided_by, \
                 decided_at = excluded.decided_at, refunded = excluded.refunded");
@@ -648,7 +659,7 @@ macro_rules! sql_store {
                     .int(r.refunded.cents())
                     .text(r.fingerprint.clone());
             }
-            insert(conn, rows).await?;
+            tables.push(rows);
             let mut rows = Rows::new(&JOURNAL, writes.journal.len(), "");
             for (e, cause) in &writes.journal {
                 rows.time(e.at)
@@ -662,7 +673,7 @@ macro_rules! sql_store {
                     .text(e.actor.clone())
                     .text(cause.clone());
             }
-            insert(conn, rows).await?;
+            tables.push(rows);
             let mut rows = Rows::new(&AUDIT, writes.audit.len(), "");
             for (e, cause) in &writes.audit {
                 rows.time(e.at)
@@ -673,7 +684,7 @@ macro_rules! sql_store {
                     .text(e.new.to_string())
                     .text(cause.clone());
             }
-            insert(conn, rows).await?;
+            tables.push(rows);
             let mut rows = Rows::new(&PROCESSED, writes.processed.len(), "");
             for (key, digest, outcome) in &writes.processed {
                 rows.text(key.source.clone())
@@ -682,22 +693,18 @@ macro_rules! sql_store {
                     .text((*outcome).to_owned())
                     .time(now);
             }
-            insert(conn, rows).await?;
-            if !writes.attempts.is_empty() {
-                // Attempts older than the window never count again.
-                let horizon = now.plus(-chrono::Duration::minutes($crate::domain::rules::INVALID_CODE_WINDOW_MINUTES));
-                sqlx::query("DELETE FROM code_attempts WHERE at <= $1").bind(horizon).execute(&mut *conn).await?;
-            }
+            tables.push(rows);
             let mut rows = Rows::new(&CODE_ATTEMPTS, writes.attempts.len(), "");
             for (learner, at) in &writes.attempts {
                 rows.text(learner.to_string()).time(*at);
             }
-            insert(conn, rows).await?;
-            insert_outbox(conn, &writes.outbox, "").await?;
+            tables.push(rows);
+            tables.push(outbox_rows(&writes.outbox, ""));
+            insert(conn, tables).await?;
             Ok(())
         }
 
-        async fn insert_outbox(conn: &mut Conn, outbox: &[OutboxRow], tail: &'static str) -> Result<(), sqlx::Error> {
+        fn outbox_rows(outbox: &[OutboxRow], tail: &'static str) -> Rows {
             let mut rows = Rows::new(&OUTBOX, outbox.len(), tail);
             for o in outbox {
                 rows.text(o.id.clone())
@@ -706,7 +713,7 @@ macro_rules! sql_store {
                     .time(o.created_at)
                     .time(o.next_attempt_at);
             }
-            insert(conn, rows).await
+            rows
         }
 
         impl Store for $store {
@@ -938,7 +945,7 @@ macro_rules! sql_store {
             async fn outbox_complete(&self, id: &str, follow_up: &[OutboxRow], now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 let mut tx = self.writer().begin_with($begin).await?;
-                insert_outbox(&mut *tx, follow_up, "").await?;
+                insert(&mut *tx, vec![outbox_rows(follow_up, "")]).await?;
                 sqlx::query("UPDATE outbox SET dispatched_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(id.to_owned())
@@ -1095,7 +1102,7 @@ macro_rules! sql_store {
             async fn enqueue_outbox(&self, rows: &[OutboxRow]) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 let mut conn = self.writer().acquire().await?;
-                insert_outbox(&mut *conn, rows, " ON CONFLICT (id) DO NOTHING").await?;
+                insert(&mut *conn, vec![outbox_rows(rows, " ON CONFLICT (id) DO NOTHING")]).await?;
                 Ok(())
             }
 

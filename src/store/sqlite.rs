@@ -126,35 +126,44 @@ fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     });
 }
 
-/// Inserts `rows` in multi-row `VALUES` statements, as many rows each as the
-/// bind limit allows. Their text depends on how many rows they carry, so
-/// they are not kept prepared (`persistent(false)`): hardly any text comes
-/// twice, and a connection's cache of such statements, each a program of
-/// thousands of steps, held a hundred megabytes.
-async fn insert_columns(conn: &mut SqliteConnection, rows: sql::Rows) -> Result<(), sqlx::Error> {
-    let len = rows.len();
-    let sql::Rows {
-        table,
-        mut columns,
-        tail,
-        ..
-    } = rows;
-    let head = table.head();
-    let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
-    for start in (0..len).step_by(per_statement) {
-        let mut query = sqlx::QueryBuilder::<Sqlite>::new(&head);
-        query.push_values(start..len.min(start + per_statement), |mut row, at| {
-            for column in &mut columns {
-                match column {
-                    Column::Text(values) => row.push_bind(values[at].take()),
-                    Column::Int(values) => row.push_bind(values[at]),
-                    Column::Time(values) => row.push_bind(values[at]),
-                };
-            }
-        });
-        query.push(tail);
-        query.build().persistent(false).execute(&mut *conn).await?;
+/// Inserts the rows of `tables` in multi-row `VALUES` statements, as many
+/// rows each as the bind limit allows, all sent to SQLite's thread as one
+/// query (its statements take their binds in turn). Their text depends on
+/// how many rows they carry, so they are not kept prepared
+/// (`persistent(false)`): hardly any text comes twice, and a connection's
+/// cache of such statements, each a program of thousands of steps, held a
+/// hundred megabytes.
+async fn insert_columns(
+    conn: &mut SqliteConnection,
+    tables: Vec<sql::Rows>,
+) -> Result<(), sqlx::Error> {
+    let mut query = sqlx::QueryBuilder::<Sqlite>::new("");
+    for rows in tables {
+        let len = rows.len();
+        let sql::Rows {
+            table,
+            mut columns,
+            tail,
+            ..
+        } = rows;
+        let head = table.head();
+        let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
+        for start in (0..len).step_by(per_statement) {
+            query.push(&head);
+            query.push_values(start..len.min(start + per_statement), |mut row, at| {
+                for column in &mut columns {
+                    match column {
+                        Column::Text(values) => row.push_bind(values[at].take()),
+                        Column::Int(values) => row.push_bind(values[at]),
+                        Column::Time(values) => row.push_bind(values[at]),
+                    };
+                }
+            });
+            query.push(tail);
+            query.push(";\n");
+        }
     }
+    query.build().persistent(false).execute(&mut *conn).await?;
     Ok(())
 }
 
