@@ -16,13 +16,15 @@
 pub mod mail;
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 use lettre::message::Mailbox;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use std::path::PathBuf;
@@ -256,12 +258,62 @@ impl Lane {
 /// before its turn) is claimed when that lease ends.
 #[derive(Clone, Debug)]
 pub struct Handoff {
-    events: mpsc::Sender<Vec<OutboxRow>>,
-    mail: mpsc::Sender<Vec<OutboxRow>>,
+    events: Outlet,
+    mail: Outlet,
 }
 
-/// What a lane receives from a [`Handoff`].
-pub type Inbox = mpsc::Receiver<Vec<OutboxRow>>;
+/// A hand-off's way into one lane.
+#[derive(Clone, Debug)]
+struct Outlet {
+    rows: mpsc::Sender<Vec<OutboxRow>>,
+    /// Told when a batch committed rows of the lane while it was full.
+    left: Arc<Notify>,
+}
+
+impl Outlet {
+    fn reserve(&self) -> Room<'_> {
+        match self.rows.try_reserve() {
+            Ok(permit) => Room::Free(permit),
+            Err(_) => Room::Full(&self.left),
+        }
+    }
+}
+
+/// What a lane receives from a [`Handoff`]: batches of fresh rows, and word
+/// when a batch's rows were left to be claimed because the lane was full,
+/// so that it claims them as soon as it has sent what it holds instead of
+/// at its next poll.
+pub struct Inbox {
+    rows: mpsc::Receiver<Vec<OutboxRow>>,
+    left: Arc<Notify>,
+}
+
+/// A lane's room for one batch.
+enum Room<'a> {
+    Free(mpsc::Permit<'a, Vec<OutboxRow>>),
+    /// None: the batch's rows are claimed, the lane told once they are
+    /// committed.
+    Full(&'a Notify),
+    /// No hand-off at all: the rows are claimed when the lane polls.
+    Off,
+}
+
+impl Room<'_> {
+    fn free(&self) -> bool {
+        matches!(self, Room::Free(_))
+    }
+
+    /// Hands over the lane's committed `rows`, or tells a full lane to
+    /// claim (whether or not the batch left it any rows: a claim that finds
+    /// none costs one query, and only while the lane is busy).
+    fn hand_over(self, rows: Vec<OutboxRow>) {
+        match self {
+            Room::Free(permit) if !rows.is_empty() => permit.send(rows),
+            Room::Full(left) => left.notify_one(),
+            Room::Free(_) | Room::Off => {}
+        }
+    }
+}
 
 /// Moves what `inbox` holds into `handed` once `handed` is all sent,
 /// without waiting: a lane holds at most twice [`HANDOFF_BATCHES`] batches,
@@ -271,7 +323,7 @@ fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
         return;
     }
     if let Some(open) = inbox.as_mut() {
-        while let Ok(rows) = open.try_recv() {
+        while let Ok(rows) = open.rows.try_recv() {
             handed.extend(rows);
         }
     }
@@ -280,8 +332,19 @@ fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
 impl Handoff {
     /// A hand-off and the inboxes of the events lane and of the mail lane.
     pub fn new() -> (Handoff, Inbox, Inbox) {
-        let (events, events_inbox) = mpsc::channel(HANDOFF_BATCHES);
-        let (mail, mail_inbox) = mpsc::channel(HANDOFF_BATCHES);
+        let lane = || {
+            let (rows, inbox) = mpsc::channel(HANDOFF_BATCHES);
+            let left = Arc::new(Notify::new());
+            (
+                Outlet {
+                    rows,
+                    left: left.clone(),
+                },
+                Inbox { rows: inbox, left },
+            )
+        };
+        let (events, events_inbox) = lane();
+        let (mail, mail_inbox) = lane();
         (Handoff { events, mail }, events_inbox, mail_inbox)
     }
 
@@ -289,8 +352,8 @@ impl Handoff {
     /// transaction so that only rows a lane will take are leased to it.
     pub fn reserve(&self) -> Reservation<'_> {
         Reservation {
-            events: self.events.try_reserve().ok(),
-            mail: self.mail.try_reserve().ok(),
+            events: self.events.reserve(),
+            mail: self.mail.reserve(),
         }
     }
 }
@@ -298,16 +361,16 @@ impl Handoff {
 /// Room in the lanes for one batch's events and emails (none when a lane is
 /// full: that batch's rows of the lane are then claimed as usual).
 pub struct Reservation<'a> {
-    events: Option<mpsc::Permit<'a, Vec<OutboxRow>>>,
-    mail: Option<mpsc::Permit<'a, Vec<OutboxRow>>>,
+    events: Room<'a>,
+    mail: Room<'a>,
 }
 
 impl Reservation<'_> {
     /// No room anywhere: every row is left to be claimed.
     pub fn none<'a>() -> Reservation<'a> {
         Reservation {
-            events: None,
-            mail: None,
+            events: Room::Off,
+            mail: Room::Off,
         }
     }
 
@@ -319,8 +382,8 @@ impl Reservation<'_> {
             .filter_map(|row| {
                 let lane = Lane::of(row.kind)?;
                 let room = match lane {
-                    Lane::Events => self.events.is_some(),
-                    Lane::Mail => self.mail.is_some(),
+                    Lane::Events => self.events.free(),
+                    Lane::Mail => self.mail.free(),
                 };
                 room.then(|| {
                     row.next_attempt_at = now.plus(lane.lease());
@@ -336,11 +399,8 @@ impl Reservation<'_> {
         let (events, mail): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
             .into_iter()
             .partition(|row| row.kind == OutboxKind::Event);
-        for (room, rows) in [(self.events, events), (self.mail, mail)] {
-            if let Some(room) = room.filter(|_| !rows.is_empty()) {
-                room.send(rows);
-            }
-        }
+        self.events.hand_over(events);
+        self.mail.hand_over(mail);
     }
 }
 
@@ -379,11 +439,21 @@ impl<S: Store> Dispatcher<S> {
                 }
             }
             let listening = handed.is_empty();
-            let received = async {
-                match inbox.as_mut() {
-                    Some(open) if listening => open.recv().await,
-                    _ => std::future::pending().await,
-                }
+            let (received, left) = match inbox.as_mut() {
+                Some(Inbox { rows, left }) => (
+                    Either::Left(async move {
+                        if listening {
+                            rows.recv().await
+                        } else {
+                            std::future::pending().await
+                        }
+                    }),
+                    Either::Left(left.notified()),
+                ),
+                None => (
+                    Either::Right(std::future::pending()),
+                    Either::Right(std::future::pending()),
+                ),
             };
             let mark_at = unsettled.mark_at();
             let confirming = !unsettled.confirming.is_empty();
@@ -399,6 +469,7 @@ impl<S: Store> Dispatcher<S> {
                     None => inbox = None,
                 },
                 _ = tokio::time::sleep_until(poll_at) => {}
+                () = left => poll_at = tokio::time::Instant::now(),
                 _ = tokio::time::sleep_until(mark_at.unwrap_or(poll_at)), if mark_at.is_some() => {
                     if let Err(error) = self.settle(&mut unsettled, false).await {
                         tracing::warn!(%error, "Marking sent events failed; trying again.");
@@ -859,15 +930,15 @@ mod tests {
                 (OutboxKind::Report, now),
             ]
         );
-        assert_eq!(events.try_recv().expect("the event"), rows[..1]);
-        assert_eq!(mail.try_recv().expect("the email"), rows[1..2]);
-        assert!(events.try_recv().is_err() && mail.try_recv().is_err());
+        assert_eq!(events.rows.try_recv().expect("the event"), rows[..1]);
+        assert_eq!(mail.rows.try_recv().expect("the email"), rows[1..2]);
+        assert!(events.rows.try_recv().is_err() && mail.rows.try_recv().is_err());
     }
 
     #[test]
-    fn a_full_lane_leaves_its_rows_due_at_once_for_a_claim() {
+    fn a_full_lane_leaves_its_rows_due_at_once_for_a_claim_and_is_told_to_claim() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
-        let (handoff, mut events, _mail) = Handoff::new();
+        let (handoff, mut events, mail) = Handoff::new();
         for _ in 0..HANDOFF_BATCHES {
             handoff
                 .reserve()
@@ -879,8 +950,16 @@ mod tests {
         reservation.hand_over(fresh);
         assert_eq!(rows[0].next_attempt_at, now, "no room: claimed as usual");
         assert_eq!(rows[1].next_attempt_at, now.plus(Lane::Mail.lease()));
+        assert!(
+            events.left.notified().now_or_never().is_some(),
+            "the full lane is told to claim"
+        );
+        assert!(
+            mail.left.notified().now_or_never().is_none(),
+            "the lane with room is not"
+        );
         let mut queued = 0;
-        while events.try_recv().is_ok() {
+        while events.rows.try_recv().is_ok() {
             queued += 1;
         }
         assert_eq!(queued, HANDOFF_BATCHES);
@@ -893,7 +972,7 @@ mod tests {
             drop(handoff.reserve());
         }
         let reservation = handoff.reserve();
-        assert!(reservation.events.is_some() && reservation.mail.is_some());
+        assert!(reservation.events.free() && reservation.mail.free());
     }
 
     #[test]

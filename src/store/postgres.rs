@@ -167,6 +167,8 @@ super::sql::sql_store!(
     list = list,
     pairs_in = " IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
     bind_pairs = bind_pairs,
+    owners_json = "coalesce((SELECT json_agg(json_build_array(email, name) ORDER BY position) \
+        FROM owners WHERE owners.account_id = accounts.account_id)::text, '[]')",
     insert = insert_columns,
     migrator = sqlx::migrate!("./migrations/postgres")
 );

@@ -284,7 +284,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// the pool every write goes through, and an inherent `async fn
 /// write_gate`, taken around every write).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, insert = $insert:path, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, owners_json = $owners_json:literal, insert = $insert:path, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -384,7 +384,10 @@ macro_rules! sql_store {
                 name: row.try_get("name")?,
                 status: from_text(row.try_get("status")?)?,
                 approval_mode: from_text(row.try_get("approval_mode")?)?,
-                owners: Vec::new(),
+                owners: from_json::<Vec<(String, String)>>(&row.try_get::<String, _>("owners")?)?
+                    .into_iter()
+                    .map(|(email, name)| Ok(Owner { email: email.parse().map_err(StoreError::corrupt)?, name }))
+                    .collect::<Result<_, StoreError>>()?,
                 code: row.try_get::<String, _>("code")?.parse().map_err(StoreError::corrupt)?,
                 scope: from_json(&row.try_get::<String, _>("scope")?)?,
                 low_balance_threshold: row.try_get::<Option<i64>, _>("low_balance_threshold")?.map(credits),
@@ -451,8 +454,10 @@ macro_rules! sql_store {
             })
         }
 
-        const ACCOUNT_COLUMNS: &str = "SELECT account_id, name, status, approval_mode, code, scope, \
-            low_balance_threshold, notes, created_at FROM accounts WHERE account_id";
+        /// An account's row with its owners, in order, as a JSON array of
+        /// `[email, name]` (`owners_json`).
+        const ACCOUNT_COLUMNS: &str = concat!("SELECT account_id, name, status, approval_mode, code, scope, \
+            low_balance_threshold, notes, created_at, ", $owners_json, " AS owners FROM accounts WHERE account_id");
         const LOT_COLUMNS: &str = "SELECT account_id, purchase_id, credits, remaining, held, expired, \
             purchased_at, expires_at, price_amount, price_currency, channel, reminded_stage, fingerprint \
             FROM lots WHERE";
@@ -466,10 +471,11 @@ macro_rules! sql_store {
         async fn load(conn: &mut Conn, wanted: &Wanted, lock: bool) -> Result<Loaded, StoreError> {
             let mut loaded = Loaded::default();
             let mut account_ids: BTreeSet<String> = strings(&wanted.account_ids).into_iter().collect();
-            for row in fetch_in(conn, "SELECT request_id, account_id FROM redemptions WHERE request_id", &strings(&wanted.request_ids), "").await? {
-                if let Some(account) = row.try_get::<Option<String>, _>("account_id")? {
-                    account_ids.insert(account);
-                }
+            let mut requests = Vec::new();
+            for row in fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await? {
+                let request = request_from(&row)?;
+                account_ids.extend(request.account_id.as_ref().map(Id::to_string));
+                requests.push(request);
             }
             for row in fetch_in(conn, "SELECT code_key, account_id FROM accounts WHERE code_key", &strings(wanted.code_keys.iter().map(|k| k.as_str())), "").await? {
                 let account: String = row.try_get("account_id")?;
@@ -488,18 +494,6 @@ macro_rules! sql_store {
             for row in fetch_in(conn, ACCOUNT_COLUMNS, &account_ids, tail).await? {
                 let account = account_from(&row)?;
                 accounts.insert(account.id.clone(), account);
-            }
-            for row in fetch_in(conn, "SELECT account_id, email, name FROM owners WHERE account_id", &account_ids, " ORDER BY account_id, position").await? {
-                if let Some(account) = accounts.get_mut(&id(row.try_get("account_id")?)?) {
-                    account.owners.push(Owner {
-                        email: row.try_get::<String, _>("email")?.parse().map_err(StoreError::corrupt)?,
-                        name: row.try_get("name")?,
-                    });
-                }
-            }
-            let mut requests = Vec::new();
-            for row in fetch_in(conn, &format!("{REQUEST_COLUMNS} request_id"), &strings(&wanted.request_ids), "").await? {
-                requests.push(request_from(&row)?);
             }
             for row in fetch_in(conn, &format!("{REQUEST_COLUMNS} status = 'pending' AND account_id"), &strings(&wanted.pending_of), "").await? {
                 requests.push(request_from(&row)?);

@@ -191,6 +191,8 @@ super::sql::sql_store!(
     list = list,
     pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))",
     bind_pairs = bind_pairs,
+    owners_json = "(SELECT json_group_array(json_array(email, name) ORDER BY position) \
+        FROM owners WHERE owners.account_id = accounts.account_id)",
     insert = insert_columns,
     migrator = sqlx::migrate!("./migrations/sqlite")
 );
