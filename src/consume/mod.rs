@@ -182,11 +182,11 @@ impl<S: Store> Consumer<S> {
                 // batch in hand is finished, no new one is taken.
                 _ = cancel.cancelled(), if !stopping => stopping = true,
                 delivery = deliveries.next(), if !stopping && next.len() < self.limits.batch_max => {
-                    let mut delivery = delivery
-                        .ok_or(ConsumeError::ConsumerGone)
-                        .and_then(|taken| taken.map_err(ConsumeError::from));
-                    loop {
-                        match delivery {
+                    // This delivery, then whatever else has already arrived.
+                    let arrived = std::iter::once(delivery.ok_or(ConsumeError::ConsumerGone))
+                        .chain(std::iter::from_fn(|| deliveries.next().now_or_never().flatten().map(Ok)));
+                    for taken in arrived {
+                        match taken.and_then(|taken| taken.map_err(ConsumeError::from)) {
                             Ok(taken) => next.push(&self.schemas, taken),
                             Err(error) => {
                                 failure = Some(error);
@@ -194,13 +194,10 @@ impl<S: Store> Consumer<S> {
                                 break;
                             }
                         }
-                        // Whatever else has already arrived joins it.
+                        // Checked before another is taken from the stream:
+                        // there would be no room for it.
                         if next.len() >= self.limits.batch_max {
                             break;
-                        }
-                        match deliveries.next().now_or_never() {
-                            Some(Some(taken)) => delivery = taken.map_err(ConsumeError::from),
-                            _ => break,
                         }
                     }
                 }

@@ -145,11 +145,9 @@ impl Unsettled {
     }
 }
 
-/// Whether `channel` is there and open.
-fn connected(channel: &Option<(Connection, Channel)>) -> bool {
-    channel
-        .as_ref()
-        .is_some_and(|(_, open)| open.status().connected())
+/// Whether a lane's connection and channel are still open.
+fn is_open((_, channel): &(Connection, Channel)) -> bool {
+    channel.status().connected()
 }
 
 /// Publishes `events`, their confirms joining `confirming` (taken by
@@ -639,7 +637,7 @@ impl<S: Store> Dispatcher<S> {
         channel: &'c mut Option<(Connection, Channel)>,
         unsettled: &mut Unsettled,
     ) -> Result<&'c Channel, DispatchError> {
-        let pair = match channel.take().filter(|(_, open)| open.status().connected()) {
+        let pair = match channel.take().filter(is_open) {
             Some(pair) => pair,
             None => {
                 self.abandon_confirms(unsettled).await?;
@@ -696,7 +694,7 @@ impl<S: Store> Dispatcher<S> {
             match tokio::time::timeout(CHANNEL_CHECK_INTERVAL, unsettled.next_confirm()).await {
                 Ok(Some(answer)) => self.confirmed(unsettled, answer).await?,
                 Ok(None) => break,
-                Err(_) if connected(channel) => {}
+                Err(_) if channel.as_ref().is_some_and(is_open) => {}
                 Err(_) => return self.abandon_confirms(unsettled).await,
             }
         }
