@@ -767,6 +767,10 @@ async fn ready_in(channel: &Channel, queue: &str) -> BenchResult<u32> {
 struct Ceiling {
     publish_per_second: f64,
     consume_per_second: f64,
+    /// Where the CPU went while the scratch queue was filled, and while it
+    /// was consumed.
+    publish_cpu: CpuSplit,
+    consume_cpu: CpuSplit,
 }
 
 /// Step 1: the workload's bodies through a durable quorum queue (the kind
@@ -795,14 +799,17 @@ async fn broker_ceiling(vhost: &Vhost, messages: &[Message]) -> BenchResult<Ceil
         .await
         .map_err(fail("declare the scratch queue"))?;
     let started = Instant::now();
+    let cpu_at_start = CpuSplit::read(0);
     publish_all(&channel, "", Some(QUEUE), messages).await?;
     let publish = started.elapsed();
+    let publish_cpu = cpu_at_start.until(&CpuSplit::read(0));
     let consumer_channel = connection.create_channel().await.map_err(fail("channel"))?;
     consumer_channel
         .basic_qos(1000, BasicQosOptions::default())
         .await
         .map_err(fail("basic.qos"))?;
     let started = Instant::now();
+    let cpu_at_start = CpuSplit::read(0);
     let mut deliveries = consumer_channel
         .basic_consume(
             QUEUE.into(),
@@ -838,6 +845,7 @@ async fn broker_ceiling(vhost: &Vhost, messages: &[Message]) -> BenchResult<Ceil
             .map_err(fail("basic.ack"))?;
     }
     let consume = started.elapsed();
+    let consume_cpu = cpu_at_start.until(&CpuSplit::read(0));
     let _ = channel
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
@@ -846,6 +854,8 @@ async fn broker_ceiling(vhost: &Vhost, messages: &[Message]) -> BenchResult<Ceil
     Ok(Ceiling {
         publish_per_second: n / publish.as_secs_f64(),
         consume_per_second: n / consume.as_secs_f64(),
+        publish_cpu,
+        consume_cpu,
     })
 }
 
@@ -1250,18 +1260,113 @@ fn peak_kib(pid: u32) -> u64 {
 
 /// CPU time (user + system) a process has used so far, in seconds: unlike
 /// wall time, barely moved by whatever else the machine is doing.
-fn cpu_seconds(pid: u32) -> f64 {
+fn cpu_seconds(pid: &str) -> Option<(String, f64)> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name, which is in parentheses.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let user: f64 = fields.get(11)?.parse().ok()?;
-            let system: f64 = fields.get(12)?.parse().ok()?;
-            Some((user + system) / ticks_per_second)
-        })
-        .unwrap_or(0.0)
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    Some((name, (user + system) / ticks_per_second))
+}
+
+/// Where the machine's CPU went: CPU seconds by who used them (the worker,
+/// the broker, PostgreSQL, the bench, everything else) and the machine's
+/// idle seconds, as read from `/proc` at one instant. Two readings give the
+/// split of a step, which shows how much of the two cores the worker could
+/// have had.
+#[derive(Clone, Default)]
+struct CpuSplit {
+    seconds: BTreeMap<&'static str, f64>,
+    idle: f64,
+}
+
+impl CpuSplit {
+    const WHO: [&'static str; 5] = ["worker", "broker", "PostgreSQL", "bench", "other"];
+
+    fn read(worker: u32) -> Self {
+        let mut split = Self::default();
+        let worker = worker.to_string();
+        let bench = std::process::id().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Some((name, seconds)) = cpu_seconds(&pid) else {
+                continue;
+            };
+            let who = if pid == worker {
+                "worker"
+            } else if pid == bench {
+                "bench"
+            } else if name == "beam.smp" || name.starts_with("erl_child") || name == "epmd" {
+                "broker"
+            } else if name == "postgres" {
+                "PostgreSQL"
+            } else {
+                "other"
+            };
+            *split.seconds.entry(who).or_default() += seconds;
+        }
+        // The machine's idle time: the fourth and fifth figures (idle, iowait)
+        // of /proc/stat's "cpu" line, in USER_HZ ticks.
+        split.idle = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let line = stat.lines().next()?.to_owned();
+                let ticks: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                Some((ticks.get(3)? + ticks.get(4)?) / 100.0)
+            })
+            .unwrap_or(0.0);
+        split
+    }
+
+    /// What was used between `self` (earlier) and `later`. A process that
+    /// started in between counts in full; one that ended in between is lost
+    /// (short-lived ones only: the worker, the broker and the database's
+    /// connections live through a step).
+    fn until(&self, later: &Self) -> Self {
+        Self {
+            seconds: later
+                .seconds
+                .iter()
+                .map(|(who, seconds)| {
+                    let before = self.seconds.get(who).copied().unwrap_or(0.0);
+                    (*who, (seconds - before).max(0.0))
+                })
+                .collect(),
+            idle: later.idle - self.idle,
+        }
+    }
+
+    fn worker(&self) -> f64 {
+        self.seconds.get("worker").copied().unwrap_or(0.0)
+    }
+
+    /// "worker 150, broker 80, … µs; idle 3 %": per message, and the idle
+    /// share of the two cores over `wall` seconds.
+    fn per_message(&self, messages: f64, wall: f64) -> String {
+        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        let used: Vec<String> = Self::WHO
+            .iter()
+            .map(|who| {
+                let seconds = self.seconds.get(who).copied().unwrap_or(0.0);
+                format!("{who} {:.0}", seconds * 1e6 / messages)
+            })
+            .collect();
+        format!(
+            "{} µs per message; idle {:.0} % of {cores} cores",
+            used.join(", "),
+            100.0 * self.idle / (wall * cores)
+        )
+    }
 }
 
 /// `training-credits run`, started as a child process.
@@ -1553,8 +1658,8 @@ struct Run {
     events_per_second: f64,
     seconds: f64,
     startup_seconds: f64,
-    /// CPU time the worker had used when the run ended.
-    cpu_seconds: f64,
+    /// Where the CPU went from the worker's start to the run's end.
+    cpu: CpuSplit,
     /// When /metrics first showed every message applied (seconds from start).
     applied_at: Option<f64>,
     outbound_at: f64,
@@ -1602,6 +1707,7 @@ async fn worker_run(
 
     let started = Instant::now();
     let mut worker = Worker::start(&database.url, &vhost.url)?;
+    let cpu_at_start = CpuSplit::read(worker.child.id());
     worker.ready().await?;
     run.startup_seconds = started.elapsed().as_secs_f64();
 
@@ -1666,7 +1772,7 @@ async fn worker_run(
     let end = events_done.max(queue_done);
     run.seconds = end.duration_since(started).as_secs_f64();
     run.outbound_at = events_done.duration_since(started).as_secs_f64();
-    run.cpu_seconds = cpu_seconds(worker.child.id());
+    run.cpu = cpu_at_start.until(&CpuSplit::read(worker.child.id()));
     run.events_per_second = total / run.seconds;
     // …and acknowledged (ready + unacked = 0), checked with rabbitmqctl
     // outside the timing: each call starts an Erlang VM.
@@ -2084,10 +2190,18 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
     println!("Details:");
     for row in rows {
         println!(
-            "  {}: broker ceiling: publish with confirms {} msg/s, consume {} msg/s",
+            "  {}: broker ceiling: publish with confirms {} msg/s (CPU: {}), consume {} msg/s (CPU: {})",
             row.backend.label(),
             thousands(row.ceiling.publish_per_second),
-            thousands(row.ceiling.consume_per_second)
+            row.ceiling.publish_cpu.per_message(
+                workload.messages.len() as f64,
+                workload.messages.len() as f64 / row.ceiling.publish_per_second
+            ),
+            thousands(row.ceiling.consume_per_second),
+            row.ceiling.consume_cpu.per_message(
+                workload.messages.len() as f64,
+                workload.messages.len() as f64 / row.ceiling.consume_per_second
+            )
         );
         let mut runs = vec![("empty ledger", &row.empty)];
         if let Some(history) = &row.history {
@@ -2110,13 +2224,14 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
                 None => "all applied within 0.25 s of the end".to_owned(),
             };
             println!(
-                "    {name}: {:.1} s ({} events/s), startup {:.2} s; worker CPU {:.1} s ({:.0} µs per message); {applied}; \
+                "    {name}: {:.1} s ({} events/s), startup {:.2} s; worker CPU {:.1} s; CPU: {}; {applied}; \
                  last outbound event at {:.1} s; whole outbox (emails too) sent at {}",
                 run.seconds,
                 thousands(run.events_per_second),
                 run.startup_seconds,
-                run.cpu_seconds,
-                run.cpu_seconds * 1e6 / workload.messages.len() as f64,
+                run.cpu.worker(),
+                run.cpu
+                    .per_message(workload.messages.len() as f64, run.seconds),
                 run.outbound_at,
                 run.drained_at
                     .map_or("-".to_owned(), |s| format!("{s:.1} s"))

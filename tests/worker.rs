@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use training_credits::store::Store;
 
-use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
-use common::events::event;
+use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually, publish_confirmed};
+use common::events::{event, opened, purchase};
 
 fn request(id: &str, code: &str, learner: &str, item: &str, cost: &str) -> Value {
     event(
@@ -151,4 +151,40 @@ async fn a_whole_account_life_cycle_yields_its_events_and_emails<S: Store>(store
     assert!(problems.is_empty(), "{problems:?}");
 }
 
-on_both_stores!(a_whole_account_life_cycle_yields_its_events_and_emails);
+/// The events lane starts a round's publishes together (lapin finishes each
+/// only once its I/O thread has written it); they must still leave in the
+/// order their messages were applied, here 120 of them in one or a few
+/// batches, more than `join_all` polls without a queue of its own.
+async fn outbound_events_leave_in_the_order_their_messages_were_applied<S: Store>(
+    store: S,
+    url: String,
+) {
+    const PURCHASES: usize = 120;
+    let vhost = Vhost::new();
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let client = Client::new(&vhost).await;
+    let mut messages = vec![opened("e-open", "acme", &["boss@acme.test"])];
+    messages.extend(
+        (0..PURCHASES).map(|n| purchase(&format!("e-buy-{n}"), "acme", &format!("p{n}"), "1")),
+    );
+    // All waiting before the worker starts, so its batches are large.
+    publish_confirmed(&client.channel, &messages).await;
+    let worker = TestWorker::start(store, config(&vhost, &url, None, mail_dir.path())).await;
+
+    let recorded = client
+        .await_outbound("training-credits.purchase.recorded", PURCHASES)
+        .await;
+    let order: Vec<&str> = recorded
+        .iter()
+        .map(|event| event["data"]["purchase_id"].as_str().unwrap_or("?"))
+        .collect();
+    let expected: Vec<String> = (0..PURCHASES).map(|n| format!("p{n}")).collect();
+    assert_eq!(order, expected);
+    assert_eq!(client.distinct_outbound_ids(), PURCHASES + 1);
+    worker.stop().await;
+}
+
+on_both_stores!(
+    a_whole_account_life_cycle_yields_its_events_and_emails,
+    outbound_events_leave_in_the_order_their_messages_were_applied
+);

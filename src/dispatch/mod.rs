@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::Either;
+use futures_util::future::{Either, join_all};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
@@ -152,29 +152,50 @@ fn is_open((_, channel): &(Connection, Channel)) -> bool {
 
 /// Publishes `events`, their confirms joining `confirming` (taken by
 /// [`Dispatcher::confirmed`]): the broker works through them all at once, and
-/// the lane does not wait for them. On a failure, how many were published.
+/// the lane does not wait for them. On a failure, the events that did not go
+/// out.
+///
+/// The publishes are started together: lapin finishes one only once its
+/// I/O thread has written it, and awaiting them one by one cost two thread
+/// wake-ups per event. Each takes its confirm's number and queues its frames
+/// in one step of its first poll, and `join_all` first polls them in order,
+/// so the events still leave in outbox order.
 async fn publish(
     channel: &Channel,
     events: &[OutboxRow],
     confirming: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
-) -> Result<(), (usize, DispatchError)> {
-    for (published, row) in events.iter().enumerate() {
+) -> Result<(), (Vec<OutboxRow>, DispatchError)> {
+    let publishes = events.iter().map(|row| {
         let routing_key = serde_json::from_str::<EventType>(&row.payload)
             .map(|event| event.kind)
             .unwrap_or_default();
-        let confirm = channel
-            .basic_publish(
-                OUTBOUND_EXCHANGE.into(),
-                routing_key.as_ref().into(),
-                BasicPublishOptions::default(),
-                row.payload.as_bytes(),
-                persistent_cloudevent(&row.id),
-            )
-            .await
-            .map_err(|error| (published, error.into()))?;
-        confirming.push_back((row.clone(), confirm));
+        async move {
+            channel
+                .basic_publish(
+                    OUTBOUND_EXCHANGE.into(),
+                    routing_key.as_ref().into(),
+                    BasicPublishOptions::default(),
+                    row.payload.as_bytes(),
+                    persistent_cloudevent(&row.id),
+                )
+                .await
+        }
+    });
+    let mut unsent = Vec::new();
+    let mut failure = None;
+    for (row, published) in events.iter().zip(join_all(publishes).await) {
+        match published {
+            Ok(confirm) => confirming.push_back((row.clone(), confirm)),
+            Err(error) => {
+                unsent.push(row.clone());
+                failure.get_or_insert(error);
+            }
+        }
     }
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(error) => Err((unsent, error.into())),
+    }
 }
 
 /// The `type` of an outbound CloudEvent, its routing key; read without
@@ -609,12 +630,11 @@ impl<S: Store> Dispatcher<S> {
         if !events.is_empty() {
             let result = match self.open_channel(channel, unsettled).await {
                 Ok(open) => publish(open, &events, &mut unsettled.confirming).await,
-                Err(error) => Err((0, error)),
+                Err(error) => Err((events, error)),
             };
-            if let Err((published, error)) = result {
+            if let Err((unsent, error)) = result {
                 // Those published are rescheduled if their confirms fail.
-                self.reschedule(&events[published..], &error.to_string())
-                    .await?;
+                self.reschedule(&unsent, &error.to_string()).await?;
                 failed = Some(error);
             }
         }
