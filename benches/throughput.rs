@@ -799,17 +799,17 @@ async fn broker_ceiling(vhost: &Vhost, messages: &[Message]) -> BenchResult<Ceil
         .await
         .map_err(fail("declare the scratch queue"))?;
     let started = Instant::now();
-    let cpu_at_start = CpuSplit::read(0);
+    let cpu_at_start = CpuReading::take(0);
     publish_all(&channel, "", Some(QUEUE), messages).await?;
     let publish = started.elapsed();
-    let publish_cpu = cpu_at_start.until(&CpuSplit::read(0));
+    let publish_cpu = cpu_at_start.until(&CpuReading::take(0));
     let consumer_channel = connection.create_channel().await.map_err(fail("channel"))?;
     consumer_channel
         .basic_qos(1000, BasicQosOptions::default())
         .await
         .map_err(fail("basic.qos"))?;
     let started = Instant::now();
-    let cpu_at_start = CpuSplit::read(0);
+    let cpu_at_start = CpuReading::take(0);
     let mut deliveries = consumer_channel
         .basic_consume(
             QUEUE.into(),
@@ -845,7 +845,7 @@ async fn broker_ceiling(vhost: &Vhost, messages: &[Message]) -> BenchResult<Ceil
             .map_err(fail("basic.ack"))?;
     }
     let consume = started.elapsed();
-    let consume_cpu = cpu_at_start.until(&CpuSplit::read(0));
+    let consume_cpu = cpu_at_start.until(&CpuReading::take(0));
     let _ = channel
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
@@ -1258,36 +1258,38 @@ fn peak_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) a process has used so far, in seconds: unlike
-/// wall time, barely moved by whatever else the machine is doing.
-fn cpu_seconds(pid: &str) -> Option<(String, f64)> {
+/// A process as `/proc/PID/stat` shows it: its name, its start (clock ticks
+/// after boot, which with the pid tells one process from a later one with
+/// the same pid) and the CPU time (user + system) it has used so far, in
+/// seconds: unlike wall time, barely moved by whatever else the machine is
+/// doing.
+fn process_stat(pid: &str) -> Option<(String, u64, f64)> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (head, rest) = stat.rsplit_once(')')?;
     let name = head.split_once('(')?.1.to_owned();
-    // Fields after the command name, which is in parentheses.
+    // Fields after the command name, which is in parentheses: utime, stime
+    // and starttime are the 14th, 15th and 22nd fields of the line.
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let user: f64 = fields.get(11)?.parse().ok()?;
     let system: f64 = fields.get(12)?.parse().ok()?;
-    Some((name, (user + system) / ticks_per_second))
+    let start: u64 = fields.get(19)?.parse().ok()?;
+    Some((name, start, (user + system) / ticks_per_second))
 }
 
-/// Where the machine's CPU went: CPU seconds by who used them (the worker,
-/// the broker, PostgreSQL, the bench, everything else) and the machine's
-/// idle seconds, as read from `/proc` at one instant. Two readings give the
-/// split of a step, which shows how much of the two cores the worker could
-/// have had.
-#[derive(Clone, Default)]
-struct CpuSplit {
-    seconds: BTreeMap<&'static str, f64>,
-    idle: f64,
+/// The CPU time of every process, by (pid, start), with whom it counts for,
+/// and the machine's idle and total ticks, read from `/proc` at one instant.
+/// Two readings give where the cores went between them.
+#[derive(Default)]
+struct CpuReading {
+    processes: HashMap<(String, u64), (&'static str, f64)>,
+    idle_ticks: f64,
+    total_ticks: f64,
 }
 
-impl CpuSplit {
-    const WHO: [&'static str; 5] = ["worker", "broker", "PostgreSQL", "bench", "other"];
-
-    fn read(worker: u32) -> Self {
-        let mut split = Self::default();
+impl CpuReading {
+    fn take(worker: u32) -> Self {
+        let mut reading = Self::default();
         let worker = worker.to_string();
         let bench = std::process::id().to_string();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -1295,7 +1297,7 @@ impl CpuSplit {
             if !pid.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
-            let Some((name, seconds)) = cpu_seconds(&pid) else {
+            let Some((name, start, seconds)) = process_stat(&pid) else {
                 continue;
             };
             let who = if pid == worker {
@@ -1309,51 +1311,66 @@ impl CpuSplit {
             } else {
                 "other"
             };
-            *split.seconds.entry(who).or_default() += seconds;
+            reading.processes.insert((pid, start), (who, seconds));
         }
-        // The machine's idle time: the fourth and fifth figures (idle, iowait)
-        // of /proc/stat's "cpu" line, in USER_HZ ticks.
-        split.idle = std::fs::read_to_string("/proc/stat")
+        // The "cpu" line of /proc/stat: ticks of every kind summed over the
+        // machine's CPUs; the fourth and fifth are idle and iowait.
+        let ticks: Vec<f64> = std::fs::read_to_string("/proc/stat")
             .ok()
-            .and_then(|stat| {
-                let line = stat.lines().next()?.to_owned();
-                let ticks: Vec<f64> = line
-                    .split_whitespace()
+            .and_then(|stat| stat.lines().next().map(str::to_owned))
+            .map(|line| {
+                line.split_whitespace()
                     .skip(1)
                     .filter_map(|t| t.parse().ok())
-                    .collect();
-                Some((ticks.get(3)? + ticks.get(4)?) / 100.0)
+                    .collect()
             })
-            .unwrap_or(0.0);
-        split
+            .unwrap_or_default();
+        reading.idle_ticks = ticks.iter().skip(3).take(2).sum();
+        reading.total_ticks = ticks.iter().sum();
+        reading
     }
 
-    /// What was used between `self` (earlier) and `later`. A process that
-    /// started in between counts in full; one that ended in between is lost
-    /// (short-lived ones only: the worker, the broker and the database's
-    /// connections live through a step).
-    fn until(&self, later: &Self) -> Self {
-        Self {
-            seconds: later
-                .seconds
-                .iter()
-                .map(|(who, seconds)| {
-                    let before = self.seconds.get(who).copied().unwrap_or(0.0);
-                    (*who, (seconds - before).max(0.0))
-                })
-                .collect(),
-            idle: later.idle - self.idle,
+    /// Where the CPU went between `self` (earlier) and `later`, process by
+    /// process: one that started in between counts in full, one that ended
+    /// in between is missed (short-lived ones only: the worker, the broker
+    /// and the database's connections live through a step).
+    fn until(&self, later: &Self) -> CpuSplit {
+        let mut seconds: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for (process, (who, used)) in &later.processes {
+            let before = self.processes.get(process).map_or(0.0, |(_, used)| *used);
+            *seconds.entry(who).or_default() += used - before;
+        }
+        let total = later.total_ticks - self.total_ticks;
+        CpuSplit {
+            seconds,
+            idle_share: if total > 0.0 {
+                (later.idle_ticks - self.idle_ticks) / total
+            } else {
+                0.0
+            },
         }
     }
+}
+
+/// Where the machine's CPU went during a step: CPU seconds by who used them
+/// (the worker, the broker, PostgreSQL, the bench, everything else) and the
+/// share of the machine's CPU time left idle, which shows how much of the
+/// cores the worker could have had.
+#[derive(Default)]
+struct CpuSplit {
+    seconds: BTreeMap<&'static str, f64>,
+    idle_share: f64,
+}
+
+impl CpuSplit {
+    const WHO: [&'static str; 5] = ["worker", "broker", "PostgreSQL", "bench", "other"];
 
     fn worker(&self) -> f64 {
         self.seconds.get("worker").copied().unwrap_or(0.0)
     }
 
-    /// "worker 150, broker 80, … µs; idle 3 %": per message, and the idle
-    /// share of the two cores over `wall` seconds.
-    fn per_message(&self, messages: f64, wall: f64) -> String {
-        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    /// "worker 150, broker 80, … µs per message; cores idle 3 %".
+    fn per_message(&self, messages: f64) -> String {
         let used: Vec<String> = Self::WHO
             .iter()
             .map(|who| {
@@ -1362,9 +1379,9 @@ impl CpuSplit {
             })
             .collect();
         format!(
-            "{} µs per message; idle {:.0} % of {cores} cores",
+            "{} µs per message; cores idle {:.0} %",
             used.join(", "),
-            100.0 * self.idle / (wall * cores)
+            100.0 * self.idle_share
         )
     }
 }
@@ -1707,7 +1724,7 @@ async fn worker_run(
 
     let started = Instant::now();
     let mut worker = Worker::start(&database.url, &vhost.url)?;
-    let cpu_at_start = CpuSplit::read(worker.child.id());
+    let cpu_at_start = CpuReading::take(worker.child.id());
     worker.ready().await?;
     run.startup_seconds = started.elapsed().as_secs_f64();
 
@@ -1772,7 +1789,7 @@ async fn worker_run(
     let end = events_done.max(queue_done);
     run.seconds = end.duration_since(started).as_secs_f64();
     run.outbound_at = events_done.duration_since(started).as_secs_f64();
-    run.cpu = cpu_at_start.until(&CpuSplit::read(worker.child.id()));
+    run.cpu = cpu_at_start.until(&CpuReading::take(worker.child.id()));
     run.events_per_second = total / run.seconds;
     // …and acknowledged (ready + unacked = 0), checked with rabbitmqctl
     // outside the timing: each call starts an Erlang VM.
@@ -2193,15 +2210,13 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
             "  {}: broker ceiling: publish with confirms {} msg/s (CPU: {}), consume {} msg/s (CPU: {})",
             row.backend.label(),
             thousands(row.ceiling.publish_per_second),
-            row.ceiling.publish_cpu.per_message(
-                workload.messages.len() as f64,
-                workload.messages.len() as f64 / row.ceiling.publish_per_second
-            ),
+            row.ceiling
+                .publish_cpu
+                .per_message(workload.messages.len() as f64),
             thousands(row.ceiling.consume_per_second),
-            row.ceiling.consume_cpu.per_message(
-                workload.messages.len() as f64,
-                workload.messages.len() as f64 / row.ceiling.consume_per_second
-            )
+            row.ceiling
+                .consume_cpu
+                .per_message(workload.messages.len() as f64)
         );
         let mut runs = vec![("empty ledger", &row.empty)];
         if let Some(history) = &row.history {
@@ -2230,8 +2245,7 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
                 thousands(run.events_per_second),
                 run.startup_seconds,
                 run.cpu.worker(),
-                run.cpu
-                    .per_message(workload.messages.len() as f64, run.seconds),
+                run.cpu.per_message(workload.messages.len() as f64),
                 run.outbound_at,
                 run.drained_at
                     .map_or("-".to_owned(), |s| format!("{s:.1} s"))

@@ -153,13 +153,14 @@ async fn a_whole_account_life_cycle_yields_its_events_and_emails<S: Store>(store
 
 /// The events lane starts a round's publishes together (lapin finishes each
 /// only once its I/O thread has written it); they must still leave in the
-/// order their messages were applied, here 120 of them in one or a few
-/// batches, more than `join_all` polls without a queue of its own.
+/// order their messages were applied. The 300 purchases wait in the queue
+/// before the worker starts, so its batches after the first are large: far
+/// more than the 30 futures `join_all` polls without a queue of its own.
 async fn outbound_events_leave_in_the_order_their_messages_were_applied<S: Store>(
     store: S,
     url: String,
 ) {
-    const PURCHASES: usize = 120;
+    const PURCHASES: usize = 300;
     let vhost = Vhost::new();
     let mail_dir = tempfile::tempdir().expect("a folder");
     let client = Client::new(&vhost).await;
