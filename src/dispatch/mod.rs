@@ -131,6 +131,17 @@ impl Unsettled {
         self.mark_at().is_some_and(|at| at <= now)
     }
 
+    /// Keeps the mark delay in step with `sent`: it starts when the first
+    /// id waits to be marked and ends once none does.
+    fn sent_changed(&mut self) {
+        if self.sent.is_empty() {
+            self.sent_since = None;
+        } else {
+            self.sent_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
     /// The broker's answer for the oldest event awaiting one.
     async fn next_confirm(&mut self) -> Option<Answer> {
         let (_, confirm) = self.confirming.front_mut()?;
@@ -568,13 +579,7 @@ impl<S: Store> Dispatcher<S> {
         };
         let count = rows.len();
         let result = self.send(rows, channel, unsettled).await;
-        if unsettled.sent.is_empty() {
-            unsettled.sent_since = None;
-        } else {
-            unsettled
-                .sent_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        }
+        unsettled.sent_changed();
         match result {
             Err(DispatchError::Store(error)) => {
                 unsettled.leases.extend(leases);
@@ -590,7 +595,7 @@ impl<S: Store> Dispatcher<S> {
     async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
         if everything || unsettled.mark_due(tokio::time::Instant::now()) {
             self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
-            unsettled.sent_since = None;
+            unsettled.sent_changed();
         }
         while let Some(&lease_until) = unsettled.leases.last() {
             self.store.outbox_release(lease_until, Ts::now()).await?;
@@ -695,11 +700,7 @@ impl<S: Store> Dispatcher<S> {
             self.reschedule(std::slice::from_ref(&row), &failure)
                 .await?;
         }
-        if !unsettled.sent.is_empty() {
-            unsettled
-                .sent_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        }
+        unsettled.sent_changed();
         Ok(())
     }
 
@@ -910,6 +911,22 @@ mod tests {
         assert_eq!(unsettled.mark_at(), Some(now + EVENT_MARK_DELAY));
         assert!(!unsettled.mark_due(now));
         assert!(unsettled.mark_due(now + EVENT_MARK_DELAY));
+    }
+
+    #[test]
+    fn the_mark_delay_starts_with_the_first_sent_id_and_ends_once_none_waits() {
+        let mut unsettled = Unsettled::default();
+        unsettled.sent_changed();
+        assert_eq!(unsettled.sent_since, None, "nothing waits");
+        unsettled.sent.push("a".to_owned());
+        unsettled.sent_changed();
+        let started = unsettled.sent_since.expect("the first id starts it");
+        unsettled.sent.push("b".to_owned());
+        unsettled.sent_changed();
+        assert_eq!(unsettled.sent_since, Some(started), "the oldest sets it");
+        unsettled.sent.clear();
+        unsettled.sent_changed();
+        assert_eq!(unsettled.sent_since, None, "all marked");
     }
 
     fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
