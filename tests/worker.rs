@@ -189,3 +189,57 @@ on_both_stores!(
     a_whole_account_life_cycle_yields_its_events_and_emails,
     outbound_events_leave_in_the_order_their_messages_were_applied
 );
+
+/// The dispatcher's marks ride with the next batch, on the ledger alone.
+mod marks {
+    use super::common;
+    use crate::on_both_backends;
+    use chrono::Duration;
+    use common::World;
+    use training_credits::domain::Outcome;
+    use training_credits::store::{OutboxKind, Store};
+
+    /// Rows sent and waiting in the store's [`SentMarks`] are marked sent by
+    /// the next batch's transaction, with its own writes: nothing of them is
+    /// due again, the batch's own rows are, and nothing waits any more.
+    async fn rows_sent_are_marked_by_the_next_batch_s_transaction<S: Store>(mut w: World<S>) {
+        let kinds = [OutboxKind::Event, OutboxKind::Email];
+        assert_eq!(
+            w.open("acme", "automatic", "boss@acme.test", "ACME-1234")
+                .await,
+            Outcome::Applied
+        );
+        let later = w.now.plus(Duration::days(1));
+        let sent = w
+            .store()
+            .claim_outbox(&kinds, later, later.plus(Duration::minutes(1)), 100)
+            .await
+            .expect("the opening's rows are claimed");
+        assert!(!sent.is_empty(), "the opening has an event and emails");
+        w.store()
+            .sent_marks()
+            .add(sent.iter().map(|row| row.id.clone()));
+
+        assert_eq!(w.purchase("acme", "p1", "100.00").await, Outcome::Applied);
+        assert!(w.store().sent_marks().is_empty(), "the batch took them");
+        let after_the_lease = later.plus(Duration::hours(1));
+        let due = w
+            .store()
+            .claim_outbox(&kinds, after_the_lease, after_the_lease, 100)
+            .await
+            .expect("what is due is claimed");
+        assert!(!due.is_empty(), "the purchase's own rows are not sent");
+        for row in &due {
+            assert!(
+                sent.iter().all(|marked| marked.id != row.id),
+                "{} was marked sent by the purchase's batch",
+                row.id
+            );
+        }
+        // Nothing waits: no write at all.
+        w.store().outbox_mark_sent().await.expect("nothing to mark");
+        w.verify_ok().await;
+    }
+
+    on_both_backends!(rows_sent_are_marked_by_the_next_batch_s_transaction);
+}

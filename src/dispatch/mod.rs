@@ -42,28 +42,28 @@ use crate::notify::Email;
 use crate::notify::{Attachment, Renderer};
 use crate::ops::metric;
 use crate::report::{self, ReportJob, ReportQuery, choose_columns};
-use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
+use crate::store::{OutboxKind, OutboxRow, SentMarks, Store, StoreError};
 use mail::Mailer;
 
 /// Outbound events claimed per round.
 pub const CLAIM_ROWS_MAX: i64 = 500;
-/// Emails and reports claimed per round, and so sent between two writes
-/// that mark them sent.
-pub const EMAILS_PER_MARK: usize = 25;
+/// Emails and reports claimed (or taken from a hand-off) per round.
+pub const EMAILS_PER_ROUND: usize = 25;
 /// How long claimed emails and reports are this worker's before others may
 /// take them (a worker that dies leaves its claim to wait this long).
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The same for outbound events, which are published in well under a second.
 pub const EVENT_LEASE: Duration = Duration::from_secs(30);
-/// How long a sent event may wait to be marked sent, so that under a steady
-/// stream one write marks the events of many rounds (on SQLite each write
-/// is a commit the consumer waits for). A worker killed meanwhile publishes
-/// them again, with the same ids.
-pub const EVENT_MARK_DELAY: Duration = Duration::from_millis(50);
-/// Events published but not marked sent (awaiting their confirm or their
-/// mark) before the lane waits for them all before sending more: about what
-/// a killed worker publishes again.
-const UNMARKED_EVENTS_MAX: usize = CLAIM_ROWS_MAX as usize / 2;
+/// How long a sent event or email may wait to be marked sent
+/// ([`SentMarks`]): under a steady stream the consumer's next batch marks
+/// it, otherwise one write marks those of many rounds (on SQLite each write
+/// is a commit the consumer waits for). A worker killed meanwhile sends them
+/// again, with the same ids.
+pub const MARK_DELAY: Duration = Duration::from_millis(50);
+/// Rows sent (or published, awaiting their confirm) but not marked sent
+/// before a lane marks them all before sending more: about what a killed
+/// worker sends again.
+pub const UNMARKED_MAX: usize = CLAIM_ROWS_MAX as usize / 2;
 /// How often a lane waiting for confirms checks that the channel they are
 /// owed on is still open (lapin fails them when it closes; this is the
 /// guard should an answer never come).
@@ -103,45 +103,26 @@ pub struct Dispatcher<S> {
 /// An outbound event published, with the broker's answer once it comes.
 type Answer = (OutboxRow, Result<Confirmation, lapin::Error>);
 
-/// What a round left unsettled: events waiting for the broker's confirm,
-/// events sent but not marked yet, and what the database failed under.
+/// What a round left unsettled beyond the [`SentMarks`]: events waiting for
+/// the broker's confirm, and what the database failed under.
 #[derive(Default)]
 struct Unsettled {
     /// Events published on the lane's channel, in order, whose confirms
     /// have not been taken: the lane goes on sending while the broker writes
     /// them.
     confirming: VecDeque<(OutboxRow, PublisherConfirm)>,
-    /// Ids sent (confirmed by the broker, taken by the SMTP server) but not
-    /// marked sent yet.
-    sent: Vec<String>,
-    /// Since when the oldest of `sent` has waited.
-    sent_since: Option<tokio::time::Instant>,
     /// Leases of claims (or hand-offs) whose rows may still be held.
     leases: BTreeSet<Ts>,
 }
 
+/// When the sent rows waiting in `marks` must be marked by the dispatcher:
+/// [`MARK_DELAY`] after the oldest was sent, unless a batch marks them
+/// first.
+fn mark_at(marks: &SentMarks) -> Option<tokio::time::Instant> {
+    Some(marks.since()? + MARK_DELAY)
+}
+
 impl Unsettled {
-    /// When `sent` must be marked: [`EVENT_MARK_DELAY`] after the oldest was
-    /// sent.
-    fn mark_at(&self) -> Option<tokio::time::Instant> {
-        Some(self.sent_since? + EVENT_MARK_DELAY)
-    }
-
-    fn mark_due(&self, now: tokio::time::Instant) -> bool {
-        self.mark_at().is_some_and(|at| at <= now)
-    }
-
-    /// Keeps the mark delay in step with `sent`: it starts when the first
-    /// id waits to be marked and ends once none does.
-    fn sent_changed(&mut self) {
-        if self.sent.is_empty() {
-            self.sent_since = None;
-        } else {
-            self.sent_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        }
-    }
-
     /// The broker's answer for the oldest event awaiting one.
     async fn next_confirm(&mut self) -> Option<Answer> {
         let (_, confirm) = self.confirming.front_mut()?;
@@ -245,18 +226,17 @@ impl Lane {
     fn claim_max(self) -> i64 {
         match self {
             Lane::Events => CLAIM_ROWS_MAX,
-            Lane::Mail => EMAILS_PER_MARK as i64,
+            Lane::Mail => EMAILS_PER_ROUND as i64,
         }
     }
 
     /// What to send next of what the hand-off brought: every event at hand,
-    /// or the next [`EMAILS_PER_MARK`] emails (so that emails are marked sent
-    /// as often as when they are claimed).
+    /// or the next [`EMAILS_PER_ROUND`] emails (as many as a claim takes).
     fn take(self, handed: &mut Vec<OutboxRow>) -> Vec<OutboxRow> {
         match self {
             Lane::Events => std::mem::take(handed),
             Lane::Mail => {
-                let rest = handed.split_off(handed.len().min(EMAILS_PER_MARK));
+                let rest = handed.split_off(handed.len().min(EMAILS_PER_ROUND));
                 std::mem::replace(handed, rest)
             }
         }
@@ -485,7 +465,7 @@ impl<S: Store> Dispatcher<S> {
                     Either::Right(std::future::pending()),
                 ),
             };
-            let mark_at = unsettled.mark_at();
+            let mark_at = mark_at(self.store.sent_marks());
             let confirming = !unsettled.confirming.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -501,9 +481,9 @@ impl<S: Store> Dispatcher<S> {
                 _ = tokio::time::sleep_until(poll_at) => {}
                 () = left => poll_at = tokio::time::Instant::now(),
                 _ = tokio::time::sleep_until(mark_at.unwrap_or(poll_at)), if mark_at.is_some() => {
+                    // Those it fails to mark wait again.
                     if let Err(error) = self.settle(&mut unsettled, false).await {
-                        tracing::warn!(%error, "Marking sent events failed; trying again.");
-                        unsettled.sent_since = Some(tokio::time::Instant::now());
+                        tracing::warn!(%error, "Marking sent rows failed; trying again.");
                     }
                 }
             }
@@ -542,7 +522,7 @@ impl<S: Store> Dispatcher<S> {
         // every confirm and marks everything first; otherwise the hand-off
         // is sent first and the marks wait until they are due.
         let everything = handed.is_empty()
-            || unsettled.confirming.len() + unsettled.sent.len() >= UNMARKED_EVENTS_MAX;
+            || unsettled.confirming.len() + self.store.sent_marks().len() >= UNMARKED_MAX;
         if everything {
             self.take_confirms(unsettled, channel).await?;
         }
@@ -578,9 +558,7 @@ impl<S: Store> Dispatcher<S> {
             (rows, leases)
         };
         let count = rows.len();
-        let result = self.send(rows, channel, unsettled).await;
-        unsettled.sent_changed();
-        match result {
+        match self.send(rows, channel, unsettled).await {
             Err(DispatchError::Store(error)) => {
                 unsettled.leases.extend(leases);
                 Err(DispatchError::Store(error))
@@ -593,24 +571,14 @@ impl<S: Store> Dispatcher<S> {
     /// marks are due), and gives back the rows of lost claims, so they are
     /// neither sent again nor left waiting out their lease.
     async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
-        if everything || unsettled.mark_due(tokio::time::Instant::now()) {
-            self.mark_sent(&mut unsettled.sent, Vec::new()).await?;
-            unsettled.sent_changed();
+        let due =
+            mark_at(self.store.sent_marks()).is_some_and(|at| at <= tokio::time::Instant::now());
+        if everything || due {
+            self.store.outbox_mark_sent().await?;
         }
         while let Some(&lease_until) = unsettled.leases.last() {
             self.store.outbox_release(lease_until, Ts::now()).await?;
             unsettled.leases.remove(&lease_until);
-        }
-        Ok(())
-    }
-
-    /// Marks `ids` sent, with any earlier ones whose marking failed; they
-    /// stay in `sent` until a marking succeeds.
-    async fn mark_sent(&self, sent: &mut Vec<String>, ids: Vec<String>) -> Result<(), StoreError> {
-        sent.extend(ids);
-        if !sent.is_empty() {
-            self.store.outbox_done(sent, Ts::now()).await?;
-            sent.clear();
         }
         Ok(())
     }
@@ -645,7 +613,7 @@ impl<S: Store> Dispatcher<S> {
         }
         // Emails and reports do not need the broker: they go even when the
         // events could not, instead of waiting out their lease.
-        self.send_emails(&emails, &mut unsettled.sent).await?;
+        self.send_emails(&emails).await?;
         for row in &reports {
             self.send_report(row).await?;
         }
@@ -688,7 +656,7 @@ impl<S: Store> Dispatcher<S> {
             let failure = match answer {
                 Ok(confirmation) if confirmation.is_ack() => {
                     metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
-                    unsettled.sent.push(row.id);
+                    self.store.sent_marks().add([row.id]);
                     continue;
                 }
                 Ok(_) => {
@@ -700,7 +668,6 @@ impl<S: Store> Dispatcher<S> {
             self.reschedule(std::slice::from_ref(&row), &failure)
                 .await?;
         }
-        unsettled.sent_changed();
         Ok(())
     }
 
@@ -737,14 +704,10 @@ impl<S: Store> Dispatcher<S> {
         .await
     }
 
-    /// Sends `rows` (up to [`Mailer::in_flight`] at a time) and marks the
-    /// ones that went in one write: a crash between a send and its mark
-    /// sends that email again, with the same `Message-ID`.
-    async fn send_emails(
-        &self,
-        rows: &[OutboxRow],
-        sent: &mut Vec<String>,
-    ) -> Result<(), DispatchError> {
+    /// Sends `rows` (up to [`Mailer::in_flight`] at a time); the ones that
+    /// went wait to be marked sent ([`SentMarks`]): a crash between a send
+    /// and its mark sends that email again, with the same `Message-ID`.
+    async fn send_emails(&self, rows: &[OutboxRow]) -> Result<(), DispatchError> {
         let sends: Vec<_> = rows
             .iter()
             .map(|row| async move { (row, self.send_email(row).await) })
@@ -762,7 +725,7 @@ impl<S: Store> Dispatcher<S> {
                 }
             }
         }
-        self.mark_sent(sent, done).await?;
+        self.store.sent_marks().add(done);
         Ok(())
     }
 
@@ -901,32 +864,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sent_events_are_marked_once_the_oldest_has_waited_the_mark_delay() {
-        let mut unsettled = Unsettled::default();
-        let now = tokio::time::Instant::now();
-        assert_eq!(unsettled.mark_at(), None, "nothing to mark");
-        assert!(!unsettled.mark_due(now));
-        unsettled.sent.push("a".to_owned());
-        unsettled.sent_since = Some(now);
-        assert_eq!(unsettled.mark_at(), Some(now + EVENT_MARK_DELAY));
-        assert!(!unsettled.mark_due(now));
-        assert!(unsettled.mark_due(now + EVENT_MARK_DELAY));
-    }
-
-    #[test]
-    fn the_mark_delay_starts_with_the_first_sent_id_and_ends_once_none_waits() {
-        let mut unsettled = Unsettled::default();
-        unsettled.sent_changed();
-        assert_eq!(unsettled.sent_since, None, "nothing waits");
-        unsettled.sent.push("a".to_owned());
-        unsettled.sent_changed();
-        let started = unsettled.sent_since.expect("the first id starts it");
-        unsettled.sent.push("b".to_owned());
-        unsettled.sent_changed();
-        assert_eq!(unsettled.sent_since, Some(started), "the oldest sets it");
-        unsettled.sent.clear();
-        unsettled.sent_changed();
-        assert_eq!(unsettled.sent_since, None, "all marked");
+    fn sent_rows_are_marked_once_the_oldest_has_waited_the_mark_delay() {
+        let marks = SentMarks::default();
+        assert_eq!(mark_at(&marks), None, "nothing to mark");
+        marks.add(["a".to_owned()]);
+        let since = marks.since().expect("the first id starts the delay");
+        assert_eq!(mark_at(&marks), Some(since + MARK_DELAY));
     }
 
     fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
@@ -1014,18 +957,18 @@ mod tests {
     fn the_mail_lane_takes_one_mark_of_emails_at_a_time_the_events_lane_all() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
         let (handoff, events, mail) = Handoff::new();
-        let emails: Vec<OutboxRow> = (0..EMAILS_PER_MARK + 3)
+        let emails: Vec<OutboxRow> = (0..EMAILS_PER_ROUND + 3)
             .map(|n| row(n, OutboxKind::Email, now))
             .collect();
-        let events_rows: Vec<OutboxRow> = (0..3 * EMAILS_PER_MARK)
+        let events_rows: Vec<OutboxRow> = (0..3 * EMAILS_PER_ROUND)
             .map(|n| row(n, OutboxKind::Event, now))
             .collect();
         handoff.reserve().hand_over(emails.clone());
         handoff.reserve().hand_over(events_rows.clone());
         let mut held = Vec::new();
         receive(&mut Some(mail), &mut held);
-        assert_eq!(Lane::Mail.take(&mut held), emails[..EMAILS_PER_MARK]);
-        assert_eq!(Lane::Mail.take(&mut held), emails[EMAILS_PER_MARK..]);
+        assert_eq!(Lane::Mail.take(&mut held), emails[..EMAILS_PER_ROUND]);
+        assert_eq!(Lane::Mail.take(&mut held), emails[EMAILS_PER_ROUND..]);
         assert!(Lane::Mail.take(&mut held).is_empty());
         let mut held = Vec::new();
         receive(&mut Some(events), &mut held);

@@ -11,6 +11,7 @@ mod sqlite;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -158,15 +159,99 @@ pub struct Writes {
     pub now: Option<Ts>,
 }
 
+/// Outbox rows sent (confirmed by the broker, taken by the SMTP server) but
+/// not yet marked sent, shared by a store's clones: the next batch's
+/// transaction marks them with its own writes, so under load they cost no
+/// commit of their own (on SQLite, no wait for the write gate either); the
+/// dispatcher marks those still waiting once the oldest has waited its mark
+/// delay. A worker killed meanwhile sends them again, with the same ids.
+#[derive(Clone, Debug, Default)]
+pub struct SentMarks(Arc<Mutex<Waiting>>);
+
+#[derive(Debug, Default)]
+struct Waiting {
+    ids: Vec<String>,
+    /// Since when the oldest of `ids` has waited.
+    since: Option<tokio::time::Instant>,
+}
+
+impl SentMarks {
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `ids` were sent: they wait to be marked.
+    pub fn add(&self, ids: impl IntoIterator<Item = String>) {
+        let mut waiting = self.waiting();
+        waiting.ids.extend(ids);
+        if !waiting.ids.is_empty() {
+            waiting.since.get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    /// Takes every id waiting, to be marked by the caller; those it fails to
+    /// mark must be given back.
+    pub fn take(&self) -> Taken<'_> {
+        let mut waiting = self.waiting();
+        waiting.since = None;
+        Taken {
+            marks: self,
+            ids: std::mem::take(&mut waiting.ids),
+        }
+    }
+
+    /// Since when the oldest id has waited, if any waits.
+    pub fn since(&self) -> Option<tokio::time::Instant> {
+        self.waiting().since
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting().ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Ids taken from [`SentMarks`] to be marked: given back when dropped before
+/// [`Taken::marked`] (the write failed or was abandoned), and then they wait
+/// as if they had just been sent.
+#[derive(Debug)]
+pub struct Taken<'a> {
+    marks: &'a SentMarks,
+    pub ids: Vec<String>,
+}
+
+impl Taken<'_> {
+    /// Their marks are written (committed).
+    pub fn marked(mut self) {
+        self.ids.clear();
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.marks.add(std::mem::take(&mut self.ids));
+        }
+    }
+}
+
 /// The ledger's storage. Implemented for SQLite and PostgreSQL by the same
 /// code; the test suite runs against both.
 pub trait Store: Clone + Send + Sync + 'static {
+    /// The outbox rows sent and waiting to be marked, which the next
+    /// [`Store::transact`] marks with its batch.
+    fn sent_marks(&self) -> &SentMarks;
+
     /// Creates or upgrades the schema.
     fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// One batch in one transaction: lock and load `wanted`, run `work` on it,
-    /// write what it returns, commit. `work` runs once per call; a failed
-    /// commit returns the error and nothing is written.
+    /// write what it returns and the [`SentMarks`] waiting, commit. `work`
+    /// runs once per call; a failed commit returns the error and nothing is
+    /// written (the marks wait again).
     fn transact<T, F>(
         &self,
         wanted: &Wanted,
@@ -212,12 +297,9 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: Ts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Marks rows as dispatched: they are never dispatched again.
-    fn outbox_done(
-        &self,
-        ids: &[String],
-        now: Ts,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Marks the rows [`Store::sent_marks`] holds as dispatched (they are
+    /// never dispatched again), in a write of its own; none, no write.
+    fn outbox_mark_sent(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Marks a row dispatched and adds the rows it led to (the event that
     /// announces a sent report), in one transaction.
@@ -305,4 +387,38 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         limit: i64,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SentMarks;
+
+    #[test]
+    fn the_mark_delay_starts_with_the_first_id_waiting_and_ends_once_none_waits() {
+        let marks = SentMarks::default();
+        assert_eq!(marks.since(), None, "nothing waits");
+        marks.add(Vec::new());
+        assert_eq!(marks.since(), None, "still nothing");
+        marks.add(["a".to_owned()]);
+        let since = marks.since().expect("the first id starts it");
+        marks.clone().add(["b".to_owned()]);
+        assert_eq!(marks.since(), Some(since), "the oldest sets it");
+        assert_eq!(marks.len(), 2, "clones share what waits");
+        marks.take().marked();
+        assert!(marks.is_empty());
+        assert_eq!(marks.since(), None, "all marked");
+    }
+
+    #[test]
+    fn ids_taken_but_not_marked_wait_again() {
+        let marks = SentMarks::default();
+        marks.add(["a".to_owned(), "b".to_owned()]);
+        let taken = marks.take();
+        assert_eq!(taken.ids, ["a", "b"]);
+        assert!(marks.is_empty() && marks.since().is_none());
+        marks.add(["c".to_owned()]);
+        drop(taken);
+        assert_eq!(marks.len(), 3, "the failed write's ids are back");
+        assert!(marks.since().is_some(), "and their delay runs again");
+    }
 }

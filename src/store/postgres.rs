@@ -47,6 +47,7 @@ impl<'r> Decode<'r, Postgres> for Ts {
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    marks: SentMarks,
 }
 
 impl PgStore {
@@ -56,7 +57,10 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            marks: SentMarks::default(),
+        })
     }
 
     /// Reads and writes share one pool.

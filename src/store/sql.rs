@@ -280,7 +280,8 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (a struct with a
-/// `pool: sqlx::Pool<$db>` field for reads, an inherent `fn writer` giving
+/// `pool: sqlx::Pool<$db>` field for reads, a `marks: SentMarks` field, an
+/// inherent `fn writer` giving
 /// the pool every write goes through, and an inherent `async fn
 /// write_gate`, taken around every write).
 macro_rules! sql_store {
@@ -294,7 +295,7 @@ macro_rules! sql_store {
         use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
         use $crate::domain::{Credits, Id, Ts};
         use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, Rows, ACCOUNTS, AUDIT, CODE_ATTEMPTS, JOURNAL, LOTS, OUTBOX, OWNERS, PROCESSED, REDEMPTIONS};
-        use $crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes, FIRING_LEASE};
+        use $crate::store::{Loaded, OutboxKind, OutboxRow, SentMarks, Store, StoreError, Wanted, Writes, FIRING_LEASE};
         use $crate::domain::command::ReportKind;
         use $crate::report::{Cell, ReportQuery};
         use futures_util::stream::{BoxStream, StreamExt};
@@ -710,6 +711,18 @@ macro_rules! sql_store {
             rows
         }
 
+        /// Marks the outbox rows `ids` sent, now.
+        async fn mark_sent(conn: &mut Conn, ids: &[String]) -> Result<(), StoreError> {
+            if !ids.is_empty() {
+                sqlx::query(concat!("UPDATE outbox SET dispatched_at = $2 WHERE id", $in_list))
+                    .bind($list(ids))
+                    .bind(Ts::now())
+                    .execute(conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
         impl Store for $store {
             async fn migrate(&self) -> Result<(), StoreError> {
                 $migrator.run(&self.pool).await?;
@@ -726,7 +739,10 @@ macro_rules! sql_store {
                 let loaded = load(&mut *tx, wanted, true).await?;
                 let (result, writes) = work(loaded);
                 write(&mut *tx, &writes).await?;
+                let marks = self.marks.take();
+                mark_sent(&mut *tx, &marks.ids).await?;
                 tx.commit().await?;
+                marks.marked();
                 Ok(result)
             }
 
@@ -924,15 +940,19 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn outbox_done(&self, ids: &[String], now: Ts) -> Result<(), StoreError> {
-                let _gate = self.write_gate().await;
-                if !ids.is_empty() {
-                    sqlx::query(concat!("UPDATE outbox SET dispatched_at = $2 WHERE id", $in_list))
-                        .bind($list(ids))
-                        .bind(now)
-                        .execute(self.writer())
-                        .await?;
+            fn sent_marks(&self) -> &SentMarks {
+                &self.marks
+            }
+
+            async fn outbox_mark_sent(&self) -> Result<(), StoreError> {
+                if self.marks.is_empty() {
+                    return Ok(());
                 }
+                let _gate = self.write_gate().await;
+                let marks = self.marks.take();
+                let mut conn = self.writer().acquire().await?;
+                mark_sent(&mut *conn, &marks.ids).await?;
+                marks.marked();
                 Ok(())
             }
 

@@ -58,6 +58,7 @@ pub struct SqliteStore {
     /// first-served lock makes the writers of this process take turns, so
     /// the dispatcher is never starved by a busy consumer.
     gate: Arc<Mutex<()>>,
+    marks: SentMarks,
 }
 
 impl SqliteStore {
@@ -92,7 +93,12 @@ impl SqliteStore {
             .await?;
         let gate = Arc::new(Mutex::new(()));
         checkpoint_in_background(pool.clone(), Arc::downgrade(&gate));
-        Ok(SqliteStore { pool, writer, gate })
+        Ok(SqliteStore {
+            pool,
+            writer,
+            gate,
+            marks: SentMarks::default(),
+        })
     }
 
     /// Every write goes through one connection, whose page cache then stays
