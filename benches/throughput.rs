@@ -14,7 +14,8 @@
 //!    and every expected outbound event has arrived on a capture queue bound
 //!    to `training-credits.out`; events per second and the ratio to (1);
 //! 3. with that worker idle, publish-to-outbound-event latency (p50, p99) at
-//!    a steady rate (default 1,000 events/s for 10 s);
+//!    a steady rate (default 1,000 events/s for 10 s), and the same with the
+//!    broker alone (a relay in the bench instead of the worker, in step 1);
 //! 4. the worker's peak RSS (`VmHWM`, polled);
 //! 5. step 2 again on a ledger that already holds 1,000,000 journal entries
 //!    (filled by SQL in the binary's own schema), and its ratio to step 2.
@@ -853,8 +854,9 @@ struct Ceiling {
     /// was consumed.
     publish_cpu: CpuSplit,
     consume_cpu: CpuSplit,
-    /// Step 3's latency with the broker alone, when step 3 runs.
-    latency: Option<Times>,
+    /// Step 3's latency with the broker alone, when step 3 runs, and where
+    /// the CPU went meanwhile.
+    latency: Option<(Times, CpuSplit)>,
 }
 
 /// Step 1: the workload's bodies through a durable quorum queue (the kind
@@ -946,7 +948,7 @@ async fn broker_latency(
     connection: &Connection,
     steady: &Workload,
     rate: u32,
-) -> BenchResult<Times> {
+) -> BenchResult<(Times, CpuSplit)> {
     const QUEUE: &str = "bench.relay";
     let channel = publisher_to_quorum_queue(connection, QUEUE).await?;
     let capture = exclusive_queue(&channel).await?;
@@ -1013,6 +1015,7 @@ async fn broker_latency(
         }
         BenchResult::Ok(())
     });
+    let cpu_at_start = CpuReading::take(0);
     let (sent, confirms, _) =
         publish_steadily(&channel, "", Some(QUEUE), &steady.messages, rate).await?;
     all_acked(confirms).await?;
@@ -1023,6 +1026,7 @@ async fn broker_latency(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu = cpu_at_start.until(&CpuReading::take(0));
     relaying.abort();
     capturing.abort();
     if let Ok(Ok(Err(error))) = tokio::time::timeout(Duration::from_secs(1), relaying).await {
@@ -1040,7 +1044,7 @@ async fn broker_latency(
             steady.messages.len()
         ));
     }
-    Ok(times)
+    Ok((times, cpu))
 }
 
 /// Consumes `queue` (no acks) on a channel of its own and hands each
@@ -1901,6 +1905,8 @@ struct Latency {
     apply_ms_per_batch: f64,
     /// Outbox backlog when the last event had been published.
     backlog_after_publishing: BTreeMap<String, f64>,
+    /// Where the CPU went while they were published and taken.
+    cpu: CpuSplit,
 }
 
 #[derive(Default)]
@@ -2062,7 +2068,9 @@ async fn worker_run(
     if let Some((steady, rate)) = steady {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = worker.metrics().await.unwrap_or_default();
+        let cpu_at_start = CpuReading::take(worker.child.id());
         let mut measured = latency(&channel, &capture, &worker, steady, rate).await?;
+        measured.cpu = cpu_at_start.until(&CpuReading::take(worker.child.id()));
         let after = worker.metrics().await.unwrap_or_default();
         measured.batches = after.batch_count - before.batch_count;
         if measured.batches > 0.0 {
@@ -2388,12 +2396,16 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
             ));
         }
         if let Some(latency) = &row.empty.latency {
-            let alone = row.ceiling.latency.as_ref().map_or(String::new(), |times| {
-                format!(
-                    "; the broker alone on the same path: {:.1} ms",
-                    times.p99_ms
-                )
-            });
+            let alone = row
+                .ceiling
+                .latency
+                .as_ref()
+                .map_or(String::new(), |(times, _)| {
+                    format!(
+                        "; the broker alone on the same path: {:.1} ms",
+                        times.p99_ms
+                    )
+                });
             lines.push(format!(
                 "p99 {:.1} ms (target ≤ 25 ms{alone}): {}",
                 latency.times.p99_ms,
@@ -2426,12 +2438,13 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
                 .consume_cpu
                 .per_message(workload.messages.len() as f64)
         );
-        if let Some(times) = &row.ceiling.latency {
+        if let Some((times, cpu)) = &row.ceiling.latency {
             println!(
                 "    the broker alone on the worker's path at the latency step's rate \
-                 (a relay in the bench instead of the worker): {} over {} messages",
+                 (a relay in the bench instead of the worker): {} over {} messages; CPU: {}",
                 times,
-                thousands(times.measured as f64)
+                thousands(times.measured as f64),
+                cpu.per_message(times.measured as f64)
             );
         }
         let mut runs = vec![("empty ledger", &row.empty)];
@@ -2489,14 +2502,15 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
             if let Some(latency) = &run.latency {
                 println!(
                     "      latency: {} events at {:.0}/s achieved: {}; \
-                     {} batches of {:.1} messages on average, {:.1} ms apply+commit each; outbox backlog after the last publish {:?}",
+                     {} batches of {:.1} messages on average, {:.1} ms apply+commit each; outbox backlog after the last publish {:?}; CPU: {}",
                     thousands(latency.times.measured as f64),
                     latency.achieved_rate,
                     latency.times,
                     thousands(latency.batches),
                     latency.mean_batch,
                     latency.apply_ms_per_batch,
-                    latency.backlog_after_publishing
+                    latency.backlog_after_publishing,
+                    latency.cpu.per_message(latency.times.measured as f64)
                 );
             }
             for note in &run.notes {
