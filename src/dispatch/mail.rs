@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use lettre::message::{Attachment, Mailbox, MultiPart, header};
 use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -100,47 +101,85 @@ impl Mailer {
         Mailer::Files(dir)
     }
 
-    /// How many emails to send at once: [`EMAILS_IN_FLIGHT`] to an SMTP
-    /// server, one file at a time (files created at once in one folder only
-    /// contend for it).
-    pub fn in_flight(&self) -> usize {
-        match self {
-            Mailer::Smtp(_) => EMAILS_IN_FLIGHT,
-            Mailer::Files(_) => 1,
-        }
+    pub async fn send(&self, from: &Mailbox, email: &Email) -> Result<(), MailError> {
+        let mut results = self.send_round(from, std::slice::from_ref(email)).await;
+        results.pop().expect("one result per email")
     }
 
-    pub async fn send(&self, from: &Mailbox, email: &Email) -> Result<(), MailError> {
-        let mut files = Vec::with_capacity(email.attachments.len());
-        for attachment in &email.attachments {
-            files.push(tokio::fs::read(&attachment.path).await?);
-        }
-        let message = build(from, email, files)?;
+    /// Sends `emails` and gives one result per email, in order: up to
+    /// [`EMAILS_IN_FLIGHT`] at a time to an SMTP server; as files, one after
+    /// the other in one blocking task (files created at once in one folder
+    /// only contend for it, and a blocking task per file cost more than the
+    /// file).
+    pub async fn send_round(&self, from: &Mailbox, emails: &[Email]) -> Vec<Result<(), MailError>> {
         match self {
-            Mailer::Smtp(smtp) => smtp.send(message).await?,
+            Mailer::Smtp(smtp) => {
+                let sends: Vec<_> = emails
+                    .iter()
+                    .map(|email| async move { smtp.send(message(from, email).await?).await })
+                    .collect();
+                futures_util::stream::iter(sends)
+                    .buffered(EMAILS_IN_FLIGHT)
+                    .collect()
+                    .await
+            }
             Mailer::Files(dir) => {
-                let name = email
-                    .message_id
-                    .trim_matches(|c| c == '<' || c == '>')
-                    .replace(
-                        |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
-                        "_",
+                let mut files = Vec::with_capacity(emails.len());
+                for email in emails {
+                    files.push(
+                        message(from, email)
+                            .await
+                            .map(|message| (eml_name(&email.message_id), message.formatted())),
                     );
+                }
                 let dir = dir.clone();
-                // Written whole or not at all: a reader never sees half a
-                // message. One blocking task for the three calls.
                 tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&dir)?;
-                    let partial = dir.join(format!("{name}.eml.partial"));
-                    std::fs::write(&partial, message.formatted())?;
-                    std::fs::rename(&partial, dir.join(format!("{name}.eml")))
+                    let made = std::fs::create_dir_all(&dir);
+                    files
+                        .into_iter()
+                        .map(|file| {
+                            let (name, bytes) = file?;
+                            if let Err(error) = &made {
+                                return Err(
+                                    std::io::Error::new(error.kind(), error.to_string()).into()
+                                );
+                            }
+                            // Written whole or not at all: a reader never
+                            // sees half a message.
+                            let partial = dir.join(format!("{name}.eml.partial"));
+                            std::fs::write(&partial, bytes)?;
+                            std::fs::rename(&partial, dir.join(format!("{name}.eml")))?;
+                            Ok(())
+                        })
+                        .collect()
                 })
                 .await
-                .map_err(std::io::Error::other)??;
+                .unwrap_or_else(|error| {
+                    let failed = || Err(MailError::File(std::io::Error::other(error.to_string())));
+                    emails.iter().map(|_| failed()).collect()
+                })
             }
         }
-        Ok(())
     }
+}
+
+/// The message of `email`, with its attachments read.
+async fn message(from: &Mailbox, email: &Email) -> Result<Message, MailError> {
+    let mut files = Vec::with_capacity(email.attachments.len());
+    for attachment in &email.attachments {
+        files.push(tokio::fs::read(&attachment.path).await?);
+    }
+    build(from, email, files)
+}
+
+/// The file name of a `.eml` file: its `Message-ID`, without the angle
+/// brackets and with anything but letters, digits, `-` and `.` replaced, so
+/// a repeated send rewrites the same file.
+fn eml_name(message_id: &str) -> String {
+    message_id.trim_matches(|c| c == '<' || c == '>').replace(
+        |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
+        "_",
+    )
 }
 
 /// The message: multipart text and HTML (and the attachments, whose

@@ -19,8 +19,8 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::{Either, join_all};
-use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 use lettre::message::Mailbox;
@@ -54,11 +54,13 @@ pub const EMAILS_PER_ROUND: usize = 25;
 pub const LEASE: Duration = Duration::from_secs(60);
 /// The same for outbound events, which are published in well under a second.
 pub const EVENT_LEASE: Duration = Duration::from_secs(30);
-/// How long a sent event or email may wait to be marked sent
-/// ([`SentMarks`]): under a steady stream the consumer's next batch marks
-/// it, otherwise one write marks those of many rounds (on SQLite each write
-/// is a commit the consumer waits for). A worker killed meanwhile sends them
-/// again, with the same ids.
+/// How long a sent event or email waits to be marked sent ([`SentMarks`])
+/// before a lane marks it: under a steady stream the consumer's next batch
+/// marks it first, otherwise one write marks those of many rounds (on
+/// SQLite each write is a commit the consumer waits for). Ids a batch that
+/// failed to commit gave back wait up to a lane's next poll
+/// ([`POLL_INTERVAL`]). A worker killed meanwhile sends them again, with the
+/// same ids.
 pub const MARK_DELAY: Duration = Duration::from_millis(50);
 /// Rows sent (or published, awaiting their confirm) but not marked sent
 /// before a lane marks them all before sending more: about what a killed
@@ -75,6 +77,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const HANDOFF_BATCHES: usize = 4;
 /// How long a stopping worker keeps flushing the outbox.
 pub const FLUSH_TIME_MAX: Duration = Duration::from_secs(10);
+/// How long a stopping lane then waits for its last confirms and marks.
+const LAST_MARKS_TIME_MAX: Duration = Duration::from_secs(5);
 /// The longest wait before a failed row is tried again.
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -503,6 +507,24 @@ impl<S: Store> Dispatcher<S> {
                 }
             }
         }
+        // What the last rounds sent is marked before the lane stops (a round
+        // cut short by the deadline or a failure has not been), as far as
+        // the broker's confirms and the database allow in a short while.
+        let last_marks = async {
+            self.take_confirms(&mut unsettled, &channel).await?;
+            self.settle(&mut unsettled, true).await
+        };
+        match tokio::time::timeout(LAST_MARKS_TIME_MAX, last_marks).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Rows sent could not be marked; they are sent again when their lease ends.");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "The last confirms or marks took too long; those rows are sent again when their lease ends."
+                );
+            }
+        }
         if let Some((connection, _)) = channel {
             let _ = connection.close(200, "shutting down".into()).await;
         }
@@ -573,7 +595,9 @@ impl<S: Store> Dispatcher<S> {
     async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
         let due =
             mark_at(self.store.sent_marks()).is_some_and(|at| at <= tokio::time::Instant::now());
-        if everything || due {
+        // A lease given back makes its rows due at once, those sent but not
+        // marked among them too: they are marked first.
+        if everything || due || !unsettled.leases.is_empty() {
             self.store.outbox_mark_sent().await?;
         }
         while let Some(&lease_until) = unsettled.leases.last() {
@@ -704,49 +728,45 @@ impl<S: Store> Dispatcher<S> {
         .await
     }
 
-    /// Sends `rows` (up to [`Mailer::in_flight`] at a time); the ones that
-    /// went wait to be marked sent ([`SentMarks`]): a crash between a send
-    /// and its mark sends that email again, with the same `Message-ID`.
+    /// Sends `rows` ([`Mailer::send_round`]); the ones that went wait to be
+    /// marked sent ([`SentMarks`]): a crash between a send and its mark sends
+    /// that email again, with the same `Message-ID`.
     async fn send_emails(&self, rows: &[OutboxRow]) -> Result<(), DispatchError> {
-        let sends: Vec<_> = rows
-            .iter()
-            .map(|row| async move { (row, self.send_email(row).await) })
-            .collect();
-        let results: Vec<(&OutboxRow, Result<(), String>)> = futures_util::stream::iter(sends)
-            .buffer_unordered(self.mailer.in_flight())
-            .collect()
-            .await;
-        let mut done = Vec::with_capacity(results.len());
-        for (row, result) in results {
-            match result {
-                Ok(()) => done.push(row.id.clone()),
+        let mut readable = Vec::with_capacity(rows.len());
+        let mut emails = Vec::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_str::<Email>(&row.payload) {
+                Ok(email) => {
+                    readable.push(row);
+                    emails.push(email);
+                }
                 Err(error) => {
-                    self.reschedule(std::slice::from_ref(row), &error).await?;
+                    // Written by this program; unreadable means a defect,
+                    // which must not block the rows behind it.
+                    tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
+                    self.reschedule(std::slice::from_ref(row), &error.to_string())
+                        .await?;
+                }
+            }
+        }
+        let results = self.mailer.send_round(&self.mail_from, &emails).await;
+        let mut done = Vec::with_capacity(results.len());
+        for ((row, email), result) in readable.into_iter().zip(&emails).zip(results) {
+            match result {
+                Ok(()) => {
+                    metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
+                    done.push(row.id.clone());
+                }
+                Err(error) => {
+                    metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
+                    tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
+                    self.reschedule(std::slice::from_ref(row), &error.to_string())
+                        .await?;
                 }
             }
         }
         self.store.sent_marks().add(done);
         Ok(())
-    }
-
-    async fn send_email(&self, row: &OutboxRow) -> Result<(), String> {
-        let email: Email = serde_json::from_str(&row.payload).map_err(|error| {
-            // Written by this program; unreadable means a defect, which
-            // must not block the rows behind it.
-            tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
-            error.to_string()
-        })?;
-        match self.mailer.send(&self.mail_from, &email).await {
-            Ok(()) => {
-                metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
-                Ok(())
-            }
-            Err(error) => {
-                metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
-                tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
-                Err(error.to_string())
-            }
-        }
     }
 
     /// Builds a report into `REPORTS_DIR`, emails it as an attachment and,
@@ -954,7 +974,7 @@ mod tests {
     }
 
     #[test]
-    fn the_mail_lane_takes_one_mark_of_emails_at_a_time_the_events_lane_all() {
+    fn the_mail_lane_takes_one_round_of_emails_at_a_time_the_events_lane_all() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
         let (handoff, events, mail) = Handoff::new();
         let emails: Vec<OutboxRow> = (0..EMAILS_PER_ROUND + 3)

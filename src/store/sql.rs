@@ -714,7 +714,7 @@ macro_rules! sql_store {
         /// Marks the outbox rows `ids` sent, now.
         async fn mark_sent(conn: &mut Conn, ids: &[String]) -> Result<(), StoreError> {
             if !ids.is_empty() {
-                sqlx::query(concat!("UPDATE outbox SET dispatched_at = $2 WHERE id", $in_list))
+                sqlx::query(concat!("UPDATE outbox SET dispatched_at = $2 WHERE dispatched_at IS NULL AND id", $in_list))
                     .bind($list(ids))
                     .bind(Ts::now())
                     .execute(conn)
