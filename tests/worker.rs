@@ -197,13 +197,13 @@ mod marks {
     use chrono::Duration;
     use common::World;
     use training_credits::domain::Outcome;
-    use training_credits::store::{OutboxKind, Store};
+    use training_credits::store::{OutboxKind, OutboxRow, Store};
 
-    /// Rows sent and waiting in the store's [`SentMarks`] are marked sent by
-    /// the next batch's transaction, with its own writes: nothing of them is
-    /// due again, the batch's own rows are, and nothing waits any more.
-    async fn rows_sent_are_marked_by_the_next_batch_s_transaction<S: Store>(mut w: World<S>) {
-        let kinds = [OutboxKind::Event, OutboxKind::Email];
+    const KINDS: [OutboxKind; 2] = [OutboxKind::Event, OutboxKind::Email];
+
+    /// Opens an account, claims its rows (leased for a minute, a day on) and
+    /// adds them to the store's marks, as a lane does once they are sent.
+    async fn sent_rows_of_an_opening<S: Store>(w: &mut World<S>) -> Vec<OutboxRow> {
         assert_eq!(
             w.open("acme", "automatic", "boss@acme.test", "ACME-1234")
                 .await,
@@ -212,22 +212,33 @@ mod marks {
         let later = w.now.plus(Duration::days(1));
         let sent = w
             .store()
-            .claim_outbox(&kinds, later, later.plus(Duration::minutes(1)), 100)
+            .claim_outbox(&KINDS, later, later.plus(Duration::minutes(1)), 100)
             .await
             .expect("the opening's rows are claimed");
         assert!(!sent.is_empty(), "the opening has an event and emails");
         w.store()
             .sent_marks()
             .add(sent.iter().map(|row| row.id.clone()));
+        sent
+    }
 
+    /// The rows not marked sent, once the claim's lease has run out.
+    async fn due_after_the_lease<S: Store>(w: &World<S>) -> Vec<OutboxRow> {
+        let after_the_lease = w.now.plus(Duration::days(1) + Duration::hours(1));
+        w.store()
+            .claim_outbox(&KINDS, after_the_lease, after_the_lease, 100)
+            .await
+            .expect("what is due is claimed")
+    }
+
+    /// Rows sent and waiting in the store's [`SentMarks`] are marked sent by
+    /// the next batch's transaction, with its own writes: nothing of them is
+    /// due again, the batch's own rows are, and nothing waits any more.
+    async fn rows_sent_are_marked_by_the_next_batch_s_transaction<S: Store>(mut w: World<S>) {
+        let sent = sent_rows_of_an_opening(&mut w).await;
         assert_eq!(w.purchase("acme", "p1", "100.00").await, Outcome::Applied);
         assert!(w.store().sent_marks().is_empty(), "the batch took them");
-        let after_the_lease = later.plus(Duration::hours(1));
-        let due = w
-            .store()
-            .claim_outbox(&kinds, after_the_lease, after_the_lease, 100)
-            .await
-            .expect("what is due is claimed");
+        let due = due_after_the_lease(&w).await;
         assert!(!due.is_empty(), "the purchase's own rows are not sent");
         for row in &due {
             assert!(
@@ -241,5 +252,25 @@ mod marks {
         w.verify_ok().await;
     }
 
-    on_both_backends!(rows_sent_are_marked_by_the_next_batch_s_transaction);
+    /// With no batch to ride, a lane's own write marks what waits
+    /// (`outbox_mark_sent`): those rows are never due again, and nothing
+    /// waits any more.
+    async fn rows_sent_are_marked_by_a_write_of_their_own_when_no_batch_comes<S: Store>(
+        mut w: World<S>,
+    ) {
+        sent_rows_of_an_opening(&mut w).await;
+        w.store()
+            .outbox_mark_sent()
+            .await
+            .expect("the marks are written");
+        assert!(w.store().sent_marks().is_empty(), "nothing waits");
+        let due = due_after_the_lease(&w).await;
+        assert!(due.is_empty(), "every row sent was marked: {due:?}");
+        w.verify_ok().await;
+    }
+
+    on_both_backends!(
+        rows_sent_are_marked_by_the_next_batch_s_transaction,
+        rows_sent_are_marked_by_a_write_of_their_own_when_no_batch_comes
+    );
 }
