@@ -7,7 +7,9 @@
 //! 1. the broker ceiling: N persistent messages (the workload's own bodies)
 //!    published with confirms to a durable quorum scratch queue, then consumed
 //!    with prefetch 1000 and one multiple-ack per batch; messages per second
-//!    of the consume phase;
+//!    of the consume phase; then the same bodies through the broker alone on
+//!    the worker's path (a relay in the bench instead of the worker), which
+//!    bounds what any worker can reach here;
 //! 2. N realistic inbound events published to `training-credits.in` before
 //!    the worker starts, then the real release binary (`training-credits
 //!    run`) started and timed until every message is applied and acknowledged
@@ -854,6 +856,10 @@ struct Ceiling {
     /// was consumed.
     publish_cpu: CpuSplit,
     consume_cpu: CpuSplit,
+    /// The broker alone on the worker's path ([`Relay`]): the workload
+    /// relayed, messages per second, and where the CPU went.
+    relay_per_second: f64,
+    relay_cpu: CpuSplit,
     /// Step 3's latency with the broker alone, when step 3 runs, and where
     /// the CPU went meanwhile.
     latency: Option<(Times, CpuSplit)>,
@@ -922,6 +928,7 @@ async fn broker_ceiling(
     let _ = channel
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
+    let (relay_per_second, relay_cpu) = broker_relay_throughput(&connection, messages).await?;
     let latency = match steady {
         Some((steady, rate)) => Some(broker_latency(&connection, steady, rate).await?),
         None => None,
@@ -933,117 +940,198 @@ async fn broker_ceiling(
         consume_per_second: n / consume.as_secs_f64(),
         publish_cpu,
         consume_cpu,
+        relay_per_second,
+        relay_cpu,
         latency,
     })
 }
 
-/// Step 3 without the worker: the same steady publishes through a durable
-/// quorum queue to a relay in this process that does what the worker does
-/// with a batch, less the database (it takes what has arrived, up to 500,
-/// publishes one persistent message per delivery with confirms on a channel
-/// of its own, waits for them and acknowledges the batch with one
-/// multiple-ack), into an exclusive queue like the worker run's capture.
-/// What the broker and this machine take of the latency budget.
+/// The broker alone on the worker's path: a durable quorum queue, a relay in
+/// this process that does what the worker does with a batch, less the
+/// database (it takes what has arrived, up to 500, publishes one persistent
+/// message per delivery with confirms on a channel of its own, the batch's
+/// publishes started together, waits for them and acknowledges the batch
+/// with one multiple-ack), and an exclusive queue like the worker run's
+/// capture, whose arrivals are recorded.
+struct Relay {
+    queue: &'static str,
+    /// Publishes to `queue`, with confirms.
+    channel: Channel,
+    capture: ShortString,
+    /// Message id and arrival instant of each message relayed.
+    arrivals: Arc<Mutex<Vec<(String, Instant)>>>,
+    capturing: tokio::task::JoinHandle<()>,
+    relaying: Option<tokio::task::JoinHandle<BenchResult<()>>>,
+}
+
+impl Relay {
+    /// Declares the queues and starts taking arrivals; the relay itself
+    /// starts with [`Relay::start`].
+    async fn declare(connection: &Connection, queue: &'static str) -> BenchResult<Relay> {
+        let channel = publisher_to_quorum_queue(connection, queue).await?;
+        let capture = exclusive_queue(&channel).await?;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let sink = arrivals.clone();
+        let capturing = take_arrivals(connection, capture.clone(), move |delivery, at| {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map_or(String::new(), |id| id.as_str().to_owned());
+            sink.lock().expect("arrivals lock").push((id, at));
+        })
+        .await?;
+        Ok(Relay {
+            queue,
+            channel,
+            capture,
+            arrivals,
+            capturing,
+            relaying: None,
+        })
+    }
+
+    async fn start(&mut self, connection: &Connection) -> BenchResult<()> {
+        let relay_in = connection.create_channel().await.map_err(fail("channel"))?;
+        relay_in
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .map_err(fail("basic.qos"))?;
+        let relay_out = connection.create_channel().await.map_err(fail("channel"))?;
+        relay_out
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(fail("confirm.select"))?;
+        let mut deliveries = relay_in
+            .basic_consume(
+                self.queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(fail("consume the relay queue"))?;
+        let capture = self.capture.clone();
+        self.relaying = Some(tokio::spawn(async move {
+            while let Some(Ok(first)) = deliveries.next().await {
+                let mut batch = vec![first];
+                while batch.len() < 500 {
+                    match deliveries.next().now_or_never() {
+                        Some(Some(Ok(delivery))) => batch.push(delivery),
+                        _ => break,
+                    }
+                }
+                let confirms = futures_util::future::try_join_all(batch.iter().map(|delivery| {
+                    relay_out.basic_publish(
+                        "".into(),
+                        capture.clone(),
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                }))
+                .await
+                .map_err(fail("relay publish"))?;
+                all_acked(confirms).await?;
+                let last = batch.last().map_or(0, |delivery| delivery.delivery_tag);
+                relay_in
+                    .basic_ack(last, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(fail("relay ack"))?;
+            }
+            BenchResult::Ok(())
+        }));
+        Ok(())
+    }
+
+    fn arrived(&self) -> usize {
+        self.arrivals.lock().expect("arrivals lock").len()
+    }
+
+    /// Waits until `count` messages have arrived, the relay has failed, or
+    /// `limit` has passed.
+    async fn wait_for(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.arrived() < count
+            && Instant::now() < deadline
+            && !self.relaying.as_ref().is_some_and(|r| r.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the relay, deletes its queue and returns the arrivals; fails
+    /// when the relay failed or fewer than `expected` arrived.
+    async fn finish(self, expected: usize) -> BenchResult<Vec<(String, Instant)>> {
+        self.capturing.abort();
+        if let Some(relaying) = self.relaying {
+            relaying.abort();
+            if let Ok(Ok(Err(error))) = tokio::time::timeout(Duration::from_secs(1), relaying).await
+            {
+                return Err(format!("the relay failed: {error}"));
+            }
+        }
+        let _ = self
+            .channel
+            .queue_delete(self.queue.into(), QueueDeleteOptions::default())
+            .await;
+        let arrivals = std::mem::take(&mut *self.arrivals.lock().expect("arrivals lock"));
+        if arrivals.len() < expected {
+            return Err(format!(
+                "the relay delivered {} of {expected} messages in time",
+                arrivals.len()
+            ));
+        }
+        Ok(arrivals)
+    }
+}
+
+/// Step 2 without the worker (part of step 1): the workload's bodies loaded
+/// into the relay's queue, then the relay started and timed until all of
+/// them have arrived. What any worker could reach on this machine if its own
+/// work cost nothing; messages per second and where the CPU went.
+async fn broker_relay_throughput(
+    connection: &Connection,
+    messages: &[Message],
+) -> BenchResult<(f64, CpuSplit)> {
+    let mut relay = Relay::declare(connection, "bench.relay.loaded").await?;
+    publish_all(&relay.channel, "", Some(relay.queue), messages).await?;
+    let started = Instant::now();
+    let cpu_at_start = CpuReading::take(0);
+    relay.start(connection).await?;
+    relay.wait_for(messages.len(), STALL_LIMIT).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_at_start.until(&CpuReading::take(0));
+    relay.finish(messages.len()).await?;
+    Ok((messages.len() as f64 / seconds, cpu))
+}
+
+/// Step 3 without the worker (part of step 1): the same steady publishes
+/// through the relay. What the broker and this machine take of the latency
+/// budget.
 async fn broker_latency(
     connection: &Connection,
     steady: &Workload,
     rate: u32,
 ) -> BenchResult<(Times, CpuSplit)> {
-    const QUEUE: &str = "bench.relay";
-    let channel = publisher_to_quorum_queue(connection, QUEUE).await?;
-    let capture = exclusive_queue(&channel).await?;
-    let arrivals = Arc::new(Mutex::new(Vec::with_capacity(steady.messages.len())));
-    let sink = arrivals.clone();
-    let capturing = take_arrivals(connection, capture.clone(), move |delivery, at| {
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map_or(String::new(), |id| id.as_str().to_owned());
-        sink.lock().expect("arrivals lock").push((id, at));
-    })
-    .await?;
-    let relay_in = connection.create_channel().await.map_err(fail("channel"))?;
-    relay_in
-        .basic_qos(1000, BasicQosOptions::default())
-        .await
-        .map_err(fail("basic.qos"))?;
-    let relay_out = connection.create_channel().await.map_err(fail("channel"))?;
-    relay_out
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(fail("confirm.select"))?;
-    let mut deliveries = relay_in
-        .basic_consume(
-            QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(fail("consume the relay queue"))?;
-    let relaying = tokio::spawn(async move {
-        while let Some(Ok(first)) = deliveries.next().await {
-            let mut batch = vec![first];
-            while batch.len() < 500 {
-                match deliveries.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
-                    _ => break,
-                }
-            }
-            let mut confirms = Vec::with_capacity(batch.len());
-            for delivery in &batch {
-                confirms.push(
-                    relay_out
-                        .basic_publish(
-                            "".into(),
-                            capture.clone(),
-                            BasicPublishOptions::default(),
-                            &delivery.data,
-                            delivery.properties.clone(),
-                        )
-                        .await
-                        .map_err(fail("relay publish"))?,
-                );
-            }
-            all_acked(confirms).await?;
-            let last = batch.last().map_or(0, |delivery| delivery.delivery_tag);
-            relay_in
-                .basic_ack(last, BasicAckOptions { multiple: true })
-                .await
-                .map_err(fail("relay ack"))?;
-        }
-        BenchResult::Ok(())
-    });
+    let mut relay = Relay::declare(connection, "bench.relay").await?;
+    relay.start(connection).await?;
     let cpu_at_start = CpuReading::take(0);
-    let (sent, confirms, _) =
-        publish_steadily(&channel, "", Some(QUEUE), &steady.messages, rate).await?;
+    let (sent, confirms, _) = publish_steadily(
+        &relay.channel,
+        "",
+        Some(relay.queue),
+        &steady.messages,
+        rate,
+    )
+    .await?;
     all_acked(confirms).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while arrivals.lock().expect("arrivals lock").len() < steady.messages.len()
-        && Instant::now() < deadline
-        && !relaying.is_finished()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cpu = cpu_at_start.until(&CpuReading::take(0));
-    relaying.abort();
-    capturing.abort();
-    if let Ok(Ok(Err(error))) = tokio::time::timeout(Duration::from_secs(1), relaying).await {
-        return Err(format!("the relay failed: {error}"));
-    }
-    let _ = channel
-        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+    relay
+        .wait_for(steady.messages.len(), Duration::from_secs(60))
         .await;
-    let arrivals = arrivals.lock().expect("arrivals lock");
+    let cpu = cpu_at_start.until(&CpuReading::take(0));
+    let arrivals = relay.finish(steady.messages.len()).await?;
     let times = Times::between(&sent, arrivals.iter().map(|(id, at)| (id.as_str(), *at)));
-    if times.measured < steady.messages.len() {
-        return Err(format!(
-            "the relay delivered {} of {} messages within 60 s",
-            times.measured,
-            steady.messages.len()
-        ));
-    }
     Ok((times, cpu))
 }
 
@@ -2235,8 +2323,8 @@ async fn bench_backend(
     )
     .await?;
     eprintln!(
-        "  broker ceiling: published {:.0} msg/s, consumed {:.0} msg/s",
-        ceiling.publish_per_second, ceiling.consume_per_second
+        "  broker ceiling: published {:.0} msg/s, consumed {:.0} msg/s; relayed {:.0} msg/s",
+        ceiling.publish_per_second, ceiling.consume_per_second, ceiling.relay_per_second
     );
     let (database, _) = prepare(backend, options, &format!("{tag}_empty"), 0).await?;
     let empty = worker_run(
@@ -2382,9 +2470,11 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
         let ratio = row.empty.events_per_second / row.ceiling.consume_per_second;
         let target = row.backend.target_ratio();
         let mut lines = vec![format!(
-            "throughput {:.1} % of the ceiling (target ≥ {:.0} %): {}",
+            "throughput {:.1} % of the ceiling (target ≥ {:.0} %; the broker alone on the same path, \
+             no worker: {:.1} %): {}",
             100.0 * ratio,
             100.0 * target,
+            100.0 * row.ceiling.relay_per_second / row.ceiling.consume_per_second,
             met(ratio >= target)
         )];
         if let Some(history) = &row.history {
@@ -2436,6 +2526,15 @@ fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
             thousands(row.ceiling.consume_per_second),
             row.ceiling
                 .consume_cpu
+                .per_message(workload.messages.len() as f64)
+        );
+        println!(
+            "    the broker alone on the worker's path (the workload through a relay in the bench \
+             instead of the worker): {} msg/s, {:.1} % of the ceiling (CPU: {})",
+            thousands(row.ceiling.relay_per_second),
+            100.0 * row.ceiling.relay_per_second / row.ceiling.consume_per_second,
+            row.ceiling
+                .relay_cpu
                 .per_message(workload.messages.len() as f64)
         );
         if let Some((times, cpu)) = &row.ceiling.latency {
