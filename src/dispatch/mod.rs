@@ -994,4 +994,94 @@ mod tests {
         receive(&mut Some(events), &mut held);
         assert_eq!(Lane::Events.take(&mut held), events_rows);
     }
+
+    /// A dispatcher over a fresh SQLite ledger in `dir`; `settle` needs no
+    /// broker and no mail server.
+    async fn dispatcher(dir: &std::path::Path) -> Dispatcher<crate::store::SqliteStore> {
+        let url = format!("sqlite://{}", dir.join("ledger.db").display());
+        let store = crate::store::SqliteStore::connect(&url)
+            .await
+            .expect("SQLite opens");
+        store.migrate().await.expect("SQLite migrates");
+        Dispatcher {
+            store,
+            amqp_url: "amqp://127.0.0.1:1".to_owned(),
+            mailer: Mailer::files(dir.to_path_buf()),
+            mail_from: "worker@test.invalid".parse().expect("a mailbox"),
+            retry_delays: Vec::new(),
+            renderer: Renderer::new("https://portal.test.invalid"),
+            reports_dir: dir.to_path_buf(),
+            event_source: "training-credits".to_owned(),
+        }
+    }
+
+    /// Settles with no lease to give back; returns the rows still waiting
+    /// to be marked, and those not marked sent.
+    async fn settled(d: &Dispatcher<crate::store::SqliteStore>, everything: bool) -> (usize, i64) {
+        d.settle(&mut Unsettled::default(), everything)
+            .await
+            .expect("settled");
+        let backlog = d.store.outbox_backlog().await.expect("the backlog");
+        (
+            d.store.sent_marks().len(),
+            backlog.iter().map(|(_, count)| count).sum(),
+        )
+    }
+
+    /// `settle` marks what waits in the [`SentMarks`] only once it is due
+    /// ([`MARK_DELAY`]), when told to mark everything, or before it gives a
+    /// lease back (whose rows would otherwise be due again, sent or not);
+    /// the rows of a lease given back that were not sent are due at once.
+    #[tokio::test]
+    async fn sent_rows_are_marked_when_due_when_everything_is_settled_or_before_a_lease_is_given_back()
+     {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let d = dispatcher(dir.path()).await;
+        let now = Ts::now();
+        let lease_until = now.plus(Lane::Mail.lease());
+        let rows: Vec<OutboxRow> = (0..4).map(|n| row(n, OutboxKind::Email, now)).collect();
+        d.store.enqueue_outbox(&rows).await.expect("rows added");
+        let claimed = d
+            .store
+            .claim_outbox(&[OutboxKind::Email], now, lease_until, 10)
+            .await
+            .expect("rows claimed");
+        assert_eq!(claimed.len(), 4);
+        let marks = d.store.sent_marks();
+
+        marks.add(["row-0".to_owned()]);
+        assert_eq!(
+            settled(&d, false).await,
+            (1, 4),
+            "not due yet: nothing written"
+        );
+        tokio::time::sleep(MARK_DELAY).await;
+        assert_eq!(settled(&d, false).await, (0, 3), "due: marked");
+        marks.add(["row-1".to_owned()]);
+        assert_eq!(
+            settled(&d, true).await,
+            (0, 2),
+            "everything: marked at once"
+        );
+
+        // row-2 was sent, row-3 was not, when the claim was lost.
+        marks.add(["row-2".to_owned()]);
+        let mut unsettled = Unsettled {
+            leases: BTreeSet::from([lease_until]),
+            ..Unsettled::default()
+        };
+        d.settle(&mut unsettled, false).await.expect("settled");
+        assert!(marks.is_empty() && unsettled.leases.is_empty());
+        let due = d
+            .store
+            .claim_outbox(&[OutboxKind::Email], Ts::now(), lease_until, 10)
+            .await
+            .expect("what is due is claimed");
+        let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            due,
+            ["row-3"],
+            "the lease given back, only the unsent row is due"
+        );
+    }
 }
