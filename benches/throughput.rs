@@ -2316,25 +2316,14 @@ async fn bench_backend(
     let tag = backend.tag();
     eprintln!("{}:", backend.label());
     let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}"), &options.amqp)?;
-    let ceiling = broker_ceiling(
-        &vhost,
-        &workload.messages,
-        (options.latency_seconds > 0).then_some((steady, options.rate)),
-    )
-    .await?;
+    let steady = (options.latency_seconds > 0).then_some((steady, options.rate));
+    let ceiling = broker_ceiling(&vhost, &workload.messages, steady).await?;
     eprintln!(
         "  broker ceiling: published {:.0} msg/s, consumed {:.0} msg/s; relayed {:.0} msg/s",
         ceiling.publish_per_second, ceiling.consume_per_second, ceiling.relay_per_second
     );
     let (database, _) = prepare(backend, options, &format!("{tag}_empty"), 0).await?;
-    let empty = worker_run(
-        "empty ledger",
-        &vhost,
-        &database,
-        workload,
-        Some((steady, options.rate)),
-    )
-    .await?;
+    let empty = worker_run("empty ledger", &vhost, &database, workload, steady).await?;
     drop(database);
     drop(vhost);
     eprintln!(
