@@ -928,9 +928,9 @@ async fn broker_ceiling(
     let _ = channel
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
-    let (relay_per_second, relay_cpu) = broker_relay_throughput(&connection, messages).await?;
+    let (relay_per_second, relay_cpu) = broker_relay_throughput(&vhost.url, messages).await?;
     let latency = match steady {
-        Some((steady, rate)) => Some(broker_latency(&connection, steady, rate).await?),
+        Some((steady, rate)) => Some(broker_latency(&vhost.url, steady, rate).await?),
         None => None,
     };
     let _ = connection.close(200, "done".into()).await;
@@ -948,12 +948,19 @@ async fn broker_ceiling(
 
 /// The broker alone on the worker's path: a durable quorum queue, a relay in
 /// this process that does what the worker does with a batch, less the
-/// database (it takes what has arrived, up to 500, publishes one persistent
-/// message per delivery with confirms on a channel of its own, the batch's
-/// publishes started together, waits for them and acknowledges the batch
-/// with one multiple-ack), and an exclusive queue like the worker run's
-/// capture, whose arrivals are recorded.
+/// database and the rules, and an exclusive queue like the worker run's
+/// capture, whose arrivals are recorded. The relay consumes with the
+/// worker's prefetch, takes what has arrived (up to the worker's batch
+/// size), publishes one persistent message per delivery with confirms, the
+/// batch's publishes started together, waits for them and acknowledges the
+/// batch with one multiple-ack; it does so on one connection of its own
+/// (the worker uses two, and overlaps a batch's confirms with the next
+/// batch: on two busy cores that cost more CPU than it saved, see
+/// BENCHMARKS). The bench's own publishes and capture use another
+/// connection, as in a worker run. Everything is closed when it finishes.
 struct Relay {
+    url: String,
+    connections: Vec<Connection>,
     queue: &'static str,
     /// Publishes to `queue`, with confirms.
     channel: Channel,
@@ -964,15 +971,31 @@ struct Relay {
     relaying: Option<tokio::task::JoinHandle<BenchResult<()>>>,
 }
 
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.capturing.abort();
+        if let Some(relaying) = &self.relaying {
+            relaying.abort();
+        }
+    }
+}
+
+async fn connection(url: &str) -> BenchResult<Connection> {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(fail("connect"))
+}
+
 impl Relay {
     /// Declares the queues and starts taking arrivals; the relay itself
     /// starts with [`Relay::start`].
-    async fn declare(connection: &Connection, queue: &'static str) -> BenchResult<Relay> {
-        let channel = publisher_to_quorum_queue(connection, queue).await?;
+    async fn declare(url: &str, queue: &'static str) -> BenchResult<Relay> {
+        let bench = connection(url).await?;
+        let channel = publisher_to_quorum_queue(&bench, queue).await?;
         let capture = exclusive_queue(&channel).await?;
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let sink = arrivals.clone();
-        let capturing = take_arrivals(connection, capture.clone(), move |delivery, at| {
+        let capturing = take_arrivals(&bench, capture.clone(), move |delivery, at| {
             let id = delivery
                 .properties
                 .message_id()
@@ -982,6 +1005,8 @@ impl Relay {
         })
         .await?;
         Ok(Relay {
+            url: url.to_owned(),
+            connections: vec![bench],
             queue,
             channel,
             capture,
@@ -991,13 +1016,23 @@ impl Relay {
         })
     }
 
-    async fn start(&mut self, connection: &Connection) -> BenchResult<()> {
-        let relay_in = connection.create_channel().await.map_err(fail("channel"))?;
+    async fn start(&mut self) -> BenchResult<()> {
+        // The worker's own prefetch and batch size (the defaults, or what
+        // the environment passes on to it).
+        let config = Config::from_vars(|name| {
+            PASSED_ON
+                .contains(&name)
+                .then(|| std::env::var(name).ok())
+                .flatten()
+        })
+        .map_err(fail("PREFETCH or BATCH_SIZE"))?;
+        let worker = connection(&self.url).await?;
+        let relay_in = worker.create_channel().await.map_err(fail("channel"))?;
         relay_in
-            .basic_qos(1000, BasicQosOptions::default())
+            .basic_qos(config.prefetch, BasicQosOptions::default())
             .await
             .map_err(fail("basic.qos"))?;
-        let relay_out = connection.create_channel().await.map_err(fail("channel"))?;
+        let relay_out = worker.create_channel().await.map_err(fail("channel"))?;
         relay_out
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -1011,13 +1046,17 @@ impl Relay {
             )
             .await
             .map_err(fail("consume the relay queue"))?;
+        self.connections.push(worker);
         let capture = self.capture.clone();
+        let batch_max = config.batch_size;
         self.relaying = Some(tokio::spawn(async move {
-            while let Some(Ok(first)) = deliveries.next().await {
-                let mut batch = vec![first];
-                while batch.len() < 500 {
+            while let Some(first) = deliveries.next().await {
+                let mut batch = vec![first.map_err(fail("relay delivery"))?];
+                while batch.len() < batch_max {
                     match deliveries.next().now_or_never() {
-                        Some(Some(Ok(delivery))) => batch.push(delivery),
+                        Some(Some(delivery)) => {
+                            batch.push(delivery.map_err(fail("relay delivery"))?)
+                        }
                         _ => break,
                     }
                 }
@@ -1048,23 +1087,30 @@ impl Relay {
         self.arrivals.lock().expect("arrivals lock").len()
     }
 
-    /// Waits until `count` messages have arrived, the relay has failed, or
-    /// `limit` has passed.
-    async fn wait_for(&self, count: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.arrived() < count
-            && Instant::now() < deadline
+    /// Waits until `count` messages have arrived, the relay or the capture
+    /// has stopped, or none has arrived for [`STALL_LIMIT`].
+    async fn wait_for(&self, count: usize) {
+        let mut arrived = self.arrived();
+        let mut progress_at = Instant::now();
+        while arrived < count
+            && progress_at.elapsed() < STALL_LIMIT
+            && !self.capturing.is_finished()
             && !self.relaying.as_ref().is_some_and(|r| r.is_finished())
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = self.arrived();
+            if now > arrived {
+                (arrived, progress_at) = (now, Instant::now());
+            }
         }
     }
 
-    /// Stops the relay, deletes its queue and returns the arrivals; fails
-    /// when the relay failed or fewer than `expected` arrived.
-    async fn finish(self, expected: usize) -> BenchResult<Vec<(String, Instant)>> {
+    /// Stops the relay, deletes its queue, closes its connections and
+    /// returns the arrivals; fails when the relay failed or fewer than
+    /// `expected` arrived.
+    async fn finish(mut self, expected: usize) -> BenchResult<Vec<(String, Instant)>> {
         self.capturing.abort();
-        if let Some(relaying) = self.relaying {
+        if let Some(relaying) = self.relaying.take() {
             relaying.abort();
             if let Ok(Ok(Err(error))) = tokio::time::timeout(Duration::from_secs(1), relaying).await
             {
@@ -1075,6 +1121,9 @@ impl Relay {
             .channel
             .queue_delete(self.queue.into(), QueueDeleteOptions::default())
             .await;
+        for connection in &self.connections {
+            let _ = connection.close(200, "done".into()).await;
+        }
         let arrivals = std::mem::take(&mut *self.arrivals.lock().expect("arrivals lock"));
         if arrivals.len() < expected {
             return Err(format!(
@@ -1090,32 +1139,26 @@ impl Relay {
 /// into the relay's queue, then the relay started and timed until all of
 /// them have arrived. What any worker could reach on this machine if its own
 /// work cost nothing; messages per second and where the CPU went.
-async fn broker_relay_throughput(
-    connection: &Connection,
-    messages: &[Message],
-) -> BenchResult<(f64, CpuSplit)> {
-    let mut relay = Relay::declare(connection, "bench.relay.loaded").await?;
+async fn broker_relay_throughput(url: &str, messages: &[Message]) -> BenchResult<(f64, CpuSplit)> {
+    let mut relay = Relay::declare(url, "bench.relay.loaded").await?;
     publish_all(&relay.channel, "", Some(relay.queue), messages).await?;
     let started = Instant::now();
     let cpu_at_start = CpuReading::take(0);
-    relay.start(connection).await?;
-    relay.wait_for(messages.len(), STALL_LIMIT).await;
-    let seconds = started.elapsed().as_secs_f64();
+    relay.start().await?;
+    relay.wait_for(messages.len()).await;
     let cpu = cpu_at_start.until(&CpuReading::take(0));
-    relay.finish(messages.len()).await?;
+    let arrivals = relay.finish(messages.len()).await?;
+    let last = arrivals.iter().map(|(_, at)| *at).max().unwrap_or(started);
+    let seconds = last.duration_since(started).as_secs_f64();
     Ok((messages.len() as f64 / seconds, cpu))
 }
 
 /// Step 3 without the worker (part of step 1): the same steady publishes
 /// through the relay. What the broker and this machine take of the latency
 /// budget.
-async fn broker_latency(
-    connection: &Connection,
-    steady: &Workload,
-    rate: u32,
-) -> BenchResult<(Times, CpuSplit)> {
-    let mut relay = Relay::declare(connection, "bench.relay").await?;
-    relay.start(connection).await?;
+async fn broker_latency(url: &str, steady: &Workload, rate: u32) -> BenchResult<(Times, CpuSplit)> {
+    let mut relay = Relay::declare(url, "bench.relay").await?;
+    relay.start().await?;
     let cpu_at_start = CpuReading::take(0);
     let (sent, confirms, _) = publish_steadily(
         &relay.channel,
@@ -1126,9 +1169,7 @@ async fn broker_latency(
     )
     .await?;
     all_acked(confirms).await?;
-    relay
-        .wait_for(steady.messages.len(), Duration::from_secs(60))
-        .await;
+    relay.wait_for(steady.messages.len()).await;
     let cpu = cpu_at_start.until(&CpuReading::take(0));
     let arrivals = relay.finish(steady.messages.len()).await?;
     let times = Times::between(&sent, arrivals.iter().map(|(id, at)| (id.as_str(), *at)));
