@@ -8,8 +8,8 @@
 //!    published with confirms to a durable quorum scratch queue, then consumed
 //!    with prefetch 1000 and one multiple-ack per batch; messages per second
 //!    of the consume phase; then the same bodies through the broker alone on
-//!    the worker's path (a relay in the bench instead of the worker), which
-//!    bounds what any worker can reach here;
+//!    the worker's path (a relay in the bench instead of the worker): about
+//!    what a worker whose own work cost nothing would reach here;
 //! 2. N realistic inbound events published to `training-credits.in` before
 //!    the worker starts, then the real release binary (`training-credits
 //!    run`) started and timed until every message is applied and acknowledged
@@ -1137,8 +1137,8 @@ impl Relay {
 
 /// Step 2 without the worker (part of step 1): the workload's bodies loaded
 /// into the relay's queue, then the relay started and timed until all of
-/// them have arrived. What any worker could reach on this machine if its own
-/// work cost nothing; messages per second and where the CPU went.
+/// them have arrived. About what a worker could reach on this machine if its
+/// own work cost nothing; messages per second and where the CPU went.
 async fn broker_relay_throughput(url: &str, messages: &[Message]) -> BenchResult<(f64, CpuSplit)> {
     let mut relay = Relay::declare(url, "bench.relay.loaded").await?;
     publish_all(&relay.channel, "", Some(relay.queue), messages).await?;
