@@ -873,9 +873,7 @@ async fn broker_ceiling(
     steady: Option<(&Workload, u32)>,
 ) -> BenchResult<Ceiling> {
     const QUEUE: &str = "bench.ceiling";
-    let connection = Connection::connect(&vhost.url, ConnectionProperties::default())
-        .await
-        .map_err(fail("connect"))?;
+    let connection = connection(&vhost.url).await?;
     let channel = publisher_to_quorum_queue(&connection, QUEUE).await?;
     let started = Instant::now();
     let cpu_at_start = CpuReading::take(0);

@@ -281,9 +281,8 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 
 /// Implements [`Store`](super::Store) for `$store` (a struct with a
 /// `pool: sqlx::Pool<$db>` field for reads, a `marks: SentMarks` field, an
-/// inherent `fn writer` giving
-/// the pool every write goes through, and an inherent `async fn
-/// write_gate`, taken around every write).
+/// inherent `fn writer` giving the pool every write goes through, and an
+/// inherent `async fn write_gate`, taken around every write).
 macro_rules! sql_store {
     ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, owners_json = $owners_json:literal, insert = $insert:path, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
