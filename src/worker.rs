@@ -16,7 +16,7 @@ use crate::dispatch::{Dispatcher, Handoff, Lane};
 use crate::domain::Ts;
 use crate::ops::{self, Health};
 use crate::schedule::{Job, Scheduler};
-use crate::store::Store;
+use crate::store::{HolderId, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -30,6 +30,8 @@ pub enum WorkerError {
     Mail(#[from] MailError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("cannot register as an outbox lease holder: {0}")]
+    Holder(#[from] crate::store::StoreError),
 }
 
 /// Runs the worker on `store` until `cancel`, serving ops HTTP on `listener`.
@@ -41,7 +43,10 @@ pub async fn run<S: Store>(
 ) -> Result<(), WorkerError> {
     ops::prometheus();
     let schemas = Arc::new(Schemas::load()?);
-    let (handoff, events_inbox, mail_inbox) = Handoff::new();
+    // Held until the worker returns: on PostgreSQL the other workers know
+    // this one alive (and leave its leases alone) while it is.
+    let holder = store.register_holder().await?;
+    let (handoff, events_inbox, mail_inbox) = Handoff::new(holder.id);
     let applier = Arc::new(Applier::new(store.clone(), config.settings()).handing_off_to(handoff));
     let health = Arc::new(Health::default());
     let mailer = match &config.smtp_url {
@@ -70,6 +75,7 @@ pub async fn run<S: Store>(
     };
     let dispatcher = Dispatcher {
         store: store.clone(),
+        holder: holder.id,
         amqp_url: config.amqp_url.clone(),
         mailer,
         mail_from: config.mail_from.clone(),
@@ -80,15 +86,21 @@ pub async fn run<S: Store>(
     };
     let dispatcher_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
+    let store_for_release = store.clone();
     let http = tokio::spawn(ops::serve(listener, store, health, http_stop.clone()));
     let dispatcher = Arc::new(dispatcher);
-    let dispatching: Vec<_> = [(Lane::Events, events_inbox), (Lane::Mail, mail_inbox)]
+    let mut dispatching: Vec<_> = [(Lane::Events, events_inbox), (Lane::Mail, mail_inbox)]
         .into_iter()
         .map(|(lane, inbox)| {
             let (dispatcher, stop) = (dispatcher.clone(), dispatcher_stop.clone());
             tokio::spawn(async move { dispatcher.run(lane, Some(inbox), stop).await })
         })
         .collect();
+    dispatching.push(tokio::spawn(release_dead_holders(
+        store_for_release,
+        holder.id,
+        dispatcher_stop.clone(),
+    )));
     tracing::info!("The worker is running.");
     consumer.run(&config.amqp_url, cancel).await;
     tracing::info!("Consumption stopped; flushing the outbox.");
@@ -100,6 +112,7 @@ pub async fn run<S: Store>(
     }
     http_stop.cancel();
     let served = http.await;
+    drop(holder);
     tracing::info!("The worker stopped.");
     match served {
         Ok(result) => result.map_err(WorkerError::Http),
@@ -132,6 +145,35 @@ async fn start_cron<S: Store>(
     }
     cron.start().await?;
     Ok(cron)
+}
+
+/// How often the outbox is looked at for rows leased to workers that died.
+const DEAD_HOLDERS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Gives back the rows that workers which died left leased, at start (so a
+/// worker restarted after a crash sends them within seconds, not after the
+/// lease) and every [`DEAD_HOLDERS_INTERVAL`] until `stop` (so a worker
+/// sharing PostgreSQL with one that died sends them too).
+async fn release_dead_holders<S: Store>(store: S, me: HolderId, stop: CancellationToken) {
+    loop {
+        match store.release_dead_holders(me, Ts::now()).await {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(
+                released,
+                "Outbox rows leased to workers that are gone are due again."
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "Looking for the leases of workers that are gone failed.")
+            }
+        }
+        if stop
+            .run_until_cancelled(tokio::time::sleep(DEAD_HOLDERS_INTERVAL))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
 }
 
 async fn tick<S: Store>(scheduler: &Scheduler<S>) {

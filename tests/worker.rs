@@ -197,7 +197,7 @@ mod marks {
     use chrono::Duration;
     use common::World;
     use training_credits::domain::Outcome;
-    use training_credits::store::{OutboxKind, OutboxRow, Store};
+    use training_credits::store::{HolderId, OutboxKind, OutboxRow, Store};
 
     const KINDS: [OutboxKind; 2] = [OutboxKind::Event, OutboxKind::Email];
 
@@ -212,7 +212,13 @@ mod marks {
         let later = w.now.plus(Duration::days(1));
         let sent = w
             .store()
-            .claim_outbox(&KINDS, later, later.plus(Duration::minutes(1)), 100)
+            .claim_outbox(
+                &KINDS,
+                later,
+                later.plus(Duration::minutes(1)),
+                100,
+                HolderId::random(),
+            )
             .await
             .expect("the opening's rows are claimed");
         assert!(!sent.is_empty(), "the opening has an event and emails");
@@ -226,7 +232,13 @@ mod marks {
     async fn due_after_the_lease<S: Store>(w: &World<S>) -> Vec<OutboxRow> {
         let after_the_lease = w.now.plus(Duration::days(1) + Duration::hours(1));
         w.store()
-            .claim_outbox(&KINDS, after_the_lease, after_the_lease, 100)
+            .claim_outbox(
+                &KINDS,
+                after_the_lease,
+                after_the_lease,
+                100,
+                HolderId::random(),
+            )
             .await
             .expect("what is due is claimed")
     }
@@ -273,4 +285,112 @@ mod marks {
         rows_sent_are_marked_by_the_next_batch_s_transaction,
         rows_sent_are_marked_by_a_write_of_their_own_when_no_batch_comes
     );
+}
+
+/// Leases of workers that died: a worker that starts makes them due at once
+/// instead of leaving them to wait out their lease, and on PostgreSQL, where
+/// workers share the outbox, it leaves a live worker's leases alone.
+mod holders {
+    use super::common;
+    use crate::on_both_backends;
+    use chrono::Duration;
+    use common::World;
+    use training_credits::domain::Outcome;
+    use training_credits::store::{HolderId, OutboxKind, OutboxRow, Store};
+
+    const KINDS: [OutboxKind; 2] = [OutboxKind::Event, OutboxKind::Email];
+
+    /// Opens an account and leases its rows to `holder` for an hour.
+    async fn leased_rows_of_an_opening<S: Store>(
+        w: &mut World<S>,
+        holder: HolderId,
+    ) -> Vec<OutboxRow> {
+        assert_eq!(
+            w.open("acme", "automatic", "boss@acme.test", "ACME-1234")
+                .await,
+            Outcome::Applied
+        );
+        let leased = w
+            .store()
+            .claim_outbox(&KINDS, w.now, w.now.plus(Duration::hours(1)), 100, holder)
+            .await
+            .expect("the opening's rows are claimed");
+        assert!(!leased.is_empty(), "the opening has an event and emails");
+        assert!(leased.iter().all(|row| row.leased_by == Some(holder)));
+        leased
+    }
+
+    /// The ids of the rows due at the test's instant, claimed by `holder`.
+    async fn due_now<S: Store>(w: &World<S>, holder: HolderId) -> Vec<String> {
+        let due = w
+            .store()
+            .claim_outbox(&KINDS, w.now, w.now.plus(Duration::hours(1)), 100, holder)
+            .await
+            .expect("what is due is claimed");
+        due.into_iter().map(|row| row.id).collect()
+    }
+
+    fn ids(rows: &[OutboxRow]) -> Vec<String> {
+        rows.iter().map(|row| row.id.clone()).collect()
+    }
+
+    async fn the_rows_of_a_holder_that_is_gone_are_due_at_once<S: Store>(mut w: World<S>) {
+        let dead = w.store().register_holder().await.expect("a holder");
+        let leased = leased_rows_of_an_opening(&mut w, dead.id).await;
+        drop(dead);
+        let me = w.store().register_holder().await.expect("a holder");
+        assert!(due_now(&w, me.id).await.is_empty(), "leased: nothing due");
+        // On PostgreSQL the dead holder's session ends a moment after it
+        // is dropped.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let released = loop {
+            let released = w
+                .store()
+                .release_dead_holders(me.id, w.now)
+                .await
+                .expect("the dead holder's rows are given back");
+            if released > 0 || tokio::time::Instant::now() > deadline {
+                break released;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(released, leased.len() as u64);
+        assert_eq!(due_now(&w, me.id).await, ids(&leased), "due at once");
+        assert_eq!(
+            w.store()
+                .release_dead_holders(me.id, w.now)
+                .await
+                .expect("nothing else to give back"),
+            0,
+            "the rows claimed again are the live holder's own"
+        );
+        w.verify_ok().await;
+    }
+
+    on_both_backends!(the_rows_of_a_holder_that_is_gone_are_due_at_once);
+
+    #[tokio::test]
+    async fn on_postgres_the_rows_of_a_live_holder_are_left_alone() {
+        let mut w = common::pg_world().await;
+        let alive = w.store().register_holder().await.expect("a holder");
+        let leased = leased_rows_of_an_opening(&mut w, alive.id).await;
+        let me = w.store().register_holder().await.expect("another holder");
+        assert_ne!(me.id, alive.id);
+        for _ in 0..3 {
+            assert_eq!(
+                w.store()
+                    .release_dead_holders(me.id, w.now)
+                    .await
+                    .expect("looked at"),
+                0,
+                "the live holder keeps its rows"
+            );
+        }
+        assert!(due_now(&w, me.id).await.is_empty(), "still leased");
+        let pending = w.store().pending_outbox(100).await.expect("the outbox");
+        for row in pending.iter().filter(|row| ids(&leased).contains(&row.id)) {
+            assert_eq!(row.leased_by, Some(alive.id), "{} is still leased", row.id);
+        }
+        drop(alive);
+    }
 }

@@ -104,7 +104,7 @@ impl<S: Store> Applier<S> {
             .store
             .transact(&wanted, |loaded| {
                 let (outcomes, mut writes) = self.run(batch, loaded, now);
-                let fresh = reservation.lease(&mut writes.outbox, now);
+                let fresh = reservation.lease(&mut writes.outbox);
                 ((outcomes, fresh), writes)
             })
             .await?;
@@ -210,14 +210,12 @@ impl<S: Store> Applier<S> {
                         time: now,
                     }
                     .to_cloud_event(&self.settings.event_source);
-                    rows.push(OutboxRow {
+                    rows.push(OutboxRow::new(
                         id,
-                        kind: OutboxKind::Event,
-                        payload: event.to_string(),
-                        created_at: now,
-                        next_attempt_at: now,
-                        attempts: 0,
-                    });
+                        OutboxKind::Event,
+                        event.to_string(),
+                        now,
+                    ));
                 }
                 Effect::Email { to, template, vars } => {
                     for recipient in to {
@@ -232,32 +230,28 @@ impl<S: Store> Applier<S> {
                                 &input.causation_id,
                             )
                             .expect("every template renders with the variables the rules give it");
-                        rows.push(OutboxRow {
+                        rows.push(OutboxRow::new(
                             id,
-                            kind: OutboxKind::Email,
-                            payload: serde_json::to_string(&email).expect("an email serialises"),
-                            created_at: now,
-                            next_attempt_at: now,
-                            attempts: 0,
-                        });
+                            OutboxKind::Email,
+                            serde_json::to_string(&email).expect("an email serialises"),
+                            now,
+                        ));
                     }
                 }
                 Effect::Report(report) => {
                     let id = derived_id(&input.key, rows.len());
-                    rows.push(OutboxRow {
+                    let job = ReportJob {
+                        title: format!("Your {:?} report", report.report).to_lowercase(),
+                        request: report.clone(),
+                        causation_id: input.causation_id.clone(),
+                        announce: true,
+                    };
+                    rows.push(OutboxRow::new(
                         id,
-                        kind: OutboxKind::Report,
-                        payload: serde_json::to_string(&ReportJob {
-                            title: format!("Your {:?} report", report.report).to_lowercase(),
-                            request: report.clone(),
-                            causation_id: input.causation_id.clone(),
-                            announce: true,
-                        })
-                        .expect("a report job serialises"),
-                        created_at: now,
-                        next_attempt_at: now,
-                        attempts: 0,
-                    });
+                        OutboxKind::Report,
+                        serde_json::to_string(&job).expect("a report job serialises"),
+                        now,
+                    ));
                 }
             }
         }

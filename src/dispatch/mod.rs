@@ -42,7 +42,7 @@ use crate::notify::Email;
 use crate::notify::{Attachment, Renderer};
 use crate::ops::metric;
 use crate::report::{self, ReportJob, ReportQuery, choose_columns};
-use crate::store::{OutboxKind, OutboxRow, SentMarks, Store, StoreError};
+use crate::store::{HolderId, OutboxKind, OutboxRow, SentMarks, Store, StoreError};
 use mail::Mailer;
 
 /// Outbound events claimed per round.
@@ -92,6 +92,8 @@ pub enum DispatchError {
 
 pub struct Dispatcher<S> {
     pub store: S,
+    /// This worker, which the rows it claims are leased to.
+    pub holder: HolderId,
     pub amqp_url: String,
     pub mailer: Mailer,
     pub mail_from: Mailbox,
@@ -274,6 +276,8 @@ impl Lane {
 pub struct Handoff {
     events: Outlet,
     mail: Outlet,
+    /// This worker, which the rows handed over are leased to.
+    holder: HolderId,
 }
 
 /// A hand-off's way into one lane.
@@ -344,8 +348,9 @@ fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
 }
 
 impl Handoff {
-    /// A hand-off and the inboxes of the events lane and of the mail lane.
-    pub fn new() -> (Handoff, Inbox, Inbox) {
+    /// A hand-off to the lanes of `holder` (this worker), and the inboxes
+    /// of its events lane and of its mail lane.
+    pub fn new(holder: HolderId) -> (Handoff, Inbox, Inbox) {
         let lane = || {
             let (rows, inbox) = mpsc::channel(HANDOFF_BATCHES);
             let left = Arc::new(Notify::new());
@@ -359,7 +364,15 @@ impl Handoff {
         };
         let (events, events_inbox) = lane();
         let (mail, mail_inbox) = lane();
-        (Handoff { events, mail }, events_inbox, mail_inbox)
+        (
+            Handoff {
+                events,
+                mail,
+                holder,
+            },
+            events_inbox,
+            mail_inbox,
+        )
     }
 
     /// Room in each lane for one more batch, taken before the batch's
@@ -368,6 +381,7 @@ impl Handoff {
         Reservation {
             events: self.events.reserve(),
             mail: self.mail.reserve(),
+            holder: Some(self.holder),
         }
     }
 }
@@ -377,6 +391,9 @@ impl Handoff {
 pub struct Reservation<'a> {
     events: Room<'a>,
     mail: Room<'a>,
+    /// Whom the rows there is room for are leased to; none without a
+    /// hand-off.
+    holder: Option<HolderId>,
 }
 
 impl Reservation<'_> {
@@ -385,13 +402,14 @@ impl Reservation<'_> {
         Reservation {
             events: Room::Off,
             mail: Room::Off,
+            holder: None,
         }
     }
 
     /// Leases the rows there is room for to this worker's lanes (until the
-    /// lane's lease after `now` ends) and returns them, to be handed over
-    /// once they are committed.
-    pub fn lease(&self, rows: &mut [OutboxRow], now: Ts) -> Vec<OutboxRow> {
+    /// lane's lease after the row is due ends) and returns them, to be
+    /// handed over once they are committed.
+    pub fn lease(&self, rows: &mut [OutboxRow]) -> Vec<OutboxRow> {
         rows.iter_mut()
             .filter_map(|row| {
                 let lane = Lane::of(row.kind)?;
@@ -400,7 +418,8 @@ impl Reservation<'_> {
                     Lane::Mail => self.mail.free(),
                 };
                 room.then(|| {
-                    row.next_attempt_at = now.plus(lane.lease());
+                    row.next_attempt_at = row.next_attempt_at.plus(lane.lease());
+                    row.leased_by = self.holder;
                     row.clone()
                 })
             })
@@ -557,7 +576,13 @@ impl<S: Store> Dispatcher<S> {
             let lease_until = now.plus(lane.lease());
             let claimed = self
                 .store
-                .claim_outbox(lane.kinds(), now, lease_until, lane.claim_max())
+                .claim_outbox(
+                    lane.kinds(),
+                    now,
+                    lease_until,
+                    lane.claim_max(),
+                    self.holder,
+                )
                 .await;
             let rows = claimed.inspect_err(|_| {
                 // The claim may have been written even if its answer was lost.
@@ -857,14 +882,12 @@ impl<S: Store> Dispatcher<S> {
             time: now,
         }
         .to_cloud_event(&self.event_source);
-        Ok(vec![OutboxRow {
+        Ok(vec![OutboxRow::new(
             id,
-            kind: OutboxKind::Event,
-            payload: event.to_string(),
-            created_at: now,
-            next_attempt_at: now,
-            attempts: 0,
-        }])
+            OutboxKind::Event,
+            event.to_string(),
+            now,
+        )])
     }
 
     async fn reschedule(&self, rows: &[OutboxRow], error: &str) -> Result<(), StoreError> {
@@ -893,15 +916,10 @@ mod tests {
     }
 
     fn row(n: usize, kind: OutboxKind, now: Ts) -> OutboxRow {
-        OutboxRow {
-            id: format!("row-{n}"),
-            kind,
-            payload: String::new(),
-            created_at: now,
-            next_attempt_at: now,
-            attempts: 0,
-        }
+        OutboxRow::new(format!("row-{n}"), kind, String::new(), now)
     }
+
+    const HOLDER: HolderId = HolderId::from_stored(7);
 
     fn batch(now: Ts) -> Vec<OutboxRow> {
         [OutboxKind::Event, OutboxKind::Email, OutboxKind::Report]
@@ -914,10 +932,10 @@ mod tests {
     #[test]
     fn events_and_emails_are_leased_and_handed_over_reports_are_claimed() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
-        let (handoff, mut events, mut mail) = Handoff::new();
+        let (handoff, mut events, mut mail) = Handoff::new(HOLDER);
         let mut rows = batch(now);
         let reservation = handoff.reserve();
-        let fresh = reservation.lease(&mut rows, now);
+        let fresh = reservation.lease(&mut rows);
         reservation.hand_over(fresh);
         let due: Vec<(OutboxKind, Ts)> = rows.iter().map(|r| (r.kind, r.next_attempt_at)).collect();
         assert_eq!(
@@ -936,7 +954,7 @@ mod tests {
     #[test]
     fn a_full_lane_leaves_its_rows_due_at_once_for_a_claim_and_is_told_to_claim() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
-        let (handoff, mut events, mail) = Handoff::new();
+        let (handoff, mut events, mail) = Handoff::new(HOLDER);
         for _ in 0..HANDOFF_BATCHES {
             handoff
                 .reserve()
@@ -944,7 +962,7 @@ mod tests {
         }
         let mut rows = batch(now);
         let reservation = handoff.reserve();
-        let fresh = reservation.lease(&mut rows, now);
+        let fresh = reservation.lease(&mut rows);
         reservation.hand_over(fresh);
         assert_eq!(rows[0].next_attempt_at, now, "no room: claimed as usual");
         assert_eq!(rows[1].next_attempt_at, now.plus(Lane::Mail.lease()));
@@ -965,7 +983,7 @@ mod tests {
 
     #[test]
     fn an_unused_reservation_gives_its_room_back() {
-        let (handoff, _events, _mail) = Handoff::new();
+        let (handoff, _events, _mail) = Handoff::new(HOLDER);
         for _ in 0..2 * HANDOFF_BATCHES {
             drop(handoff.reserve());
         }
@@ -976,7 +994,7 @@ mod tests {
     #[test]
     fn the_mail_lane_takes_one_round_of_emails_at_a_time_the_events_lane_all() {
         let now = Ts::parse("2026-11-21T10:00:00Z").expect("an instant");
-        let (handoff, events, mail) = Handoff::new();
+        let (handoff, events, mail) = Handoff::new(HOLDER);
         let emails: Vec<OutboxRow> = (0..EMAILS_PER_ROUND + 3)
             .map(|n| row(n, OutboxKind::Email, now))
             .collect();
@@ -1005,6 +1023,7 @@ mod tests {
         store.migrate().await.expect("SQLite migrates");
         Dispatcher {
             store,
+            holder: HOLDER,
             amqp_url: "amqp://127.0.0.1:1".to_owned(),
             mailer: Mailer::files(dir.to_path_buf()),
             mail_from: "worker@test.invalid".parse().expect("a mailbox"),
@@ -1043,7 +1062,7 @@ mod tests {
         d.store.enqueue_outbox(&rows).await.expect("rows added");
         let claimed = d
             .store
-            .claim_outbox(&[OutboxKind::Email], now, lease_until, 10)
+            .claim_outbox(&[OutboxKind::Email], now, lease_until, 10, HOLDER)
             .await
             .expect("rows claimed");
         assert_eq!(claimed.len(), 4);
@@ -1074,7 +1093,7 @@ mod tests {
         assert!(marks.is_empty() && unsettled.leases.is_empty());
         let due = d
             .store
-            .claim_outbox(&[OutboxKind::Email], Ts::now(), lease_until, 10)
+            .claim_outbox(&[OutboxKind::Email], Ts::now(), lease_until, 10, HOLDER)
             .await
             .expect("what is due is claimed");
         let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();

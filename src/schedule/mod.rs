@@ -252,17 +252,15 @@ impl<S: Store> Scheduler<S> {
                         ),
                         announce: false,
                     };
-                    rows.push(OutboxRow {
-                        id: derived_uuid(&format!(
+                    rows.push(OutboxRow::new(
+                        derived_uuid(&format!(
                             "statement\n{}\n{}\n{month}",
                             account.id, owner.email
                         )),
-                        kind: OutboxKind::Report,
-                        payload: serde_json::to_string(&job).expect("a report job serialises"),
-                        created_at: now,
-                        next_attempt_at: now,
-                        attempts: 0,
-                    });
+                        OutboxKind::Report,
+                        serde_json::to_string(&job).expect("a report job serialises"),
+                        now,
+                    ));
                 }
             }
             store.enqueue_outbox(&rows).await?;

@@ -117,6 +117,71 @@ pub struct OutboxRow {
     pub next_attempt_at: Ts,
     /// Failed dispatch attempts so far.
     pub attempts: i64,
+    /// The worker holding the row's lease, if a worker holds it.
+    pub leased_by: Option<HolderId>,
+}
+
+impl OutboxRow {
+    /// A fresh row produced as of `at`, due at once: what a command or a
+    /// scheduled job produces is sent now, whatever instant it ran as of
+    /// (`sweep --at` a future instant), and a catch-up's rows are already due.
+    pub fn new(id: String, kind: OutboxKind, payload: String, at: Ts) -> OutboxRow {
+        let due = at.min(Ts::now());
+        OutboxRow {
+            id,
+            kind,
+            payload,
+            created_at: due,
+            next_attempt_at: due,
+            attempts: 0,
+            leased_by: None,
+        }
+    }
+}
+
+/// Who holds outbox leases: one running worker. Ids are drawn at random in
+/// a range of their own (the high half is [`HolderId::TAG`]), and on
+/// PostgreSQL each is also the key of the session-level advisory lock its
+/// worker holds while it runs, so the database itself knows which holders
+/// are alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HolderId(i64);
+
+impl HolderId {
+    /// The high 32 bits of every holder id ("tc\0\x01"): keeps our
+    /// advisory locks apart from any other application's on the database.
+    const TAG: i64 = 0x7463_0001;
+
+    /// A new id, at random.
+    pub fn random() -> HolderId {
+        HolderId((HolderId::TAG << 32) | i64::from(rand::random::<u32>()))
+    }
+
+    pub const fn from_stored(value: i64) -> HolderId {
+        HolderId(value)
+    }
+
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// A worker's identity as a lease holder, alive for the database as long as
+/// this value lives (on PostgreSQL, a connection of its own holds the
+/// holder's advisory lock and is kept up by a task that ends with this).
+#[derive(Debug)]
+pub struct Holder {
+    pub id: HolderId,
+    _alive: Option<tokio_util::task::AbortOnDropHandle<()>>,
+}
+
+impl Holder {
+    pub(crate) fn new(
+        id: HolderId,
+        alive: Option<tokio_util::task::AbortOnDropHandle<()>>,
+    ) -> Holder {
+        Holder { id, _alive: alive }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -277,16 +342,34 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn verify(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Claims up to `limit` outbox rows of `kinds` that are due at `now`,
-    /// oldest first, by moving their next attempt to `lease_until`: another
-    /// worker will not take them meanwhile, and if this one dies they fall due
-    /// again then.
+    /// oldest first, for `holder`, by moving their next attempt to
+    /// `lease_until`: another worker will not take them meanwhile, and if
+    /// this one dies they fall due again then, or as soon as a worker finds
+    /// the holder dead ([`Store::release_dead_holders`]).
     fn claim_outbox(
         &self,
         kinds: &[OutboxKind],
         now: Ts,
         lease_until: Ts,
         limit: i64,
+        holder: HolderId,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+
+    /// Registers a running worker as a lease holder. On PostgreSQL, where
+    /// several workers share the outbox, it stays alive for the others as
+    /// long as the returned value lives; on SQLite, whose file one worker
+    /// owns, every other holder is a worker that is gone.
+    fn register_holder(&self) -> impl Future<Output = Result<Holder, StoreError>> + Send;
+
+    /// Makes the unsent rows leased to holders that are no longer alive
+    /// (other than `me`) due at `now`: a worker that restarts after a crash
+    /// sends what the dead one left within seconds, not after its lease.
+    /// Returns how many rows it gave back.
+    fn release_dead_holders(
+        &self,
+        me: HolderId,
+        now: Ts,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Gives back the rows still held by the claim that leased them until
     /// `lease_until` (one dispatcher's claim, lost to a database error before

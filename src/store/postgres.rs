@@ -13,6 +13,7 @@ use sqlx::postgres::{
 use sqlx::query::Query;
 use sqlx::{Decode, Encode, Postgres, Type};
 use tokio::sync::MutexGuard;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::sql::{self, Column, Kind};
 
@@ -71,6 +72,67 @@ impl PgStore {
     /// PostgreSQL takes care of concurrent writers itself.
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
         None
+    }
+
+    /// A holder whose advisory lock is held by a connection of its own,
+    /// outside the pool, for as long as the holder lives.
+    async fn hold(&self) -> Result<Holder, StoreError> {
+        let (id, connection) = loop {
+            let id = HolderId::random();
+            let mut connection = self.pool.acquire().await?.detach();
+            if lock_holder(&mut connection, id).await? {
+                break (id, connection);
+            }
+        };
+        let alive = tokio::spawn(keep_holding(self.pool.clone(), connection, id));
+        Ok(Holder::new(id, Some(AbortOnDropHandle::new(alive))))
+    }
+}
+
+/// How often the connection that holds a worker's advisory lock is checked
+/// (and replaced once the database answers again, should it have broken).
+const HOLDER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Takes `id`'s session-level advisory lock on `connection`; `false` if
+/// another session holds it.
+async fn lock_holder(connection: &mut PgConnection, id: HolderId) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(id.get())
+        .fetch_one(connection)
+        .await
+}
+
+/// Keeps `id`'s lock held. A broken connection (the database restarted)
+/// loses it; the lock is then taken again on a new connection as soon as
+/// the database answers. Meanwhile a worker that starts may find the holder
+/// dead and send its leased rows again: at least once, with the same ids.
+async fn keep_holding(pool: PgPool, mut connection: PgConnection, id: HolderId) {
+    loop {
+        tokio::time::sleep(HOLDER_CHECK_INTERVAL).await;
+        if sqlx::query("SELECT 1")
+            .execute(&mut connection)
+            .await
+            .is_ok()
+        {
+            continue;
+        }
+        let relocked = match pool.acquire().await {
+            Ok(fresh) => {
+                let mut fresh = fresh.detach();
+                match lock_holder(&mut fresh, id).await {
+                    Ok(true) => Some(fresh),
+                    _ => None,
+                }
+            }
+            Err(_) => None,
+        };
+        match relocked {
+            Some(fresh) => connection = fresh,
+            None => tracing::warn!(
+                holder = id.get(),
+                "The connection holding this worker's lease lock is lost; trying again."
+            ),
+        }
     }
 }
 
@@ -166,6 +228,10 @@ super::sql::sql_store!(
     begin = "BEGIN ISOLATION LEVEL READ COMMITTED",
     lock = " FOR UPDATE",
     skip_locked = " FOR UPDATE SKIP LOCKED",
+    // A holder is dead when its advisory lock is free: the session that
+    // held it ended with its worker. Taking it for this transaction keeps a
+    // holder from coming back under the same id meanwhile.
+    holder_dead = "pg_try_advisory_xact_lock(holder)",
     agg = "string_agg",
     in_list = " = ANY($1)",
     list = list,

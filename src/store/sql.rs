@@ -247,6 +247,7 @@ pub(super) const OUTBOX: Table = Table {
         ("payload", Text),
         ("created_at", Time),
         ("next_attempt_at", Time),
+        ("leased_by", Int),
     ],
 };
 
@@ -284,7 +285,7 @@ pub(super) fn to_json<T: Serialize>(value: &T) -> String {
 /// inherent `fn writer` giving the pool every write goes through, and an
 /// inherent `async fn write_gate`, taken around every write).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, owners_json = $owners_json:literal, insert = $insert:path, migrator = $migrator:expr) => {
+    ($store:ident, $db:ty, begin = $begin:literal, lock = $lock:literal, skip_locked = $skip:literal, holder_dead = $holder_dead:literal, agg = $agg:literal, in_list = $in_list:literal, list = $list:path, pairs_in = $pairs_in:literal, bind_pairs = $bind_pairs:path, owners_json = $owners_json:literal, insert = $insert:path, migrator = $migrator:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use sqlx::{QueryBuilder, Row};
@@ -294,7 +295,7 @@ macro_rules! sql_store {
         use $crate::domain::model::{Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus};
         use $crate::domain::{Credits, Id, Ts};
         use $crate::store::sql::{from_json, from_text, id, opt_id, to_json, to_text, Rows, ACCOUNTS, AUDIT, CODE_ATTEMPTS, JOURNAL, LOTS, OUTBOX, OWNERS, PROCESSED, REDEMPTIONS};
-        use $crate::store::{Loaded, OutboxKind, OutboxRow, SentMarks, Store, StoreError, Wanted, Writes, FIRING_LEASE};
+        use $crate::store::{Holder, HolderId, Loaded, OutboxKind, OutboxRow, SentMarks, Store, StoreError, Wanted, Writes, FIRING_LEASE};
         use $crate::domain::command::ReportKind;
         use $crate::report::{Cell, ReportQuery};
         use futures_util::stream::{BoxStream, StreamExt};
@@ -705,7 +706,8 @@ macro_rules! sql_store {
                     .text(o.kind.as_str().to_owned())
                     .text(o.payload.clone())
                     .time(o.created_at)
-                    .time(o.next_attempt_at);
+                    .time(o.next_attempt_at)
+                    .int(o.leased_by.map(HolderId::get));
             }
             rows
         }
@@ -886,7 +888,7 @@ macro_rules! sql_store {
 
             async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT id, kind, payload, created_at, next_attempt_at, attempts FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
+                    "SELECT id, kind, payload, created_at, next_attempt_at, attempts, leased_by FROM outbox WHERE dispatched_at IS NULL ORDER BY seq LIMIT $1",
                 )
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -900,6 +902,7 @@ macro_rules! sql_store {
                 now: Ts,
                 lease_until: Ts,
                 limit: i64,
+                holder: HolderId,
             ) -> Result<Vec<OutboxRow>, StoreError> {
                 let _gate = self.write_gate().await;
                 // One kind at a time, each walked in order by its own index.
@@ -910,15 +913,16 @@ macro_rules! sql_store {
                         break;
                     }
                     let claimed = sqlx::query(concat!(
-                        "UPDATE outbox SET next_attempt_at = $1 WHERE seq IN (SELECT seq FROM outbox \
+                        "UPDATE outbox SET next_attempt_at = $1, leased_by = $5 WHERE seq IN (SELECT seq FROM outbox \
                          WHERE dispatched_at IS NULL AND kind = $2 AND next_attempt_at <= $3 ORDER BY seq LIMIT $4",
                         $skip,
-                        ") RETURNING seq, id, kind, payload, created_at, next_attempt_at, attempts",
+                        ") RETURNING seq, id, kind, payload, created_at, next_attempt_at, attempts, leased_by",
                     ))
                     .bind(lease_until)
                     .bind(kind.as_str())
                     .bind(now)
                     .bind(wanted)
+                    .bind(holder.get())
                     .fetch_all(self.writer())
                     .await?;
                     for row in &claimed {
@@ -931,12 +935,34 @@ macro_rules! sql_store {
 
             async fn outbox_release(&self, lease_until: Ts, now: Ts) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
-                sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE dispatched_at IS NULL AND next_attempt_at = $2")
+                sqlx::query("UPDATE outbox SET next_attempt_at = $1, leased_by = NULL WHERE dispatched_at IS NULL AND next_attempt_at = $2")
                     .bind(now)
                     .bind(lease_until)
                     .execute(self.writer())
                     .await?;
                 Ok(())
+            }
+
+            async fn register_holder(&self) -> Result<Holder, StoreError> {
+                self.hold().await
+            }
+
+            async fn release_dead_holders(&self, me: HolderId, now: Ts) -> Result<u64, StoreError> {
+                let _gate = self.write_gate().await;
+                // The holders are looked at one by one (DISTINCT), each
+                // found dead or alive once, in this statement's transaction.
+                let released = sqlx::query(concat!(
+                    "UPDATE outbox SET next_attempt_at = $1, leased_by = NULL WHERE dispatched_at IS NULL AND leased_by IN (\
+                     SELECT holder FROM (SELECT DISTINCT leased_by AS holder FROM outbox \
+                     WHERE dispatched_at IS NULL AND leased_by IS NOT NULL AND leased_by <> $2) AS holders WHERE ",
+                    $holder_dead,
+                    ")",
+                ))
+                .bind(now)
+                .bind(me.get())
+                .execute(self.writer())
+                .await?;
+                Ok(released.rows_affected())
             }
 
             fn sent_marks(&self) -> &SentMarks {
@@ -971,7 +997,7 @@ macro_rules! sql_store {
             async fn outbox_failed(&self, id: &str, next_attempt_at: Ts, error: &str) -> Result<(), StoreError> {
                 let _gate = self.write_gate().await;
                 sqlx::query(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3",
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, leased_by = NULL WHERE id = $3",
                 )
                 .bind(next_attempt_at)
                 .bind(error.to_owned())
@@ -1145,6 +1171,7 @@ macro_rules! sql_store {
                 created_at: row.try_get("created_at")?,
                 next_attempt_at: row.try_get("next_attempt_at")?,
                 attempts: row.try_get("attempts")?,
+                leased_by: row.try_get::<Option<i64>, _>("leased_by")?.map(HolderId::from_stored),
             })
         }
 

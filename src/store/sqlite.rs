@@ -111,6 +111,11 @@ impl SqliteStore {
     async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
         Some(self.gate.lock().await)
     }
+
+    /// One worker owns the file, so its holder needs nothing to stay alive.
+    async fn hold(&self) -> Result<Holder, StoreError> {
+        Ok(Holder::new(HolderId::random(), None))
+    }
 }
 
 /// Copies the WAL into the database file every [`CHECKPOINT_INTERVAL`] from
@@ -192,6 +197,8 @@ super::sql::sql_store!(
     begin = "BEGIN IMMEDIATE",
     lock = "",
     skip_locked = "",
+    // One worker owns the file: every holder but the caller is gone.
+    holder_dead = "TRUE",
     agg = "group_concat",
     in_list = " IN (SELECT value FROM json_each($1))",
     list = list,
