@@ -1228,6 +1228,95 @@ mod through_the_worker {
     }
 }
 
+/// `training-credits sweep --at` an instant 40 days ahead, beside a running
+/// worker: the reminders and timeouts it records are sent at once (SPEC §5),
+/// not when that instant comes.
+async fn sweep_at_a_future_instant_sends_its_events_and_emails_at_once<S: Store>(
+    _store: S,
+    url: String,
+) {
+    use common::events::event;
+    let vhost = Vhost::new();
+    let client = common::broker::Client::new(&vhost).await;
+    let smtp = SmtpSink::start_new().await;
+    let site = common::child::Site::new(&url, &vhost).with_env("SMTP_URL", &smtp.url());
+    let mut worker = site.start_worker("the worker");
+    worker.await_ready().await;
+    let now = Ts::now();
+    for message in [
+        event(
+            "open",
+            "portal",
+            "credits.account.opened",
+            json!({
+                "account_id": "acme", "approval_mode": "manual", "code": "ACME-0001",
+                "owners": [{"email": "boss@acme.test", "name": "Boss"}],
+            }),
+        ),
+        event(
+            "buy",
+            "shop",
+            "credits.purchase.completed",
+            json!({
+                "account_id": "acme", "purchase_id": "p1", "credits": "100",
+                "purchased_at": now, "expires_at": now.plus_days(45),
+            }),
+        ),
+        event(
+            "ask",
+            "lms",
+            "credits.redemption.requested",
+            json!({
+                "request_id": "r1", "code": "ACME-0001", "cost": "30", "requested_at": now,
+                "learner": {"id": "l1", "email": "learner@acme.test", "name": "Lea"},
+                "item": {"id": "c1", "kind": "course", "title": "Rust"},
+            }),
+        ),
+    ] {
+        client.publish(&message).await;
+    }
+    client
+        .await_outbound("training-credits.redemption.pending", 1)
+        .await;
+
+    let at = now.plus_days(40).to_string();
+    let swept = site
+        .output(&["sweep", "--at", &at], Duration::from_secs(60))
+        .await;
+    assert_eq!(swept.code(), Some(0), "sweep: {}", swept.stderr);
+    let swept_at = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the reminder, the timeout and their emails",
+        || async {
+            client.outbound_of(EXPIRING).len() == 1
+                && client.outbound_of(TIMED_OUT).len() == 1
+                && smtp.mails().iter().any(|m| m.to == "learner@acme.test")
+                && smtp
+                    .mails()
+                    .iter()
+                    .any(|m| m.to == "boss@acme.test" && m.subject.contains("expir"))
+        },
+    )
+    .await;
+    eprintln!("Sent within {:?} of the sweep.", swept_at.elapsed());
+    let reminder = &client.outbound_of(EXPIRING)[0];
+    assert_eq!(reminder["data"]["purchase_id"], "p1");
+    assert_eq!(reminder["data"]["days_left"], 5);
+    assert_eq!(
+        reminder["data"]["causation_id"],
+        format!("schedule:sweep:{at}"),
+        "caused by the sweep as of its instant"
+    );
+    assert_eq!(client.outbound_of(TIMED_OUT)[0]["data"]["request_id"], "r1");
+    worker.stop_with("TERM").await;
+}
+
+on_both_stores!(
+    mod sweep_at_on_sqlite, sweep_at_on_postgres;
+    sweep_at_a_future_instant_sends_its_events_and_emails_at_once
+);
+
 // ---------------------------------------------------------------------------
 // 8. Two workers on one PostgreSQL database.
 
