@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 
 use crate::config::{Config, DatabaseUrl, redact};
@@ -95,15 +95,32 @@ pub enum DlqCommand {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        filter: DlqFilter,
     },
     /// Send dead letters back for processing and remove them from the queue.
+    /// Only those in the queue when it starts: one that dies again stays.
     Replay {
-        /// Every dead letter.
+        /// Every dead letter (that the filters keep).
         #[arg(long, conflicts_with = "ids")]
         all: bool,
         /// The ids of the dead letters to replay.
         ids: Vec<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
     },
+}
+
+/// Which dead letters `dlq list` and `dlq replay` take; by default all.
+#[derive(Debug, Args)]
+pub struct DlqFilter {
+    /// Only those of this reason (`x-error-reason`, or the broker's own,
+    /// such as `delivery_limit`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only those of this event type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub type_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,11 +201,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Publish { file } => publish::run(&config, &file).await,
         Command::Dlq {
-            command: DlqCommand::List { json },
-        } => dlq::list(&config, json).await,
+            command: DlqCommand::List { json, filter },
+        } => dlq::list(&config, json, &filter).await,
         Command::Dlq {
-            command: DlqCommand::Replay { all, ids },
-        } => dlq::replay(&config, all, &ids).await,
+            command: DlqCommand::Replay { all, ids, filter },
+        } => dlq::replay(&config, all, &ids, &filter).await,
         Command::Migrate => with_store!(config, |store| migrate::run(&store).await),
         Command::Account {
             command: AccountCommand::Show { account_id },
