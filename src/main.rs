@@ -1,5 +1,6 @@
-//! The `training-credits` binary: parse the command line, run the command,
-//! print any failure with its whole cause chain on one line.
+//! The `training-credits` binary: parse and check the command line (bad
+//! usage exits 2), run the command, print any failure with its whole cause
+//! chain on one line.
 
 use std::process::ExitCode;
 
@@ -21,6 +22,9 @@ fn main() -> ExitCode {
     // A missing .env file is normal; the environment alone configures us.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
+    if let Err(usage) = cli.check() {
+        usage.exit();
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
     let subscriber = tracing_subscriber::fmt()

@@ -56,6 +56,23 @@ impl Run {
             );
         }
     }
+
+    /// Exit 2 with clap's usage message on stderr, naming `named`, and
+    /// nothing on stdout.
+    fn assert_bad_usage_naming(&self, named: &str, what: &str) {
+        self.assert_code(2, what);
+        assert!(
+            self.stderr.starts_with("error: ") && self.stderr.contains("--help"),
+            "{what}: a usage message on stderr, got {:?}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(named),
+            "{what}: stderr {:?} names {named}",
+            self.stderr
+        );
+        assert!(self.stdout.is_empty(), "{what}: stdout {:?}", self.stdout);
+    }
 }
 
 /// Runs the binary with `args`, `DATABASE_URL` = `url` (if any) and `env`,
@@ -161,7 +178,7 @@ async fn sweep_on_an_empty_ledger_exits_zero_with_or_without_an_instant(db: Db) 
         .assert_code(0, "sweep --at with an offset");
 }
 
-async fn sweep_at_an_instant_that_is_not_rfc_3339_exits_one_naming_it(db: Db) {
+async fn sweep_at_an_instant_that_is_not_rfc_3339_exits_two_naming_it(db: Db) {
     for garbage in [
         "garbage",
         "2030-01-01",
@@ -171,8 +188,78 @@ async fn sweep_at_an_instant_that_is_not_rfc_3339_exits_one_naming_it(db: Db) {
     ] {
         cli(&db.url, &["sweep", "--at", garbage])
             .await
-            .assert_failure_naming(&["--at"], &format!("sweep --at {garbage:?}"));
+            .assert_bad_usage_naming("--at", &format!("sweep --at {garbage:?}"));
     }
+}
+
+async fn report_with_an_unknown_kind_format_or_column_or_a_malformed_instant_or_account_exits_two(
+    db: Db,
+) {
+    cli(&db.url, &["migrate"]).await.assert_code(0, "migrate");
+    let folder = tempfile::tempdir().expect("a folder");
+    let out = folder.path().join("refused.csv");
+    let out = out.to_str().expect("a UTF-8 path");
+    let report = |kind: &'static str, options: &[&'static str]| {
+        let mut args = vec!["report", kind, "--format", "csv", "--out", out];
+        args.extend_from_slice(options);
+        args
+    };
+    let cases = [
+        (report("nonsense", &[]), "nonsense"),
+        (
+            vec!["report", "transactions", "--format", "pdf", "--out", out],
+            "pdf",
+        ),
+        (
+            report("transactions", &["--columns", "amount,bogus"]),
+            "bogus",
+        ),
+        // `amount` is a column of transactions, not of audit.
+        (report("audit", &["--columns", "at,amount"]), "amount"),
+        (
+            report("transactions", &["--at", "2026-01-01T00:00:00Z"]),
+            "--at",
+        ),
+        (report("transactions", &["--from", "yesterday"]), "--from"),
+        (report("transactions", &["--from", "2026-01-01"]), "--from"),
+        (
+            report("redemptions", &["--to", "2026-13-01T00:00:00Z"]),
+            "--to",
+        ),
+        (
+            report("balances", &["--account", "not an id!"]),
+            "--account",
+        ),
+        (report("balances", &["--account", ""]), "--account"),
+        (vec!["report", "transactions", "--format", "csv"], "--out"),
+    ];
+    for (args, named) in cases {
+        cli(&db.url, &args)
+            .await
+            .assert_bad_usage_naming(named, &format!("{args:?}"));
+        assert!(!std::path::Path::new(out).exists(), "{args:?}: no file");
+    }
+}
+
+async fn report_of_an_unknown_account_exits_one_naming_it(db: Db) {
+    cli(&db.url, &["migrate"]).await.assert_code(0, "migrate");
+    let folder = tempfile::tempdir().expect("a folder");
+    let out = folder.path().join("ghost.csv");
+    let out = out.to_str().expect("a UTF-8 path");
+    let args = [
+        "report",
+        "balances",
+        "--format",
+        "csv",
+        "--out",
+        out,
+        "--account",
+        "ghost",
+    ];
+    cli(&db.url, &args)
+        .await
+        .assert_failure_naming(&["--account", "ghost"], "an unknown account");
+    assert!(!std::path::Path::new(out).exists(), "no file is written");
 }
 
 async fn a_bad_configuration_value_exits_one_naming_the_variable(db: Db) {
@@ -199,7 +286,9 @@ on_both_databases!(
     migrate_then_verify_on_an_empty_database_both_exit_zero,
     account_show_of_an_unknown_account_exits_one_with_a_one_line_reason,
     sweep_on_an_empty_ledger_exits_zero_with_or_without_an_instant,
-    sweep_at_an_instant_that_is_not_rfc_3339_exits_one_naming_it,
+    sweep_at_an_instant_that_is_not_rfc_3339_exits_two_naming_it,
+    report_with_an_unknown_kind_format_or_column_or_a_malformed_instant_or_account_exits_two,
+    report_of_an_unknown_account_exits_one_naming_it,
     a_bad_configuration_value_exits_one_naming_the_variable,
 );
 

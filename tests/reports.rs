@@ -1176,7 +1176,6 @@ on_both_backends!(
     a_text_longer_than_an_excel_cell_holds_is_cut_to_fit_in_xlsx_and_kept_whole_in_csv,
     the_report_command_writes_chosen_credit_columns_to_xlsx,
     the_report_command_writes_one_account_s_transactions_of_a_period_to_csv,
-    the_report_command_refuses_an_unknown_kind_column_format_or_instant_with_exit_one,
 );
 
 // ---------------------------------------------------------------------------
@@ -1318,104 +1317,6 @@ async fn the_report_command_writes_one_account_s_transactions_of_a_period_to_csv
         csv_records(&text),
         csv_expected(kind, spec_columns(kind), &expected_transactions())
     );
-}
-
-async fn the_report_command_refuses_an_unknown_kind_column_format_or_instant_with_exit_one<
-    S: Store,
->(
-    mut w: World<S>,
-) {
-    build_ledger(&mut w).await;
-    let dir = tempfile::tempdir().expect("a folder");
-    let out = dir.path().join("refused.csv");
-    let out = path_arg(&out);
-    let cases: [(&[&str], &str); 6] = [
-        (
-            &["report", "nonsense", "--format", "csv", "--out", &out],
-            "nonsense",
-        ),
-        (
-            &["report", "transactions", "--format", "pdf", "--out", &out],
-            "pdf",
-        ),
-        (
-            &[
-                "report",
-                "transactions",
-                "--format",
-                "csv",
-                "--out",
-                &out,
-                "--from",
-                "yesterday",
-            ],
-            "--from",
-        ),
-        (
-            &[
-                "report",
-                "audit",
-                "--format",
-                "csv",
-                "--out",
-                &out,
-                "--to",
-                "2026-13-01T00:00:00Z",
-            ],
-            "--to",
-        ),
-        (
-            &[
-                "report",
-                "transactions",
-                "--format",
-                "csv",
-                "--out",
-                &out,
-                "--columns",
-                "amount,bogus",
-            ],
-            "bogus",
-        ),
-        (
-            &[
-                "report",
-                "balances",
-                "--format",
-                "xlsx",
-                "--out",
-                &out,
-                "--account",
-                "not an id!",
-            ],
-            "--account",
-        ),
-    ];
-    for (args, named) in cases {
-        let run = binary(&w.url, args).await;
-        assert_eq!(
-            run.code,
-            Some(1),
-            "{args:?}: exit 1, stderr {:?}",
-            run.stderr
-        );
-        let lines: Vec<&str> = run.stderr.trim().lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{args:?}: one line on stderr: {:?}",
-            run.stderr
-        );
-        assert!(
-            lines[0].contains(named),
-            "{args:?}: {:?} names {named}",
-            lines[0]
-        );
-        assert!(!Path::new(&out).exists(), "{args:?}: no file is written");
-    }
-    // Without --out it is bad usage.
-    let run = binary(&w.url, &["report", "transactions", "--format", "csv"]).await;
-    assert_eq!(run.code, Some(2), "missing --out: {}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------

@@ -13,11 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Value, json};
 use training_credits::consume::persistent_cloudevent;
-use training_credits::consume::topology::{DEAD_QUEUE, OUTBOUND_EXCHANGE, retry_queue};
+use training_credits::consume::topology::{
+    DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND_EXCHANGE, long_string, retry_queue,
+};
 use training_credits::domain::Ts;
 use training_credits::notify::Email;
 use training_credits::store::{OutboxKind, Store};
@@ -26,6 +30,7 @@ use common::broker::{
     BrokerConnection, Client, SmtpSink, TestWorker, Vhost, bare_message_id, config, eventually,
     header, http_get, publish_purchases_until,
 };
+use common::child::{Finished, Site};
 use common::events::{event, opened, purchase};
 use common::{assert_verified, available_now as available};
 
@@ -704,6 +709,380 @@ async fn dlq_replay_sends_dead_letters_back_once_their_cause_is_fixed<S: Store>(
     assert_verified(&store).await;
 }
 
+/// How long a `dlq` command may take: it handles a handful of letters.
+const DLQ_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `training-credits dlq ARGS…` on the rig's vhost and `url` to its
+/// end, killed (and the test failed) if it has not ended within
+/// [`DLQ_LIMIT`].
+async fn dlq(rig: &Rig, url: &str, args: &[&str]) -> Finished {
+    let args: Vec<&str> = ["dlq"].iter().chain(args).copied().collect();
+    Site::new(url, &rig.vhost).output(&args, DLQ_LIMIT).await
+}
+
+async fn dlq_replay_all_ends_when_replayed_letters_die_again_and_says_how_many_it_replayed<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    // Letters that die again at once, however often they are replayed.
+    for n in 0..3 {
+        client
+            .publish_bytes(
+                "credits.purchase.completed",
+                format!("{{broken {n}").as_bytes(),
+            )
+            .await;
+    }
+    for n in 0..2 {
+        client
+            .publish(&event(
+                &format!("u-{n}"),
+                "portal",
+                "credits.bogus",
+                json!({}),
+            ))
+            .await;
+    }
+    // And one whose cause is then fixed.
+    client.publish(&purchase("r-buy", "acct", "p1", "5")).await;
+    await_dead_letters(client, 6, SOON).await;
+    client
+        .publish(&opened("r-open", "acct", &["boss@acct.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+
+    let replayed = dlq(&rig, &url, &["replay", "--all"]).await;
+    assert_eq!(replayed.code(), Some(0), "{}", replayed.stderr);
+    assert!(
+        replayed.stderr.contains("Replayed 6 dead letters, left 0."),
+        "{}",
+        replayed.stderr
+    );
+    client
+        .await_outbound("training-credits.purchase.recorded", 1)
+        .await;
+    await_dead_letters(client, 5, SOON).await;
+    let listed = dlq(&rig, &url, &["list", "--json"]).await;
+    assert_eq!(listed.code(), Some(0), "{}", listed.stderr);
+    let mut reasons: Vec<String> = listed
+        .stdout
+        .lines()
+        .map(|l| {
+            let entry: Value = serde_json::from_str(l).expect("a JSON line");
+            entry["x-error-reason"].as_str().unwrap_or("-").to_owned()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "invalid_json",
+            "invalid_json",
+            "invalid_json",
+            "unknown_type",
+            "unknown_type"
+        ],
+        "the letters that died again are kept, once each"
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+/// The entries `dlq list --json ARGS…` prints.
+async fn listed(rig: &Rig, url: &str, args: &[&str]) -> Vec<Value> {
+    let args: Vec<&str> = ["list", "--json"].iter().chain(args).copied().collect();
+    let listed = dlq(rig, url, &args).await;
+    assert_eq!(listed.code(), Some(0), "dlq {args:?}: {}", listed.stderr);
+    listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// The ids of `entries`, sorted.
+fn ids_of(entries: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = entries
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or("-").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn dlq_list_and_replay_take_only_the_letters_of_the_reason_and_type_given<S: Store>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    let client = &rig.client;
+    client
+        .publish(&purchase("r-buy-a", "acct", "pa", "5"))
+        .await;
+    client
+        .publish(&purchase("r-buy-b", "acct", "pb", "7"))
+        .await;
+    client
+        .publish(&event(
+            "r-approve",
+            "portal",
+            "credits.redemption.approved",
+            json!({"request_id": "ghost", "approver": "boss@acct.test"}),
+        ))
+        .await;
+    client
+        .publish(&event("r-bogus", "portal", "credits.bogus", json!({})))
+        .await;
+    await_dead_letters(client, 4, SOON).await;
+
+    let by_reason = listed(&rig, &url, &["--reason", "unknown_account"]).await;
+    assert_eq!(ids_of(&by_reason), ["r-buy-a", "r-buy-b"]);
+    let by_type = listed(&rig, &url, &["--type", "credits.redemption.approved"]).await;
+    assert_eq!(ids_of(&by_type), ["r-approve"]);
+    assert_eq!(by_type[0]["x-error-reason"], "unknown_request");
+    let both = listed(
+        &rig,
+        &url,
+        &["--reason", "unknown_account", "--type", "credits.bogus"],
+    )
+    .await;
+    assert!(both.is_empty(), "{both:?}");
+    assert_eq!(
+        listed(&rig, &url, &[]).await.len(),
+        4,
+        "listing removes nothing"
+    );
+
+    // By id, narrowed: an id of another reason is not replayed.
+    let replayed = dlq(
+        &rig,
+        &url,
+        &[
+            "replay",
+            "r-approve",
+            "r-buy-a",
+            "--reason",
+            "unknown_account",
+        ],
+    )
+    .await;
+    assert_eq!(replayed.code(), Some(0), "{}", replayed.stderr);
+    assert!(
+        replayed.stderr.contains("Replayed 1 dead letters, left 3."),
+        "{}",
+        replayed.stderr
+    );
+    // Replayed before its account exists, it is dead-lettered again.
+    eventually(SOON, "r-buy-a dead again", || async {
+        ids_of(&listed(&rig, &url, &["--reason", "unknown_account"]).await)
+            == ["r-buy-a", "r-buy-b"]
+    })
+    .await;
+
+    // --all, narrowed by both, once the cause is fixed.
+    client
+        .publish(&opened("r-open", "acct", &["boss@acct.test"]))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    let replayed = dlq(
+        &rig,
+        &url,
+        &[
+            "replay",
+            "--all",
+            "--reason",
+            "unknown_account",
+            "--type",
+            "credits.purchase.completed",
+        ],
+    )
+    .await;
+    assert_eq!(replayed.code(), Some(0), "{}", replayed.stderr);
+    assert!(
+        replayed.stderr.contains("Replayed 2 dead letters, left 2."),
+        "{}",
+        replayed.stderr
+    );
+    client
+        .await_outbound("training-credits.purchase.recorded", 2)
+        .await;
+    assert_eq!(available(&store, "acct").await.as_deref(), Some("12.00"));
+    assert_eq!(
+        ids_of(&listed(&rig, &url, &[]).await),
+        ["r-approve", "r-bogus"],
+        "the others are kept"
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
+/// Publishes `event` straight to `queue`, then gives it back as a consumer
+/// until the broker dead-letters it: requeued (as by a worker that keeps
+/// crashing on it) until it goes over the queue's delivery limit, or
+/// refused outright.
+async fn dead_letter_by_rejecting(client: &Client, queue: &str, event: &Value, requeue: bool) {
+    let channel = &client.channel;
+    let dead = client.dead_letter_count().await;
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            event.to_string().as_bytes(),
+            persistent_cloudevent(event["id"].as_str().unwrap_or_default()),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    assert!(confirm.is_ack());
+    eventually(SOON, "the broker dead-letters it", || async {
+        if let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            channel
+                .basic_reject(
+                    message.delivery.delivery_tag,
+                    BasicRejectOptions { requeue },
+                )
+                .await
+                .expect("basic.reject");
+        }
+        client.dead_letter_count().await > dead
+    })
+    .await;
+}
+
+async fn a_letter_the_broker_dead_lettered_at_its_delivery_limit_is_listed_as_such_and_replays<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    const LIMITED_QUEUE: &str = "test.limited";
+    const DELIVERY_LIMIT: i64 = 2;
+    let rig = rig(&store, &url, None).await;
+    let channel = &rig.client.channel;
+    // A quorum queue with a delivery limit and a dead-letter path into
+    // the dead-letter queue, as the worker queue may have.
+    let mut arguments = FieldTable::default();
+    for (name, value) in [
+        ("x-queue-type", long_string("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", long_string("")),
+        ("x-dead-letter-routing-key", long_string(DEAD_QUEUE)),
+    ] {
+        arguments.insert(ShortString::from(name), value);
+    }
+    channel
+        .queue_declare(
+            LIMITED_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("the limited queue");
+    let body = opened("r-open", "acct", &["boss@acct.test"]);
+    dead_letter_by_rejecting(&rig.client, LIMITED_QUEUE, &body, true).await;
+
+    let entries = listed(&rig, &url, &[]).await;
+    assert_eq!(entries.len(), 1);
+    let entry = &entries[0];
+    assert_eq!(entry["id"], "r-open");
+    assert_eq!(entry["type"], "credits.account.opened");
+    assert_eq!(entry["x-error-reason"], "delivery_limit");
+    assert_eq!(
+        entry["x-error-detail"],
+        format!("redelivered more than the delivery limit of {LIMITED_QUEUE}")
+    );
+    let when = Ts::parse(entry["when"].as_str().expect("when is text")).expect("RFC 3339");
+    assert!(when <= Ts::now() && when.plus_days(1) > Ts::now(), "{when}");
+    assert_eq!(
+        ids_of(&listed(&rig, &url, &["--reason", "delivery_limit"]).await),
+        ["r-open"]
+    );
+    assert!(
+        listed(&rig, &url, &["--reason", "unknown_account"])
+            .await
+            .is_empty()
+    );
+    // One the broker dead-lettered for another reason says which.
+    let refused = event("r-refused", "portal", "credits.bogus", json!({}));
+    dead_letter_by_rejecting(&rig.client, LIMITED_QUEUE, &refused, false).await;
+    let refused = listed(&rig, &url, &["--reason", "rejected"]).await;
+    assert_eq!(ids_of(&refused), ["r-refused"]);
+    assert_eq!(
+        refused[0]["x-error-detail"],
+        format!("dead-lettered by the broker from {LIMITED_QUEUE}: rejected")
+    );
+
+    // Replayed, it reaches the worker without the broker's death headers.
+    let replays = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a queue for the replays");
+    channel
+        .queue_bind(
+            replays.name().clone(),
+            INBOUND_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bound to the inbound exchange");
+    let replayed = dlq(
+        &rig,
+        &url,
+        &["replay", "--all", "--reason", "delivery_limit"],
+    )
+    .await;
+    assert_eq!(replayed.code(), Some(0), "{}", replayed.stderr);
+    assert!(
+        replayed.stderr.contains("Replayed 1 dead letters, left 1."),
+        "{}",
+        replayed.stderr
+    );
+    rig.client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    assert_eq!(ids_of(&listed(&rig, &url, &[]).await), ["r-refused"]);
+    let copy = channel
+        .basic_get(replays.name().clone(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("the replayed message");
+    let headers = headers_of(&copy.delivery);
+    let names: Vec<&str> = headers.inner().keys().map(ShortString::as_str).collect();
+    assert!(
+        !names.iter().any(|name| name.starts_with("x-")),
+        "no death header is replayed: {names:?}"
+    );
+    assert_eq!(copy.delivery.data, body.to_string().as_bytes());
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
 // 6. The broker drops the worker's connection.
 
 async fn the_worker_reconnects_when_the_broker_closes_its_connection_and_applies_each_message_once<
@@ -959,6 +1338,9 @@ on_both_stores!(
     emails_wait_while_the_smtp_server_is_down_and_go_out_once_when_it_is_back,
     emails_go_out_while_the_broker_refuses_the_outbound_events,
     dlq_replay_sends_dead_letters_back_once_their_cause_is_fixed,
+    dlq_replay_all_ends_when_replayed_letters_die_again_and_says_how_many_it_replayed,
+    dlq_list_and_replay_take_only_the_letters_of_the_reason_and_type_given,
+    a_letter_the_broker_dead_lettered_at_its_delivery_limit_is_listed_as_such_and_replays,
     the_worker_reconnects_when_the_broker_closes_its_connection_and_applies_each_message_once,
     a_dead_letter_the_broker_refuses_is_kept_until_the_dead_letter_queue_takes_it,
     health_readiness_and_metrics_are_served_over_http,

@@ -1,33 +1,83 @@
 //! `training-credits dlq list` and `dlq replay`: the dead letters, read
 //! without removing them, and sent back for processing once their cause is
-//! fixed. A message is removed from `training-credits.dead` only after the
-//! broker confirmed its replay.
+//! fixed. Each command handles the letters that were in
+//! `training-credits.dead` when it started, and no more: a replayed letter
+//! that dies again lands behind them, so `replay` always ends. A message is
+//! removed only after the broker confirmed its replay.
 
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, DeliveryTag, FieldTable};
+use lapin::{Channel, Connection};
 use serde_json::{Value, json};
 
+use super::DlqFilter;
 use crate::config::Config;
 use crate::consume::connect;
 use crate::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE};
+use crate::domain::Ts;
 
 /// Dead letters read per command, at most: a bound on memory and time.
-const DEAD_LETTERS_MAX: usize = 100_000;
+const DEAD_LETTERS_MAX: u32 = 100_000;
 
-fn header(delivery: &Delivery, name: &str) -> Option<String> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
+/// The text of a header, whatever AMQP type the publisher gave it.
+fn text(table: &FieldTable, name: &str) -> Option<String> {
+    match table.inner().get(name)? {
         AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
         AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
         other => Some(format!("{other:?}")),
     }
 }
 
-/// One dead letter as `dlq list` shows it.
+fn header(delivery: &Delivery, name: &str) -> Option<String> {
+    text(delivery.properties.headers().as_ref()?, name)
+}
+
+/// The broker's record of the letter's latest death, for a letter the
+/// broker dead-lettered itself (a quorum queue's delivery limit), which has
+/// no `x-error-*` headers. RabbitMQ keeps one `x-death` entry per queue and
+/// reason, the latest first, so this is the death that put it here.
+fn last_death(delivery: &Delivery) -> Option<&FieldTable> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    match deaths.as_slice().first()? {
+        AMQPValue::FieldTable(death) => Some(death),
+        _ => None,
+    }
+}
+
+/// What an operator reads of a death the broker recorded. The delivery
+/// limit itself is a queue argument, which AMQP cannot read back and the
+/// broker does not copy into the letter, so the detail names the queue.
+fn death_detail(death: &FieldTable) -> String {
+    let reason = text(death, "reason").unwrap_or_default();
+    let queue = text(death, "queue").unwrap_or_default();
+    if reason == "delivery_limit" {
+        format!("redelivered more than the delivery limit of {queue}")
+    } else {
+        format!("dead-lettered by the broker from {queue}: {reason}")
+    }
+}
+
+/// When the broker recorded a death: `time`, in whole seconds.
+fn death_time(death: &FieldTable) -> Option<String> {
+    let AMQPValue::Timestamp(seconds) = death.inner().get("time")? else {
+        return None;
+    };
+    let micros = i64::try_from(*seconds).ok()?.checked_mul(1_000_000)?;
+    Ts::from_micros(micros).map(|t| t.to_string())
+}
+
+/// One dead letter as `dlq list` shows it: what the worker wrote in its
+/// `x-error-*` headers or, for a letter the broker dead-lettered, what the
+/// broker recorded in `x-death`.
 pub fn describe(delivery: &Delivery) -> Value {
     let body: Option<Value> = serde_json::from_slice(&delivery.data).ok();
     let field = |name: &str| {
@@ -43,13 +93,46 @@ pub fn describe(delivery: &Delivery) -> Value {
             .as_ref()
             .map(|m| m.as_str().to_owned())
     });
+    let death = last_death(delivery);
     json!({
         "id": id,
         "type": field("type").or_else(|| header(delivery, "x-original-routing-key")),
-        "x-error-reason": header(delivery, "x-error-reason"),
-        "x-error-detail": header(delivery, "x-error-detail"),
-        "when": header(delivery, "x-dead-lettered-at"),
+        "x-error-reason": header(delivery, "x-error-reason")
+            .or_else(|| death.and_then(|d| text(d, "reason"))),
+        "x-error-detail": header(delivery, "x-error-detail")
+            .or_else(|| death.map(death_detail)),
+        "when": header(delivery, "x-dead-lettered-at").or_else(|| death.and_then(death_time)),
     })
+}
+
+impl DlqFilter {
+    /// Whether `--reason` and `--type` keep this dead letter.
+    fn keeps(&self, entry: &Value) -> bool {
+        let is = |wanted: &Option<String>, name: &str| {
+            wanted
+                .as_deref()
+                .is_none_or(|wanted| entry[name].as_str() == Some(wanted))
+        };
+        is(&self.reason, "x-error-reason") && is(&self.type_name, "type")
+    }
+}
+
+/// Headers the worker or the broker added when the letter died. A replay
+/// sends the message afresh: the worker counts its retries, and the broker
+/// its deliveries and deaths, from zero again.
+fn is_death_header(name: &str) -> bool {
+    name.starts_with("x-error-")
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || matches!(
+            name,
+            "x-death"
+                | "x-delivery-count"
+                | "x-dead-lettered-at"
+                | "x-retry-count"
+                | "x-retry-reason"
+                | "x-original-routing-key"
+        )
 }
 
 fn line(entry: &Value) -> String {
@@ -64,92 +147,156 @@ fn line(entry: &Value) -> String {
     )
 }
 
-pub async fn list(config: &Config, json_lines: bool) -> anyhow::Result<ExitCode> {
-    let (connection, channel) = connect(&config.amqp_url, &config.retry_delays)
-        .await
-        .context("cannot reach the broker")?;
-    let mut last_tag = None;
-    for _ in 0..DEAD_LETTERS_MAX {
-        let Some(message) = channel
-            .basic_get(DEAD_QUEUE.into(), BasicGetOptions::default())
-            .await?
-        else {
-            break;
-        };
-        let entry = describe(&message.delivery);
-        println!(
-            "{}",
-            if json_lines {
-                entry.to_string()
-            } else {
-                line(&entry)
-            }
-        );
-        last_tag = Some(message.delivery.delivery_tag);
-    }
-    // Everything read goes back, in order: listing removes nothing.
-    if let Some(tag) = last_tag {
-        channel
-            .basic_nack(
-                tag,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
+/// The dead-letter queue as one command sees it: the letters that were in
+/// it when the command started, read one at a time. Letters kept stay
+/// unacknowledged, so none is read twice, and go back at the end in order.
+struct DeadLetters {
+    connection: Connection,
+    channel: Channel,
+    /// How many were in the queue at the start.
+    at_start: u32,
+    /// How many this command reads: those, up to [`DEAD_LETTERS_MAX`].
+    to_read: u32,
+    read: u32,
+    kept: u32,
+    last_kept: Option<DeliveryTag>,
+}
+
+impl DeadLetters {
+    async fn open(config: &Config) -> anyhow::Result<DeadLetters> {
+        let (connection, channel) = connect(&config.amqp_url, &config.retry_delays)
+            .await
+            .context("cannot reach the broker")?;
+        let queue = channel
+            .queue_declare(
+                DEAD_QUEUE.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
                 },
+                FieldTable::default(),
             )
             .await?;
+        Ok(DeadLetters {
+            connection,
+            channel,
+            at_start: queue.message_count(),
+            to_read: queue.message_count().min(DEAD_LETTERS_MAX),
+            read: 0,
+            kept: 0,
+            last_kept: None,
+        })
     }
-    let _ = connection.close(200, "done".into()).await;
+
+    /// The next of the letters there at the start, if any is left.
+    async fn next(&mut self) -> anyhow::Result<Option<Delivery>> {
+        if self.read == self.to_read {
+            return Ok(None);
+        }
+        let message = self
+            .channel
+            .basic_get(DEAD_QUEUE.into(), BasicGetOptions::default())
+            .await?;
+        self.read += 1;
+        Ok(message.map(|m| m.delivery))
+    }
+
+    fn keep(&mut self, delivery: &Delivery) {
+        self.kept += 1;
+        self.last_kept = Some(delivery.delivery_tag);
+    }
+
+    /// How many letters this command leaves in the queue: those it kept and
+    /// those beyond [`DEAD_LETTERS_MAX`].
+    fn left(&self) -> u32 {
+        self.kept + (self.at_start - self.to_read)
+    }
+
+    /// Puts every kept letter back, in order, and closes the connection.
+    async fn close(self) -> anyhow::Result<()> {
+        // The letters acknowledged (replayed) are gone already, so
+        // everything unacknowledged up to the last kept one is what was kept.
+        if let Some(tag) = self.last_kept {
+            self.channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await?;
+        }
+        let _ = self.connection.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+pub async fn list(
+    config: &Config,
+    json_lines: bool,
+    filter: &DlqFilter,
+) -> anyhow::Result<ExitCode> {
+    let mut letters = DeadLetters::open(config).await?;
+    while let Some(delivery) = letters.next().await? {
+        let entry = describe(&delivery);
+        if filter.keeps(&entry) {
+            println!(
+                "{}",
+                if json_lines {
+                    entry.to_string()
+                } else {
+                    line(&entry)
+                }
+            );
+        }
+        letters.keep(&delivery);
+    }
+    letters.close().await?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn replay(config: &Config, all: bool, ids: &[String]) -> anyhow::Result<ExitCode> {
+pub async fn replay(
+    config: &Config,
+    all: bool,
+    ids: &[String],
+    filter: &DlqFilter,
+) -> anyhow::Result<ExitCode> {
     if !all && ids.is_empty() {
         bail!("name the dead letters to replay by id, or give --all");
     }
-    let (connection, channel) = connect(&config.amqp_url, &config.retry_delays)
-        .await
-        .context("cannot reach the broker")?;
-    let mut kept = Vec::new();
-    let mut replayed = 0_usize;
-    for _ in 0..DEAD_LETTERS_MAX {
-        let Some(message) = channel
-            .basic_get(DEAD_QUEUE.into(), BasicGetOptions::default())
-            .await?
-        else {
-            break;
-        };
-        let delivery = message.delivery;
+    let mut letters = DeadLetters::open(config).await?;
+    let progress = super::progress(
+        usize::try_from(letters.to_read).unwrap_or(usize::MAX),
+        "dead letters",
+    );
+    let mut replayed = 0_u32;
+    while let Some(delivery) = letters.next().await? {
+        progress.inc(1);
         let entry = describe(&delivery);
-        let chosen = all
-            || entry["id"]
-                .as_str()
-                .is_some_and(|id| ids.iter().any(|i| i == id));
+        let chosen = filter.keeps(&entry)
+            && (all
+                || entry["id"]
+                    .as_str()
+                    .is_some_and(|id| ids.iter().any(|i| i == id)));
         if !chosen {
-            kept.push(delivery.delivery_tag);
+            letters.keep(&delivery);
             continue;
         }
         let mut headers = FieldTable::default();
         if let Some(original) = delivery.properties.headers() {
-            for (key, value) in original.inner() {
-                if !key.as_str().starts_with("x-error-")
-                    && !matches!(
-                        key.as_str(),
-                        "x-dead-lettered-at"
-                            | "x-retry-count"
-                            | "x-retry-reason"
-                            | "x-original-routing-key"
-                    )
-                {
-                    headers.insert(key.clone(), value.clone());
+            for (name, value) in original {
+                if !is_death_header(name.as_str()) {
+                    headers.insert(name.clone(), value.clone());
                 }
             }
         }
-        let routing_key = entry["type"].as_str().unwrap_or_default().to_owned();
-        let confirm = channel
+        let routing_key = entry["type"].as_str().unwrap_or_default();
+        let confirm = letters
+            .channel
             .basic_publish(
                 INBOUND_EXCHANGE.into(),
-                routing_key.as_str().into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 &delivery.data,
                 delivery.properties.clone().with_headers(headers),
@@ -159,23 +306,15 @@ pub async fn replay(config: &Config, all: bool, ids: &[String]) -> anyhow::Resul
         if !confirm.is_ack() {
             bail!("the broker refused a replayed message");
         }
-        channel
+        letters
+            .channel
             .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
             .await?;
         replayed += 1;
     }
-    for tag in kept {
-        channel
-            .basic_nack(
-                tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            )
-            .await?;
-    }
-    let _ = connection.close(200, "done".into()).await;
-    eprintln!("Replayed {replayed} dead letters.");
+    progress.finish_and_clear();
+    let left = letters.left();
+    letters.close().await?;
+    eprintln!("Replayed {replayed} dead letters, left {left}.");
     Ok(ExitCode::SUCCESS)
 }

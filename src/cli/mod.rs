@@ -16,9 +16,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use serde::de::DeserializeOwned;
 
 use crate::config::{Config, DatabaseUrl, redact};
+use crate::domain::command::{ReportFormat, ReportKind};
+use crate::domain::{Id, Ts};
+use crate::report::choose_columns;
 use crate::store::{PgStore, SqliteStore, Store};
 
 #[derive(Debug, Parser)]
@@ -53,32 +58,33 @@ pub enum Command {
     /// Run every scheduled job once (expiry sweep, reminders, pending timeout).
     Sweep {
         /// The instant to run them as of (RFC 3339); default now.
-        #[arg(long)]
-        at: Option<String>,
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<Ts>,
     },
     /// Recompute every balance from the journal and check every invariant.
     Verify,
     /// Write a report (transactions, credits, redemptions, balances, audit) to a file.
     Report {
         /// transactions, credits, redemptions, balances or audit.
-        kind: String,
+        #[arg(value_parser = word::<ReportKind>)]
+        kind: ReportKind,
         /// csv or xlsx.
-        #[arg(long)]
-        format: String,
+        #[arg(long, value_parser = word::<ReportFormat>)]
+        format: ReportFormat,
         #[arg(long)]
         out: PathBuf,
         /// Only this account.
         #[arg(long)]
-        account: Option<String>,
+        account: Option<Id>,
         /// Rows from this instant (RFC 3339), inclusive.
-        #[arg(long)]
-        from: Option<String>,
+        #[arg(long, value_name = "RFC3339")]
+        from: Option<Ts>,
         /// Rows before this instant (RFC 3339).
-        #[arg(long)]
-        to: Option<String>,
+        #[arg(long, value_name = "RFC3339")]
+        to: Option<Ts>,
         /// The columns, in order, comma-separated.
-        #[arg(long)]
-        columns: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
     },
 }
 
@@ -89,21 +95,76 @@ pub enum DlqCommand {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        filter: DlqFilter,
     },
     /// Send dead letters back for processing and remove them from the queue.
+    /// Only those in the queue when it starts: one that dies again stays.
     Replay {
-        /// Every dead letter.
+        /// Every dead letter (that the filters keep).
         #[arg(long, conflicts_with = "ids")]
         all: bool,
         /// The ids of the dead letters to replay.
         ids: Vec<String>,
+        #[command(flatten)]
+        filter: DlqFilter,
     },
+}
+
+/// Which dead letters `dlq list` and `dlq replay` take; by default all.
+#[derive(Debug, Args)]
+pub struct DlqFilter {
+    /// Only those of this reason (`x-error-reason`, or the broker's own,
+    /// such as `delivery_limit`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only those of this event type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub type_name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AccountCommand {
     /// Print one account as a JSON object.
     Show { account_id: String },
+}
+
+impl Cli {
+    /// The checks clap cannot make one argument at a time: a report's
+    /// columns must be columns of its kind. The answer is clap's own error,
+    /// so `main` exits 2 with the usage, as for any other bad usage.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Report {
+            kind,
+            columns: Some(columns),
+            ..
+        } = &self.command
+        {
+            choose_columns(*kind, Some(columns)).map_err(|error| {
+                let mut command = Cli::command();
+                // Built, the subcommand knows its full name for the usage line.
+                command.build();
+                command
+                    .find_subcommand_mut("report")
+                    .expect("`report` is a subcommand")
+                    .error(
+                        ErrorKind::InvalidValue,
+                        format!(
+                            "--columns: {error}, whose columns are {}",
+                            kind.columns().join(",")
+                        ),
+                    )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses an argument into one of the serde enums the messages use too
+/// (`ReportKind`, `ReportFormat`), so both accept the same words; the error
+/// names the choices.
+fn word<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
 }
 
 /// Opens the configured ledger, migrating it if needed, and runs `$body` with
@@ -140,18 +201,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Publish { file } => publish::run(&config, &file).await,
         Command::Dlq {
-            command: DlqCommand::List { json },
-        } => dlq::list(&config, json).await,
+            command: DlqCommand::List { json, filter },
+        } => dlq::list(&config, json, &filter).await,
         Command::Dlq {
-            command: DlqCommand::Replay { all, ids },
-        } => dlq::replay(&config, all, &ids).await,
+            command: DlqCommand::Replay { all, ids, filter },
+        } => dlq::replay(&config, all, &ids, &filter).await,
         Command::Migrate => with_store!(config, |store| migrate::run(&store).await),
         Command::Account {
             command: AccountCommand::Show { account_id },
         } => with_store!(config, |store| account::show(&store, &account_id).await),
         Command::Sweep { at } => {
-            with_store!(config, |store| sweep::run(store, &config, at.as_deref())
-                .await)
+            with_store!(config, |store| sweep::run(store, &config, at).await)
         }
         Command::Verify => with_store!(config, |store| verify::run(&store).await),
         Command::Report {
@@ -164,12 +224,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             columns,
         } => {
             let options = report::Options {
-                kind: &kind,
-                format: &format,
+                kind,
+                format,
                 out: &out,
-                account: account.as_deref(),
-                from: from.as_deref(),
-                to: to.as_deref(),
+                account,
+                from,
+                to,
                 columns: columns.as_deref(),
             };
             with_store!(config, |store| report::run(&store, options).await)

@@ -2,6 +2,7 @@
 //! databases store exactly, so what is written is what is read back.
 
 use std::fmt;
+use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -66,6 +67,16 @@ impl Ts {
 impl From<DateTime<Utc>> for Ts {
     fn from(t: DateTime<Utc>) -> Ts {
         Ts::from_micros(t.timestamp_micros()).expect("a chrono instant fits in microseconds")
+    }
+}
+
+/// What a command-line argument is parsed with, so `--at`, `--from` and
+/// `--to` are checked by the argument parser like any other argument.
+impl FromStr for Ts {
+    type Err = chrono::ParseError;
+
+    fn from_str(text: &str) -> Result<Ts, chrono::ParseError> {
+        Ts::parse(text)
     }
 }
 
