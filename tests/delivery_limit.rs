@@ -447,8 +447,61 @@ async fn an_upgrade_interrupted_after_the_old_queue_was_deleted_is_finished<S: S
     assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
 }
 
+async fn a_worker_queue_still_consumed_by_old_workers_is_upgraded_once_they_stop<S: Store>(
+    store: S,
+    url: String,
+) {
+    let vhost = Vhost::new();
+    let mail_dir = tempfile::tempdir().expect("a folder");
+    let (connection, channel) = open(&vhost).await;
+    old_topology(&channel).await;
+    let client = Client::new(&vhost).await;
+    client
+        .publish(&opened("e1", "acme", &["boss@acme.test"]))
+        .await;
+    client.publish(&purchase("e2", "acme", "p1", "10")).await;
+    // A worker of the old version: it consumes and holds what it got.
+    let (old_worker, old_channel) = open(&vhost).await;
+    let mut held = old_channel
+        .basic_consume(
+            WORKER_QUEUE.into(),
+            "old-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("the old worker consumes");
+    assert!(
+        held.next().await.is_some(),
+        "the old worker holds a message"
+    );
+
+    let worker = TestWorker::start(
+        store.clone(),
+        slow_retry_config(&vhost, &url, mail_dir.path()),
+    )
+    .await;
+    // The worker's first attempt comes at once; a second has come by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_no_holding_queue(&vhost);
+    // Still the old queue: a declaration with its old arguments is accepted.
+    declare_queue(&channel, WORKER_QUEUE, old_worker_queue_arguments()).await;
+    assert!(client.outbound().is_empty(), "nothing processed yet");
+
+    // The old worker stops; what it held goes back to the queue.
+    let _ = old_worker.close(200, "stopped".into()).await;
+
+    assert_processed_once(&client, 1).await;
+    assert_no_holding_queue(&vhost);
+    worker.stop().await;
+    let _ = connection.close(200, "done".into()).await;
+    let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
+    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+}
+
 on_both_stores!(
     a_worker_queue_declared_before_the_limit_is_upgraded_by_the_worker,
     an_upgrade_interrupted_after_the_old_queue_was_unbound_is_finished,
     an_upgrade_interrupted_after_the_old_queue_was_deleted_is_finished,
+    a_worker_queue_still_consumed_by_old_workers_is_upgraded_once_they_stop,
 );
