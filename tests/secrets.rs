@@ -333,8 +333,8 @@ impl BrokerUser {
             &vhost.name,
             &name,
             "^training-credits\\.",
-            "^(training-credits\\.(out|worker|dead|retry\\..+)|amq\\.default)$",
-            "^training-credits\\.(in|worker|dead|retry\\..+)$",
+            "^(training-credits\\.(out|worker|dead|retry\\..+|upgrade\\..+)|amq\\.default)$",
+            "^training-credits\\.(in|worker|dead|retry\\..+|upgrade\\..+)$",
         ]);
         BrokerUser { name }
     }

@@ -7,6 +7,7 @@
 //! acknowledged, so a crash at any point loses nothing.
 
 pub mod topology;
+pub mod upgrade;
 
 use std::mem::take;
 use std::pin::pin;
@@ -31,6 +32,7 @@ use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
 use topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
+use upgrade::UpgradeError;
 
 /// Bounds of the consumer, from the configuration.
 #[derive(Clone, Debug)]
@@ -62,6 +64,8 @@ pub enum ConsumeError {
     Unconfirmed,
     #[error("the consumer was cancelled by the broker")]
     ConsumerGone,
+    #[error("upgrading the worker queue: {0}")]
+    Upgrade(#[from] UpgradeError),
 }
 
 pub struct Consumer<S> {
@@ -113,6 +117,12 @@ impl<S: Store> Consumer<S> {
             let started = Instant::now();
             match self.session(amqp_url, &cancel).await {
                 Ok(()) => break,
+                Err(ConsumeError::Upgrade(UpgradeError::Busy)) => {
+                    tracing::info!("Another worker is upgrading the worker queue; waiting for it.");
+                }
+                Err(ConsumeError::Upgrade(error @ UpgradeError::InUse { .. })) => {
+                    tracing::error!(%error, "The worker queue cannot be upgraded yet; trying again.");
+                }
                 Err(error) => {
                     tracing::warn!(%error, broker = %redact(amqp_url), "Lost the broker; reconnecting.");
                 }
@@ -131,14 +141,17 @@ impl<S: Store> Consumer<S> {
         Health::set(&self.health.consumer_running, false);
     }
 
-    /// One connection's life: declare, consume, and on cancellation stop
-    /// taking work, finish the batch in hand and close.
+    /// One connection's life: declare, upgrade the worker queue if it
+    /// predates its delivery limit, consume, and on cancellation stop taking
+    /// work, finish the batch in hand and close. Only the worker upgrades:
+    /// it alone knows no worker of its own version consumes meanwhile.
     async fn session(
         &self,
         amqp_url: &str,
         cancel: &CancellationToken,
     ) -> Result<(), ConsumeError> {
         let (connection, channel) = connect(amqp_url, &self.limits.retry_delays).await?;
+        upgrade::ensure(&connection, &self.limits.retry_delays).await?;
         channel
             .basic_qos(self.limits.prefetch, BasicQosOptions::default())
             .await?;
@@ -463,19 +476,32 @@ fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String
 }
 
 /// A connection and a channel with publisher confirms on, the topology
-/// declared: what every publisher of this program starts from.
+/// declared: what every publisher of this program starts from. A worker
+/// queue that predates its delivery limit is left as it is (publishers
+/// still reach it through the inbound exchange); the worker upgrades it.
 pub async fn connect(
     amqp_url: &str,
     retry_delays: &[Duration],
 ) -> Result<(Connection, Channel), lapin::Error> {
     let url = with_default_heartbeat(amqp_url);
     let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+    if topology::declare(&connection, retry_delays).await? == topology::WorkerQueue::Outdated {
+        tracing::debug!(
+            queue = WORKER_QUEUE,
+            "The worker queue predates its delivery limit; the worker upgrades it."
+        );
+    }
+    let channel = confirm_channel(&connection).await?;
+    Ok((connection, channel))
+}
+
+/// A new channel of `connection` with publisher confirms on.
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    topology::declare(&channel, retry_delays).await?;
-    Ok((connection, channel))
+    Ok(channel)
 }
 
 /// `amqp_url` with `heartbeat=10` unless it names a heartbeat itself: with
