@@ -222,11 +222,29 @@ async fn reject_until_the_broker_gives_up(vhost: &Vhost, client: &Client) -> usi
 
 /// Waits for the one dead letter of [`reject_until_the_broker_gives_up`] and
 /// checks that the broker dead-lettered it for its delivery limit.
-async fn assert_dead_lettered_for_its_delivery_limit(client: &Client, delivered: usize) {
+async fn assert_dead_lettered_for_its_delivery_limit(
+    vhost: &Vhost,
+    client: &Client,
+    delivered: usize,
+) {
     eventually(Duration::from_secs(10), "a dead letter", || async {
         client.dead_letter_count().await >= 1
     })
     .await;
+    // What an operator sees: `dlq list` names the reason.
+    let site = common::child::Site::new("sqlite://unused.db", vhost);
+    let listed = site
+        .output(&["dlq", "list", "--json"], Duration::from_secs(30))
+        .await;
+    assert_eq!(listed.code(), Some(0), "dlq list: {}", listed.stderr);
+    let entries: Vec<Value> = listed
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["id"], "poison");
+    assert_eq!(entries[0]["x-error-reason"], "delivery_limit");
     let letters = client.dead_letter_deliveries().await;
     assert_eq!(letters.len(), 1, "one dead letter");
     let letter = &letters[0];
@@ -265,7 +283,7 @@ async fn a_message_redelivered_past_the_limit_ends_in_the_dead_letters() {
 
     let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
 
-    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+    assert_dead_lettered_for_its_delivery_limit(&vhost, &client, delivered).await;
     assert_eq!(client.ready_count(WORKER_QUEUE).await, 0);
 }
 
@@ -336,7 +354,7 @@ async fn a_worker_queue_declared_before_the_limit_is_upgraded_by_the_worker<S: S
     worker.stop().await;
     // The queue now has its limit: the poison scenario works on it.
     let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
-    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+    assert_dead_lettered_for_its_delivery_limit(&vhost, &client, delivered).await;
     // And the new arguments are those a fresh declaration asks for.
     let (connection, channel) = open(&vhost).await;
     declare_queue(&channel, WORKER_QUEUE, protected_arguments()).await;
@@ -389,7 +407,7 @@ async fn an_upgrade_interrupted_after_the_old_queue_was_unbound_is_finished<S: S
     assert_no_holding_queue(&vhost);
     worker.stop().await;
     let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
-    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+    assert_dead_lettered_for_its_delivery_limit(&vhost, &client, delivered).await;
 }
 
 async fn an_upgrade_interrupted_after_the_old_queue_was_deleted_is_finished<S: Store>(
@@ -444,7 +462,7 @@ async fn an_upgrade_interrupted_after_the_old_queue_was_deleted_is_finished<S: S
     assert_processed_once(&client, 3).await;
     worker.stop().await;
     let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
-    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+    assert_dead_lettered_for_its_delivery_limit(&vhost, &client, delivered).await;
 }
 
 async fn a_worker_queue_still_consumed_by_old_workers_is_upgraded_once_they_stop<S: Store>(
@@ -496,7 +514,7 @@ async fn a_worker_queue_still_consumed_by_old_workers_is_upgraded_once_they_stop
     worker.stop().await;
     let _ = connection.close(200, "done".into()).await;
     let delivered = reject_until_the_broker_gives_up(&vhost, &client).await;
-    assert_dead_lettered_for_its_delivery_limit(&client, delivered).await;
+    assert_dead_lettered_for_its_delivery_limit(&vhost, &client, delivered).await;
 }
 
 on_both_stores!(
