@@ -100,16 +100,28 @@ impl<S: Store> Applier<S> {
             .handoff
             .as_ref()
             .map_or_else(Reservation::none, Handoff::reserve);
-        let (outcomes, fresh) = self
+        let mut leases = BTreeSet::new();
+        let committed = self
             .store
             .transact(&wanted, |loaded| {
                 let (outcomes, mut writes) = self.run(batch, loaded, now);
                 let fresh = reservation.lease(&mut writes.outbox);
+                leases.extend(fresh.iter().map(|row| row.next_attempt_at));
                 ((outcomes, fresh), writes)
             })
-            .await?;
-        reservation.hand_over(fresh);
-        Ok(outcomes)
+            .await;
+        match committed {
+            Ok((outcomes, fresh)) => {
+                reservation.hand_over(fresh);
+                Ok(outcomes)
+            }
+            Err(error) => {
+                if !leases.is_empty() {
+                    give_back_once_possible(self.store.clone(), leases);
+                }
+                Err(error)
+            }
+        }
     }
 
     fn run(&self, batch: &[Input], loaded: Loaded, now: Ts) -> (Vec<Outcome>, Writes) {
@@ -257,6 +269,28 @@ impl<S: Store> Applier<S> {
         }
         rows
     }
+}
+
+/// How often the leases of a batch whose commit failed are offered back.
+const GIVE_BACK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A batch whose commit failed may have been committed all the same (the
+/// answer was lost with the connection): its rows, leased to this worker's
+/// lanes but never handed to them, are given back as soon as the database
+/// answers, instead of waiting out their lease. If the commit did fail there
+/// is nothing to give back, and once a lease has ended its rows are due
+/// anyway.
+fn give_back_once_possible<S: Store>(store: S, leases: BTreeSet<Ts>) {
+    tokio::spawn(async move {
+        for lease_until in leases {
+            while Ts::now() < lease_until {
+                match store.outbox_release(lease_until, Ts::now()).await {
+                    Ok(()) => break,
+                    Err(_) => tokio::time::sleep(GIVE_BACK_INTERVAL).await,
+                }
+            }
+        }
+    });
 }
 
 /// What an outbound event is made of, before it becomes a CloudEvent.
