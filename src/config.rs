@@ -126,22 +126,11 @@ fn days(text: &str) -> Result<i64, String> {
     }
 }
 
-/// `1s`, `500ms`, `5m`, `1h`.
+/// A duration as humantime reads it: `500ms`, `10s`, `5m` (minutes), `1h`,
+/// and its longer forms (`1min`, `2h 30m`); a number without a unit, other
+/// than `0`, is refused.
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{text}` has an unknown unit (ms, s, m or h)")),
-    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration: {e}"))
 }
 
 fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
@@ -252,6 +241,11 @@ impl Config {
                 if delays.is_empty() || delays.len() > 20 {
                     return Err("give 1 to 20 delays, like 1s,10s,60s".to_owned());
                 }
+                // A delay becomes a queue's TTL, which the broker counts in
+                // whole milliseconds: a finer one would silently shrink.
+                if let Some(delay) = delays.iter().find(|d| d.subsec_nanos() % 1_000_000 != 0) {
+                    return Err(format!("{delay:?} is not a whole number of milliseconds"));
+                }
                 Ok(delays)
             })?,
             policy: Policy {
@@ -344,6 +338,28 @@ mod tests {
         ] {
             let error = config(&[(variable, value)]).unwrap_err();
             assert_eq!(error.variable, variable);
+        }
+    }
+
+    #[test]
+    fn retry_delays_read_units_from_milliseconds_to_hours() {
+        let read = config(&[("RETRY_DELAYS", "500ms, 10s,5m,1h,1min,2h 30m,0")]).unwrap();
+        let secs = Duration::from_secs;
+        assert_eq!(
+            read.retry_delays,
+            [
+                Duration::from_millis(500),
+                secs(10),
+                secs(300),
+                secs(3600),
+                secs(60),
+                secs(9000),
+                Duration::ZERO
+            ]
+        );
+        for value in ["10", "ten", "5x", "1500us", "1s,-1s"] {
+            let error = config(&[("RETRY_DELAYS", value)]).unwrap_err();
+            assert_eq!(error.variable, "RETRY_DELAYS", "{value}");
         }
     }
 

@@ -14,6 +14,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::{Fuse, FusedFuture};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -52,6 +53,10 @@ const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 pub const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts to reach the broker or the database.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// First wait before reconnecting to the broker.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// First wait before trying a failed batch again.
+const APPLY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Failed batch attempts, for reasons other than an unreachable database,
 /// before its messages are applied one by one to find the culprit.
 const BATCH_ATTEMPTS_MAX: u32 = 3;
@@ -73,6 +78,17 @@ pub struct Consumer<S> {
     pub schemas: Arc<Schemas>,
     pub limits: Limits,
     pub health: Arc<Health>,
+}
+
+/// The waits between attempts to reach the broker or the database: doubling
+/// from `first` up to [`BACKOFF_MAX`], without end and without jitter. The
+/// loops keep their own sleeps, so that cancellation cuts a wait short.
+fn backoff(first: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(BACKOFF_MAX)
+        .without_max_times()
+        .build()
 }
 
 /// Deliveries taken together, decoded as they arrive.
@@ -112,7 +128,7 @@ impl<S: Store> Consumer<S> {
     /// Consumes until `cancel`, reconnecting with backoff whenever the broker
     /// goes away.
     pub async fn run(&self, amqp_url: &str, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut delays = backoff(RECONNECT_BACKOFF_MIN);
         while !cancel.is_cancelled() {
             let started = Instant::now();
             match self.session(amqp_url, &cancel).await {
@@ -129,14 +145,16 @@ impl<S: Store> Consumer<S> {
             }
             Health::set(&self.health.broker_connected, false);
             Health::set(&self.health.consumer_running, false);
+            // A connection that lasted was a success: the next outage
+            // starts again from the shortest wait.
             if started.elapsed() > BACKOFF_MAX {
-                backoff = Duration::from_millis(200);
+                delays = backoff(RECONNECT_BACKOFF_MIN);
             }
+            let delay = delays.next().unwrap_or(BACKOFF_MAX);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
         Health::set(&self.health.consumer_running, false);
     }
@@ -306,7 +324,7 @@ impl<S: Store> Consumer<S> {
         if inputs.is_empty() {
             return Some(Vec::new());
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut delays = backoff(APPLY_BACKOFF_MIN);
         let mut failures = 0;
         loop {
             let started = Instant::now();
@@ -330,11 +348,11 @@ impl<S: Store> Consumer<S> {
                     }
                 }
             }
+            let delay = delays.next().unwrap_or(BACKOFF_MAX);
             tokio::select! {
                 _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -533,7 +551,28 @@ pub fn persistent_cloudevent(message_id: &str) -> BasicProperties {
 
 #[cfg(test)]
 mod tests {
-    use super::with_default_heartbeat;
+    use super::{APPLY_BACKOFF_MIN, RECONNECT_BACKOFF_MIN, backoff, with_default_heartbeat};
+
+    #[test]
+    fn waits_double_from_the_first_up_to_ten_seconds_and_never_end() {
+        let millis = |first| -> Vec<u128> {
+            backoff(first)
+                .take(10)
+                .map(|delay| delay.as_millis())
+                .collect()
+        };
+        assert_eq!(
+            millis(RECONNECT_BACKOFF_MIN),
+            [
+                200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000, 10_000
+            ]
+        );
+        assert_eq!(
+            millis(APPLY_BACKOFF_MIN),
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        assert!(backoff(APPLY_BACKOFF_MIN).nth(10_000).is_some());
+    }
 
     #[test]
     fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
