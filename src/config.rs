@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::apply::Settings;
+use croner::Cron;
+use croner::parser::{CronParser, Seconds};
+
 use crate::domain::rules::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,8 +151,29 @@ fn within<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> 
         .ok_or_else(|| format!("`{text}` is not a whole number from {min} to {max}"))
 }
 
+/// Parses a six-field cron expression (seconds first), as the `*_CRON`
+/// settings are written.
+pub fn parse_cron(expression: &str) -> Result<Cron, croner::errors::CronError> {
+    // Read as tokio-cron-scheduler reads it, which fires the ticks.
+    CronParser::builder()
+        .seconds(Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expression)
+}
+
+/// What the rules need beyond the ledger: policy, who counts as staff, and
+/// how outbound events and emails are addressed.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    pub admin_sources: HashSet<String>,
+    pub event_source: String,
+    pub portal_url: String,
+}
+
 fn cron(text: &str) -> Result<String, String> {
-    crate::schedule::parse_cron(text)
+    parse_cron(text)
         .map(|_| text.to_owned())
         .map_err(|e| format!("`{text}` is not a cron expression of six fields, seconds first: {e}"))
 }

@@ -25,6 +25,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod notify;
 pub mod ops;
+pub mod outbox;
 pub mod report;
 pub mod schedule;
 pub mod store;

@@ -11,10 +11,11 @@ use crate::apply::Applier;
 use crate::config::Config;
 use crate::consume::{Consumer, Limits};
 use crate::decode::Schemas;
+use crate::dispatch::Dispatcher;
 use crate::dispatch::mail::{MailError, Mailer};
-use crate::dispatch::{Dispatcher, Handoff, Lane};
 use crate::domain::Ts;
 use crate::ops::{self, Health};
+use crate::outbox::handoff::{Handoff, Lane};
 use crate::schedule::{Job, Scheduler};
 use crate::store::{HolderId, Store};
 

@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use training_credits::consume::topology::WORKER_QUEUE;
-use training_credits::dispatch::{CLAIM_ROWS_MAX, EMAILS_PER_ROUND, LEASE, UNMARKED_MAX};
+use training_credits::dispatch::UNMARKED_MAX;
+use training_credits::outbox::handoff::{CLAIM_ROWS_MAX, EMAILS_PER_ROUND, LEASE};
 use training_credits::store::{OutboxKind, Store};
 
 use common::broker::{Client, SmtpFault, SmtpSink, Vhost, eventually, publish_confirmed};

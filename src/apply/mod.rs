@@ -5,25 +5,21 @@
 //! emails) and idempotency records of every message are then written and
 //! committed together. Nothing may be acknowledged before this returns.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use chrono::Duration;
-use serde_json::{Value, json};
-use uuid::Uuid;
 
+pub use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
-use crate::dispatch::{Handoff, Reservation};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
-use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, Policy};
+use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES};
 use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
 use crate::notify::Renderer;
+use crate::outbox::handoff::{Handoff, Reservation};
+use crate::outbox::{OutboundEvent, derived_id};
 use crate::report::ReportJob;
 use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
-
-/// Namespace of the ids derived for outbound events and emails: the same
-/// cause always yields the same ids.
-const OUTBOX_NAMESPACE: Uuid = Uuid::from_u128(0x6c1e_5d0a_7b2f_4e8e_9a43_1d2c_3b4a_5f60);
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -45,16 +41,6 @@ impl From<Decoded> for Input {
             command: decoded.command,
         }
     }
-}
-
-/// What the rules need beyond the ledger: policy, who counts as staff, and
-/// how outbound events and emails are addressed.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub policy: Policy,
-    pub admin_sources: HashSet<String>,
-    pub event_source: String,
-    pub portal_url: String,
 }
 
 pub struct Applier<S> {
@@ -291,48 +277,6 @@ fn give_back_once_possible<S: Store>(store: S, leases: BTreeSet<Ts>) {
             }
         }
     });
-}
-
-/// What an outbound event is made of, before it becomes a CloudEvent.
-pub struct OutboundEvent<'a> {
-    pub id: &'a str,
-    pub kind: &'a str,
-    pub account_id: Option<&'a Id>,
-    pub data: &'a Value,
-    pub causation_id: &'a str,
-    pub time: Ts,
-}
-
-impl OutboundEvent<'_> {
-    /// The complete CloudEvent of SPEC §5.2: `subject` is the account,
-    /// `data` carries `account_id` and `causation_id`.
-    pub fn to_cloud_event(&self, source: &str) -> Value {
-        let mut data = self.data.clone();
-        data["account_id"] = json!(self.account_id);
-        data["causation_id"] = json!(self.causation_id);
-        let mut event = json!({
-            "specversion": "1.0",
-            "id": self.id,
-            "source": source,
-            "type": self.kind,
-            "time": self.time,
-            "datacontenttype": "application/json",
-            "data": data,
-        });
-        if let Some(account_id) = self.account_id {
-            event["subject"] = json!(account_id);
-        }
-        event
-    }
-}
-
-/// An id derived from `name`: the same cause always yields the same id.
-pub fn derived_uuid(name: &str) -> String {
-    Uuid::new_v5(&OUTBOX_NAMESPACE, name.as_bytes()).to_string()
-}
-
-fn derived_id(key: &EventKey, index: usize) -> String {
-    derived_uuid(&format!("{}\n{}\n{index}", key.source, key.id))
 }
 
 /// Everything `batch` refers to, for one load.

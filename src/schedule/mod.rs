@@ -17,13 +17,14 @@ use std::sync::Arc;
 
 use chrono::{Datelike, SubsecRound, TimeZone, Utc};
 use croner::Cron;
-use croner::parser::{CronParser, Seconds};
 use serde_json::Value;
 
-use crate::apply::{Applier, Input, derived_uuid};
+use crate::apply::{Applier, Input};
+use crate::config::parse_cron;
 use crate::decode::EventKey;
 use crate::domain::command::{Command, ReportFormat, ReportKind, ReportRequested};
 use crate::domain::{Id, Outcome, Ts};
+use crate::outbox::derived_uuid;
 use crate::report::{self, ReportError, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError, Wanted};
 
@@ -72,17 +73,6 @@ pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsR
             .count();
     }
     Ok(report)
-}
-
-/// Parses a six-field cron expression (seconds first), as the `*_CRON`
-/// settings are written.
-pub fn parse_cron(expression: &str) -> Result<Cron, croner::errors::CronError> {
-    // Read as tokio-cron-scheduler reads it, which fires the ticks.
-    CronParser::builder()
-        .seconds(Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(expression)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
