@@ -12,7 +12,10 @@ use lettre::message::{Attachment, Mailbox, MultiPart, header};
 use lettre::transport::smtp::AsyncSmtpTransportBuilder;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+use super::{DispatchError, Dispatcher};
 use crate::notify::{Email, one_line};
+use crate::ops::metric;
+use crate::store::{OutboxRow, Store};
 
 /// How long one SMTP conversation may take before it counts as failed,
 /// unless `SMTP_URL` says otherwise (`?timeout=10s`).
@@ -215,6 +218,49 @@ pub fn build(from: &Mailbox, email: &Email, files: Vec<Vec<u8>>) -> Result<Messa
         .header(header::MIME_VERSION_1_0)
         .multipart(body)
         .map_err(|e| MailError::Build(e.to_string()))
+}
+
+impl<S: Store> Dispatcher<S> {
+    /// Sends `rows` ([`Mailer::send_round`]); the ones that went wait to be
+    /// marked sent ([`SentMarks`]): a crash between a send and its mark sends
+    /// that email again, with the same `Message-ID`.
+    pub(super) async fn send_emails(&self, rows: &[OutboxRow]) -> Result<(), DispatchError> {
+        let mut readable = Vec::with_capacity(rows.len());
+        let mut emails = Vec::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_str::<Email>(&row.payload) {
+                Ok(email) => {
+                    readable.push(row);
+                    emails.push(email);
+                }
+                Err(error) => {
+                    // Written by this program; unreadable means a defect,
+                    // which must not block the rows behind it.
+                    tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
+                    self.reschedule(std::slice::from_ref(row), &error.to_string())
+                        .await?;
+                }
+            }
+        }
+        let results = self.mailer.send_round(&self.mail_from, &emails).await;
+        let mut done = Vec::with_capacity(results.len());
+        for ((row, email), result) in readable.into_iter().zip(&emails).zip(results) {
+            match result {
+                Ok(()) => {
+                    metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
+                    done.push(row.id.clone());
+                }
+                Err(error) => {
+                    metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
+                    tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
+                    self.reschedule(std::slice::from_ref(row), &error.to_string())
+                        .await?;
+                }
+            }
+        }
+        self.store.sent_marks().add(done);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

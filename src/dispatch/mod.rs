@@ -13,35 +13,24 @@
 //! what a hand-off could not take: rows whose send failed, rows of a worker
 //! that died, report jobs, and rows handed over while the lane was full.
 
+mod events;
 pub mod mail;
+mod reports;
 
 use std::collections::{BTreeSet, VecDeque};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::{Either, join_all};
-use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
+use futures_util::future::Either;
+use lapin::{Channel, Connection, PublisherConfirm};
 use lettre::message::Mailbox;
 use tokio_util::sync::CancellationToken;
 
-use std::path::PathBuf;
-
-use serde_json::json;
-
-use crate::config::redact;
-use crate::consume::topology::OUTBOUND_EXCHANGE;
-use crate::consume::{connect, persistent_cloudevent};
 use crate::domain::Ts;
-use crate::domain::command::ReportFormat;
-use crate::domain::ledger::Recipient;
-use crate::notify::Email;
-use crate::notify::{Attachment, Renderer};
-use crate::ops::metric;
-use crate::outbox::handoff::{CLAIM_ROWS_MAX, Inbox, Lane, receive};
-use crate::outbox::{OutboundEvent, derived_uuid};
-use crate::report::{self, ReportJob, ReportQuery, choose_columns};
+use crate::notify::Renderer;
+use crate::outbox::handoff::{CLAIM_ROWS_MAX, Lane, LaneInbox, receive};
 use crate::store::{HolderId, OutboxKind, OutboxRow, SentMarks, Store, StoreError};
+use events::publish;
 use mail::Mailer;
 
 /// How long a sent event or email waits to be marked sent ([`SentMarks`])
@@ -56,10 +45,6 @@ pub const MARK_DELAY: Duration = Duration::from_millis(50);
 /// before a lane marks them all before sending more: about what a killed
 /// worker sends again.
 pub const UNMARKED_MAX: usize = CLAIM_ROWS_MAX as usize / 2;
-/// How often a lane waiting for confirms checks that the channel they are
-/// owed on is still open (lapin fails them when it closes; this is the
-/// guard should an answer never come).
-const CHANNEL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the outbox is looked at for rows no hand-off brought.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a stopping worker keeps flushing the outbox.
@@ -93,13 +78,10 @@ pub struct Dispatcher<S> {
     pub event_source: String,
 }
 
-/// An outbound event published, with the broker's answer once it comes.
-type Answer = (OutboxRow, Result<Confirmation, lapin::Error>);
-
-/// What a round left unsettled beyond the [`SentMarks`]: events waiting for
+/// What a round left outstanding beyond the [`SentMarks`]: events waiting for
 /// the broker's confirm, and what the database failed under.
 #[derive(Default)]
-struct Unsettled {
+struct Outstanding {
     /// Events published on the lane's channel, in order, whose confirms
     /// have not been taken: the lane goes on sending while the broker writes
     /// them.
@@ -115,82 +97,6 @@ fn mark_at(marks: &SentMarks) -> Option<tokio::time::Instant> {
     Some(marks.since()? + MARK_DELAY)
 }
 
-impl Unsettled {
-    /// The broker's answer for the oldest event awaiting one.
-    async fn next_confirm(&mut self) -> Option<Answer> {
-        let (_, confirm) = self.confirming.front_mut()?;
-        let answer = confirm.await;
-        let (row, _) = self.confirming.pop_front()?;
-        Some((row, answer))
-    }
-
-    /// The answers already in, without waiting.
-    fn ready_confirms(&mut self) -> Vec<Answer> {
-        std::iter::from_fn(|| self.next_confirm().now_or_never().flatten()).collect()
-    }
-}
-
-/// Whether a lane's connection and channel are still open.
-fn is_open((_, channel): &(Connection, Channel)) -> bool {
-    channel.status().connected()
-}
-
-/// Publishes `events`, their confirms joining `confirming` (taken by
-/// [`Dispatcher::confirmed`]): the broker works through them all at once, and
-/// the lane does not wait for them. On a failure, the events that did not go
-/// out.
-///
-/// The publishes are started together: lapin finishes one only once its
-/// I/O thread has written it, and awaiting them one by one cost two thread
-/// wake-ups per event. Each takes its confirm's number and queues its frames
-/// in one step of its first poll, and `join_all` first polls them in order,
-/// so the events still leave in outbox order.
-async fn publish(
-    channel: &Channel,
-    events: &[OutboxRow],
-    confirming: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
-) -> Result<(), (Vec<OutboxRow>, DispatchError)> {
-    let publishes = events.iter().map(|row| {
-        let routing_key = serde_json::from_str::<EventType>(&row.payload)
-            .map(|event| event.kind)
-            .unwrap_or_default();
-        async move {
-            channel
-                .basic_publish(
-                    OUTBOUND_EXCHANGE.into(),
-                    routing_key.as_ref().into(),
-                    BasicPublishOptions::default(),
-                    row.payload.as_bytes(),
-                    persistent_cloudevent(&row.id),
-                )
-                .await
-        }
-    });
-    let mut unsent = Vec::new();
-    let mut failure = None;
-    for (row, published) in events.iter().zip(join_all(publishes).await) {
-        match published {
-            Ok(confirm) => confirming.push_back((row.clone(), confirm)),
-            Err(error) => {
-                unsent.push(row.clone());
-                failure.get_or_insert(error);
-            }
-        }
-    }
-    match failure {
-        None => Ok(()),
-        Some(error) => Err((unsent, error.into())),
-    }
-}
-
-/// The `type` of an outbound CloudEvent, its routing key; read without
-/// building the rest of the event.
-#[derive(serde::Deserialize)]
-struct EventType<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-}
-
 /// When to try a row again after `attempts` failures: doubling from one
 /// second up to [`RETRY_BACKOFF_MAX`].
 pub fn backoff(attempts: i64) -> Duration {
@@ -203,9 +109,9 @@ impl<S: Store> Dispatcher<S> {
     /// rest as it falls due. Then it keeps sending until the lane is drained
     /// (or [`FLUSH_TIME_MAX`] has passed, as other workers may keep adding
     /// rows), so a clean stop leaves nothing behind that could go.
-    pub async fn run(&self, lane: Lane, mut inbox: Option<Inbox>, cancel: CancellationToken) {
+    pub async fn run(&self, lane: Lane, mut inbox: Option<LaneInbox>, cancel: CancellationToken) {
         let mut channel: Option<(Connection, Channel)> = None;
-        let mut unsettled = Unsettled::default();
+        let mut outstanding = Outstanding::default();
         let mut handed: Vec<OutboxRow> = Vec::new();
         let mut poll_at = tokio::time::Instant::now();
         while !cancel.is_cancelled() {
@@ -213,7 +119,7 @@ impl<S: Store> Dispatcher<S> {
             let polling = handed.is_empty();
             if !polling || tokio::time::Instant::now() >= poll_at {
                 match self
-                    .round(lane, &mut handed, &mut channel, &mut unsettled)
+                    .round(lane, &mut handed, &mut channel, &mut outstanding)
                     .await
                 {
                     Ok(count) if count > 0 => continue,
@@ -222,7 +128,7 @@ impl<S: Store> Dispatcher<S> {
                         tracing::warn!(%error, "Dispatching failed; trying again.");
                         if matches!(error, DispatchError::Broker(_)) {
                             channel = None;
-                            if let Err(error) = self.abandon_confirms(&mut unsettled).await {
+                            if let Err(error) = self.abandon_confirms(&mut outstanding).await {
                                 tracing::warn!(%error, "Events whose confirms were lost wait out their lease.");
                             }
                         }
@@ -234,7 +140,7 @@ impl<S: Store> Dispatcher<S> {
             }
             let listening = handed.is_empty();
             let (received, left) = match inbox.as_mut() {
-                Some(Inbox { rows, left }) => (
+                Some(LaneInbox { rows, left }) => (
                     Either::Left(async move {
                         if listening {
                             rows.recv().await
@@ -250,11 +156,11 @@ impl<S: Store> Dispatcher<S> {
                 ),
             };
             let mark_at = mark_at(self.store.sent_marks());
-            let confirming = !unsettled.confirming.is_empty();
+            let confirming = !outstanding.confirming.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                Some(answer) = unsettled.next_confirm(), if confirming => {
-                    if let Err(error) = self.confirmed(&mut unsettled, answer).await {
+                Some(answer) = outstanding.next_confirm(), if confirming => {
+                    if let Err(error) = self.confirmed(&mut outstanding, answer).await {
                         tracing::warn!(%error, "Taking the broker's confirms failed; trying again.");
                     }
                 }
@@ -266,7 +172,7 @@ impl<S: Store> Dispatcher<S> {
                 () = left => poll_at = tokio::time::Instant::now(),
                 _ = tokio::time::sleep_until(mark_at.unwrap_or(poll_at)), if mark_at.is_some() => {
                     // Those it fails to mark wait again.
-                    if let Err(error) = self.settle(&mut unsettled, false).await {
+                    if let Err(error) = self.settle(&mut outstanding, false).await {
                         tracing::warn!(%error, "Marking sent rows failed; trying again.");
                     }
                 }
@@ -276,7 +182,7 @@ impl<S: Store> Dispatcher<S> {
         while tokio::time::Instant::now() < deadline {
             receive(&mut inbox, &mut handed);
             match self
-                .round(lane, &mut handed, &mut channel, &mut unsettled)
+                .round(lane, &mut handed, &mut channel, &mut outstanding)
                 .await
             {
                 Ok(claimed) if claimed > 0 => {}
@@ -291,8 +197,8 @@ impl<S: Store> Dispatcher<S> {
         // cut short by the deadline or a failure has not been), as far as
         // the broker's confirms and the database allow in a short while.
         let last_marks = async {
-            self.take_confirms(&mut unsettled, &channel).await?;
-            self.settle(&mut unsettled, true).await
+            self.take_confirms(&mut outstanding, &channel).await?;
+            self.settle(&mut outstanding, true).await
         };
         match tokio::time::timeout(LAST_MARKS_TIME_MAX, last_marks).await {
             Ok(Ok(())) => {}
@@ -310,7 +216,7 @@ impl<S: Store> Dispatcher<S> {
         }
     }
 
-    /// Settles what an earlier round left unsettled, then sends the next of
+    /// Settles what an earlier round left outstanding, then sends the next of
     /// the `handed` rows, or if there are none claims due rows of `lane` and
     /// sends them. Returns how many rows it sent or claimed.
     async fn round(
@@ -318,17 +224,17 @@ impl<S: Store> Dispatcher<S> {
         lane: Lane,
         handed: &mut Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
-        unsettled: &mut Unsettled,
+        outstanding: &mut Outstanding,
     ) -> Result<usize, DispatchError> {
         // A claim round, or a hand-off when many events are unmarked, takes
         // every confirm and marks everything first; otherwise the hand-off
         // is sent first and the marks wait until they are due.
         let everything = handed.is_empty()
-            || unsettled.confirming.len() + self.store.sent_marks().len() >= UNMARKED_MAX;
+            || outstanding.confirming.len() + self.store.sent_marks().len() >= UNMARKED_MAX;
         if everything {
-            self.take_confirms(unsettled, channel).await?;
+            self.take_confirms(outstanding, channel).await?;
         }
-        self.settle(unsettled, everything).await?;
+        self.settle(outstanding, everything).await?;
         let now = Ts::now();
         // The leases the rows are held under: if the database fails under
         // the round, they are given back once it answers, so that nothing
@@ -347,7 +253,7 @@ impl<S: Store> Dispatcher<S> {
                 .await;
             let rows = claimed.inspect_err(|_| {
                 // The claim may have been written even if its answer was lost.
-                unsettled.leases.insert(lease_until);
+                outstanding.leases.insert(lease_until);
             })?;
             (rows, BTreeSet::from([lease_until]))
         } else {
@@ -359,16 +265,16 @@ impl<S: Store> Dispatcher<S> {
                 .take(handed)
                 .into_iter()
                 .partition(|row| row.next_attempt_at > still_ours);
-            unsettled
+            outstanding
                 .leases
                 .extend(stale.iter().map(|row| row.next_attempt_at));
             let leases = rows.iter().map(|row| row.next_attempt_at).collect();
             (rows, leases)
         };
         let count = rows.len();
-        match self.send(rows, channel, unsettled).await {
+        match self.send(rows, channel, outstanding).await {
             Err(DispatchError::Store(error)) => {
-                unsettled.leases.extend(leases);
+                outstanding.leases.extend(leases);
                 Err(DispatchError::Store(error))
             }
             other => other.map(|()| count),
@@ -378,17 +284,21 @@ impl<S: Store> Dispatcher<S> {
     /// Marks what was sent but not marked (`everything`, or only once the
     /// marks are due), and gives back the rows of lost claims, so they are
     /// neither sent again nor left waiting out their lease.
-    async fn settle(&self, unsettled: &mut Unsettled, everything: bool) -> Result<(), StoreError> {
+    async fn settle(
+        &self,
+        outstanding: &mut Outstanding,
+        everything: bool,
+    ) -> Result<(), StoreError> {
         let due =
             mark_at(self.store.sent_marks()).is_some_and(|at| at <= tokio::time::Instant::now());
         // A lease given back makes its rows due at once, those sent but not
         // marked among them too: they are marked first.
-        if everything || due || !unsettled.leases.is_empty() {
+        if everything || due || !outstanding.leases.is_empty() {
             self.store.outbox_mark_sent().await?;
         }
-        while let Some(&lease_until) = unsettled.leases.last() {
+        while let Some(&lease_until) = outstanding.leases.last() {
             self.store.outbox_release(lease_until, Ts::now()).await?;
-            unsettled.leases.remove(&lease_until);
+            outstanding.leases.remove(&lease_until);
         }
         Ok(())
     }
@@ -398,7 +308,7 @@ impl<S: Store> Dispatcher<S> {
         &self,
         rows: Vec<OutboxRow>,
         channel: &mut Option<(Connection, Channel)>,
-        unsettled: &mut Unsettled,
+        outstanding: &mut Outstanding,
     ) -> Result<(), DispatchError> {
         if rows.is_empty() {
             return Ok(());
@@ -411,8 +321,8 @@ impl<S: Store> Dispatcher<S> {
             .partition(|row| row.kind == OutboxKind::Email);
         let mut failed = None;
         if !events.is_empty() {
-            let result = match self.open_channel(channel, unsettled).await {
-                Ok(open) => publish(open, &events, &mut unsettled.confirming).await,
+            let result = match self.open_channel(channel, outstanding).await {
+                Ok(open) => publish(open, &events, &mut outstanding.confirming).await,
                 Err(error) => Err((events, error)),
             };
             if let Err((unsent, error)) = result {
@@ -431,224 +341,6 @@ impl<S: Store> Dispatcher<S> {
             Some(error) => Err(error),
             None => Ok(()),
         }
-    }
-
-    /// The lane's channel, opened anew if it is not open (the confirms the
-    /// old one owes are settled first).
-    async fn open_channel<'c>(
-        &self,
-        channel: &'c mut Option<(Connection, Channel)>,
-        unsettled: &mut Unsettled,
-    ) -> Result<&'c Channel, DispatchError> {
-        let pair = match channel.take().filter(is_open) {
-            Some(pair) => pair,
-            None => {
-                self.abandon_confirms(unsettled).await?;
-                self.connect().await?
-            }
-        };
-        Ok(&channel.insert(pair).1)
-    }
-
-    async fn connect(&self) -> Result<(Connection, Channel), DispatchError> {
-        Ok(connect(&self.amqp_url, &self.retry_delays)
-            .await
-            .inspect_err(|error| tracing::warn!(%error, broker = %redact(&self.amqp_url), "Cannot reach the broker to publish."))?)
-    }
-
-    /// Takes the broker's `answer` and any others already in: confirmed
-    /// events wait to be marked sent, refused or lost ones are tried again
-    /// later.
-    async fn confirmed(&self, unsettled: &mut Unsettled, answer: Answer) -> Result<(), StoreError> {
-        let mut answers = vec![answer];
-        answers.extend(unsettled.ready_confirms());
-        for (row, answer) in answers {
-            let failure = match answer {
-                Ok(confirmation) if confirmation.is_ack() => {
-                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "ack").increment(1);
-                    self.store.sent_marks().add([row.id]);
-                    continue;
-                }
-                Ok(_) => {
-                    metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => "nack").increment(1);
-                    "the broker refused the event".to_owned()
-                }
-                Err(error) => error.to_string(),
-            };
-            self.reschedule(std::slice::from_ref(&row), &failure)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Takes every confirm owed, waiting for them while their `channel` is
-    /// open; once it is not, those it still owes are tried again later.
-    async fn take_confirms(
-        &self,
-        unsettled: &mut Unsettled,
-        channel: &Option<(Connection, Channel)>,
-    ) -> Result<(), StoreError> {
-        while !unsettled.confirming.is_empty() {
-            match tokio::time::timeout(CHANNEL_CHECK_INTERVAL, unsettled.next_confirm()).await {
-                Ok(Some(answer)) => self.confirmed(unsettled, answer).await?,
-                Ok(None) => break,
-                Err(_) if channel.as_ref().is_some_and(is_open) => {}
-                Err(_) => return self.abandon_confirms(unsettled).await,
-            }
-        }
-        Ok(())
-    }
-
-    /// Settles the confirms of a channel given up: the answers already in
-    /// are taken; the events still awaiting one are tried again later (the
-    /// broker may have them: at least once, with the same ids).
-    async fn abandon_confirms(&self, unsettled: &mut Unsettled) -> Result<(), StoreError> {
-        if let Some(answer) = unsettled.next_confirm().now_or_never().flatten() {
-            self.confirmed(unsettled, answer).await?;
-        }
-        let owed: Vec<OutboxRow> = unsettled.confirming.drain(..).map(|(row, _)| row).collect();
-        self.reschedule(
-            &owed,
-            "the channel closed before the broker confirmed the event",
-        )
-        .await
-    }
-
-    /// Sends `rows` ([`Mailer::send_round`]); the ones that went wait to be
-    /// marked sent ([`SentMarks`]): a crash between a send and its mark sends
-    /// that email again, with the same `Message-ID`.
-    async fn send_emails(&self, rows: &[OutboxRow]) -> Result<(), DispatchError> {
-        let mut readable = Vec::with_capacity(rows.len());
-        let mut emails = Vec::with_capacity(rows.len());
-        for row in rows {
-            match serde_json::from_str::<Email>(&row.payload) {
-                Ok(email) => {
-                    readable.push(row);
-                    emails.push(email);
-                }
-                Err(error) => {
-                    // Written by this program; unreadable means a defect,
-                    // which must not block the rows behind it.
-                    tracing::error!(%error, id = %row.id, "An outbox email cannot be read.");
-                    self.reschedule(std::slice::from_ref(row), &error.to_string())
-                        .await?;
-                }
-            }
-        }
-        let results = self.mailer.send_round(&self.mail_from, &emails).await;
-        let mut done = Vec::with_capacity(results.len());
-        for ((row, email), result) in readable.into_iter().zip(&emails).zip(results) {
-            match result {
-                Ok(()) => {
-                    metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
-                    done.push(row.id.clone());
-                }
-                Err(error) => {
-                    metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
-                    tracing::warn!(%error, message_id = %email.message_id, attempts = row.attempts + 1, "An email could not be sent; it waits.");
-                    self.reschedule(std::slice::from_ref(row), &error.to_string())
-                        .await?;
-                }
-            }
-        }
-        self.store.sent_marks().add(done);
-        Ok(())
-    }
-
-    /// Builds a report into `REPORTS_DIR`, emails it as an attachment and,
-    /// for a requested report, announces it with
-    /// `training-credits.report.generated` (written to the outbox in the same
-    /// transaction that marks the report sent).
-    async fn send_report(&self, row: &OutboxRow) -> Result<(), DispatchError> {
-        match self.build_and_send_report(row).await {
-            Ok(follow_up) => {
-                self.store
-                    .outbox_complete(&row.id, &follow_up, Ts::now())
-                    .await?;
-            }
-            Err(error) => {
-                tracing::warn!(%error, id = %row.id, attempts = row.attempts + 1, "A report could not be sent; it waits.");
-                self.reschedule(std::slice::from_ref(row), &error).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn build_and_send_report(&self, row: &OutboxRow) -> Result<Vec<OutboxRow>, String> {
-        let job: ReportJob = serde_json::from_str(&row.payload).map_err(|e| e.to_string())?;
-        let now = Ts::now();
-        let request = &job.request;
-        let query = ReportQuery {
-            kind: request.report,
-            account: request.account_id.clone(),
-            from: request.from,
-            to: request.to,
-            now,
-        };
-        let columns = choose_columns(request.report, request.columns.as_deref())
-            .map_err(|e| e.to_string())?;
-        let filename = job.filename(now);
-        tokio::fs::create_dir_all(&self.reports_dir)
-            .await
-            .map_err(|e| e.to_string())?;
-        let path = self.reports_dir.join(format!("{}-{filename}", row.id));
-        let rows = report::write(&self.store, &query, request.format, &columns, &path, |_| {})
-            .await
-            .map_err(|e| e.to_string())?;
-        let recipient = Recipient {
-            email: request.recipient.clone(),
-            name: None,
-        };
-        let mut email = self
-            .renderer
-            .render(
-                "report_ready",
-                &json!({"title": job.title, "filename": filename, "rows": rows}),
-                &recipient,
-                format!("<{}@training-credits>", row.id),
-                &job.causation_id,
-            )
-            .map_err(|e| e.to_string())?;
-        email.attachments.push(Attachment {
-            filename,
-            content_type: match request.format {
-                ReportFormat::Csv => "text/csv; charset=utf-8",
-                ReportFormat::Xlsx => {
-                    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
-                }
-            }
-            .to_owned(),
-            path: path.display().to_string(),
-        });
-        self.mailer
-            .send(&self.mail_from, &email)
-            .await
-            .map_err(|e| e.to_string())?;
-        metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
-        if !job.announce {
-            return Ok(Vec::new());
-        }
-        let id = derived_uuid(&format!("{}\ngenerated", row.id));
-        let event = OutboundEvent {
-            id: &id,
-            kind: "training-credits.report.generated",
-            account_id: request.account_id.as_ref(),
-            data: &json!({
-                "report": request.report,
-                "format": request.format,
-                "rows": rows,
-                "recipient": request.recipient,
-            }),
-            causation_id: &job.causation_id,
-            time: now,
-        }
-        .to_cloud_event(&self.event_source);
-        Ok(vec![OutboxRow::new(
-            id,
-            OutboxKind::Event,
-            event.to_string(),
-            now,
-        )])
     }
 
     async fn reschedule(&self, rows: &[OutboxRow], error: &str) -> Result<(), StoreError> {
@@ -701,7 +393,7 @@ mod tests {
     /// Settles with no lease to give back; returns the rows still waiting
     /// to be marked, and those not marked sent.
     async fn settled(d: &Dispatcher<crate::store::SqliteStore>, everything: bool) -> (usize, i64) {
-        d.settle(&mut Unsettled::default(), everything)
+        d.settle(&mut Outstanding::default(), everything)
             .await
             .expect("settled");
         let backlog = d.store.outbox_backlog().await.expect("the backlog");
@@ -749,12 +441,12 @@ mod tests {
 
         // row-2 was sent, row-3 was not, when the claim was lost.
         marks.add(["row-2".to_owned()]);
-        let mut unsettled = Unsettled {
+        let mut outstanding = Outstanding {
             leases: BTreeSet::from([lease_until]),
-            ..Unsettled::default()
+            ..Outstanding::default()
         };
-        d.settle(&mut unsettled, false).await.expect("settled");
-        assert!(marks.is_empty() && unsettled.leases.is_empty());
+        d.settle(&mut outstanding, false).await.expect("settled");
+        assert!(marks.is_empty() && outstanding.leases.is_empty());
         let due = d
             .store
             .claim_outbox(&[OutboxKind::Email], Ts::now(), lease_until, 10, HOLDER)

@@ -89,25 +89,25 @@ impl Lane {
 /// before its turn) is claimed when that lease ends.
 #[derive(Clone, Debug)]
 pub struct Handoff {
-    events: Outlet,
-    mail: Outlet,
+    events: LaneSender,
+    mail: LaneSender,
     /// This worker, which the rows handed over are leased to.
     holder: HolderId,
 }
 
 /// A hand-off's way into one lane.
 #[derive(Clone, Debug)]
-struct Outlet {
+struct LaneSender {
     rows: mpsc::Sender<Vec<OutboxRow>>,
     /// Told when a batch committed rows of the lane while it was full.
     left: Arc<Notify>,
 }
 
-impl Outlet {
-    fn reserve(&self) -> Room<'_> {
+impl LaneSender {
+    fn reserve(&self) -> LaneSlot<'_> {
         match self.rows.try_reserve() {
-            Ok(permit) => Room::Free(permit),
-            Err(_) => Room::Full(&self.left),
+            Ok(permit) => LaneSlot::Free(permit),
+            Err(_) => LaneSlot::Full(&self.left),
         }
     }
 }
@@ -116,13 +116,13 @@ impl Outlet {
 /// when a batch's rows were left to be claimed because the lane was full,
 /// so that it claims them as soon as it has sent what it holds instead of
 /// at its next poll.
-pub struct Inbox {
+pub struct LaneInbox {
     pub(crate) rows: mpsc::Receiver<Vec<OutboxRow>>,
     pub(crate) left: Arc<Notify>,
 }
 
 /// A lane's room for one batch.
-enum Room<'a> {
+enum LaneSlot<'a> {
     Free(mpsc::Permit<'a, Vec<OutboxRow>>),
     /// None: the batch's rows are claimed, the lane told once they are
     /// committed.
@@ -131,9 +131,9 @@ enum Room<'a> {
     Off,
 }
 
-impl Room<'_> {
+impl LaneSlot<'_> {
     fn free(&self) -> bool {
-        matches!(self, Room::Free(_))
+        matches!(self, LaneSlot::Free(_))
     }
 
     /// Hands over the lane's committed `rows`, or tells a full lane to
@@ -141,9 +141,9 @@ impl Room<'_> {
     /// none costs one query, and only while the lane is busy).
     fn hand_over(self, rows: Vec<OutboxRow>) {
         match self {
-            Room::Free(permit) if !rows.is_empty() => permit.send(rows),
-            Room::Full(left) => left.notify_one(),
-            Room::Free(_) | Room::Off => {}
+            LaneSlot::Free(permit) if !rows.is_empty() => permit.send(rows),
+            LaneSlot::Full(left) => left.notify_one(),
+            LaneSlot::Free(_) | LaneSlot::Off => {}
         }
     }
 }
@@ -151,7 +151,7 @@ impl Room<'_> {
 /// Moves what `inbox` holds into `handed` once `handed` is all sent,
 /// without waiting: a lane holds at most twice [`HANDOFF_BATCHES`] batches,
 /// and a lane that lags leaves the rest to be claimed.
-pub(crate) fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
+pub(crate) fn receive(inbox: &mut Option<LaneInbox>, handed: &mut Vec<OutboxRow>) {
     if !handed.is_empty() {
         return;
     }
@@ -165,16 +165,16 @@ pub(crate) fn receive(inbox: &mut Option<Inbox>, handed: &mut Vec<OutboxRow>) {
 impl Handoff {
     /// A hand-off to the lanes of `holder` (this worker), and the inboxes
     /// of its events lane and of its mail lane.
-    pub fn new(holder: HolderId) -> (Handoff, Inbox, Inbox) {
+    pub fn new(holder: HolderId) -> (Handoff, LaneInbox, LaneInbox) {
         let lane = || {
             let (rows, inbox) = mpsc::channel(HANDOFF_BATCHES);
             let left = Arc::new(Notify::new());
             (
-                Outlet {
+                LaneSender {
                     rows,
                     left: left.clone(),
                 },
-                Inbox { rows: inbox, left },
+                LaneInbox { rows: inbox, left },
             )
         };
         let (events, events_inbox) = lane();
@@ -190,7 +190,7 @@ impl Handoff {
         )
     }
 
-    /// Room in each lane for one more batch, taken before the batch's
+    /// LaneSlot in each lane for one more batch, taken before the batch's
     /// transaction so that only rows a lane will take are leased to it.
     pub fn reserve(&self) -> Reservation<'_> {
         Reservation {
@@ -201,11 +201,11 @@ impl Handoff {
     }
 }
 
-/// Room in the lanes for one batch's events and emails (none when a lane is
+/// LaneSlot in the lanes for one batch's events and emails (none when a lane is
 /// full: that batch's rows of the lane are then claimed as usual).
 pub struct Reservation<'a> {
-    events: Room<'a>,
-    mail: Room<'a>,
+    events: LaneSlot<'a>,
+    mail: LaneSlot<'a>,
     /// Whom the rows there is room for are leased to; none without a
     /// hand-off.
     holder: Option<HolderId>,
@@ -215,8 +215,8 @@ impl Reservation<'_> {
     /// No room anywhere: every row is left to be claimed.
     pub fn none<'a>() -> Reservation<'a> {
         Reservation {
-            events: Room::Off,
-            mail: Room::Off,
+            events: LaneSlot::Off,
+            mail: LaneSlot::Off,
             holder: None,
         }
     }
