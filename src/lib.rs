@@ -17,6 +17,7 @@
 //! [`config`] reads the environment; [`cli`] holds one file per command.
 
 pub mod apply;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;

@@ -17,9 +17,9 @@ use lapin::{Channel, Connection};
 use serde_json::{Value, json};
 
 use super::DlqFilter;
+use crate::broker::connect;
+use crate::broker::topology::{DEAD_QUEUE, INBOUND_EXCHANGE};
 use crate::config::Config;
-use crate::consume::connect;
-use crate::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE};
 use crate::domain::Ts;
 
 /// Dead letters read per command, at most: a bound on memory and time.

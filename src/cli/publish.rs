@@ -8,9 +8,9 @@ use anyhow::{Context, bail};
 use lapin::options::BasicPublishOptions;
 use serde_json::Value;
 
+use crate::broker::topology::INBOUND_EXCHANGE;
+use crate::broker::{connect, persistent_cloudevent};
 use crate::config::Config;
-use crate::consume::topology::INBOUND_EXCHANGE;
-use crate::consume::{connect, persistent_cloudevent};
 
 /// Publishes at most this many events before waiting for their confirms.
 const IN_FLIGHT_MAX: usize = 1_000;

@@ -6,8 +6,7 @@
 //! with their reason; both are confirmed by the broker before the batch is
 //! acknowledged, so a crash at any point loses nothing.
 
-pub mod topology;
-pub mod upgrade;
+pub use crate::broker::{connect, persistent_cloudevent, topology};
 
 use std::mem::take;
 use std::pin::pin;
@@ -20,20 +19,20 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
+use crate::broker::keep_original_routing_key;
+use crate::broker::topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
+use crate::broker::upgrade::{self, UpgradeError};
 use crate::config::redact;
 use crate::decode::{Malformed, Schemas, decode};
 use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
-use topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
-use upgrade::UpgradeError;
 
 /// Bounds of the consumer, from the configuration.
 #[derive(Clone, Debug)]
@@ -47,10 +46,6 @@ pub struct Limits {
 
 /// Header counting how many delays a message has waited through.
 const RETRY_COUNT: &str = "x-retry-count";
-/// Header naming the routing key a message was first published with.
-const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
-/// Heartbeat asked of the broker when `AMQP_URL` names none.
-pub const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts to reach the broker or the database.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// First wait before reconnecting to the broker.
@@ -448,18 +443,6 @@ fn retry_count(delivery: &Delivery) -> usize {
     }
 }
 
-/// Notes the routing key the message was published with, the first time it
-/// leaves the worker queue: a message back from a delay queue arrives with
-/// the worker queue's name as its routing key instead.
-fn keep_original_routing_key(headers: &mut FieldTable, delivery: &Delivery) {
-    if !headers.inner().contains_key(ORIGINAL_ROUTING_KEY) {
-        headers.insert(
-            ORIGINAL_ROUTING_KEY.into(),
-            long_string(delivery.routing_key.as_str()),
-        );
-    }
-}
-
 /// The dead-letter queue and the headers of a dead letter: the original ones
 /// plus the reason, the detail, where it came from and when.
 fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String, FieldTable) {
@@ -493,65 +476,9 @@ fn dead_letter(delivery: &Delivery, reason: DeadReason, detail: &str) -> (String
     (DEAD_QUEUE.to_owned(), headers)
 }
 
-/// A connection and a channel with publisher confirms on, the topology
-/// declared: what every publisher of this program starts from. A worker
-/// queue that predates its delivery limit is left as it is (publishers
-/// still reach it through the inbound exchange); the worker upgrades it.
-pub async fn connect(
-    amqp_url: &str,
-    retry_delays: &[Duration],
-) -> Result<(Connection, Channel), lapin::Error> {
-    let url = with_default_heartbeat(amqp_url);
-    let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-    if topology::declare(&connection, retry_delays).await? == topology::WorkerQueue::Outdated {
-        tracing::debug!(
-            queue = WORKER_QUEUE,
-            "The worker queue predates its delivery limit; the worker upgrades it."
-        );
-    }
-    let channel = confirm_channel(&connection).await?;
-    Ok((connection, channel))
-}
-
-/// A new channel of `connection` with publisher confirms on.
-async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
-}
-
-/// `amqp_url` with `heartbeat=10` unless it names a heartbeat itself: with
-/// the broker's default (60 s) a half-open connection went unnoticed for two
-/// minutes, with the consumer and the dispatcher waiting on it.
-fn with_default_heartbeat(amqp_url: &str) -> String {
-    match url::Url::parse(amqp_url) {
-        Ok(mut url) if !url.query_pairs().any(|(key, _)| key == "heartbeat") => {
-            url.query_pairs_mut()
-                .append_pair("heartbeat", &HEARTBEAT_DEFAULT.as_secs().to_string());
-            url.to_string()
-        }
-        _ => amqp_url.to_owned(),
-    }
-}
-
-/// Properties of a CloudEvent published by this program (outbound events,
-/// `publish`, `dlq replay`): structured mode, persistent, with its id.
-pub fn persistent_cloudevent(message_id: &str) -> BasicProperties {
-    let properties = BasicProperties::default()
-        .with_content_type("application/cloudevents+json".into())
-        .with_delivery_mode(2);
-    if message_id.is_empty() {
-        properties
-    } else {
-        properties.with_message_id(message_id.into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{APPLY_BACKOFF_MIN, RECONNECT_BACKOFF_MIN, backoff, with_default_heartbeat};
+    use super::{APPLY_BACKOFF_MIN, RECONNECT_BACKOFF_MIN, backoff};
 
     #[test]
     fn waits_double_from_the_first_up_to_ten_seconds_and_never_end() {
@@ -572,21 +499,5 @@ mod tests {
             [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
         );
         assert!(backoff(APPLY_BACKOFF_MIN).nth(10_000).is_some());
-    }
-
-    #[test]
-    fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
-        assert_eq!(
-            with_default_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
-        );
-        assert_eq!(
-            with_default_heartbeat("amqp://h/vh?heartbeat=3"),
-            "amqp://h/vh?heartbeat=3"
-        );
-        assert_eq!(
-            with_default_heartbeat("amqps://h/vh?channel_max=5"),
-            "amqps://h/vh?channel_max=5&heartbeat=10"
-        );
     }
 }

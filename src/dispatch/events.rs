@@ -13,9 +13,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 
 use super::{DispatchError, Dispatcher, Outstanding};
+use crate::broker::topology::OUTBOUND_EXCHANGE;
+use crate::broker::{connect, persistent_cloudevent};
 use crate::config::redact;
-use crate::consume::topology::OUTBOUND_EXCHANGE;
-use crate::consume::{connect, persistent_cloudevent};
 use crate::ops::metric;
 use crate::store::{OutboxRow, Store, StoreError};
 
