@@ -905,6 +905,7 @@ impl<S: Store> Dispatcher<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Outbox;
 
     #[test]
     fn sent_rows_are_marked_once_the_oldest_has_waited_the_mark_delay() {
