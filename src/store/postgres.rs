@@ -119,65 +119,6 @@ impl PgHasArrayType for Ts {
     }
 }
 
-/// Inserts the rows of `tables` in one statement, each table's insert a
-/// data-modifying `WITH` item but the last, each column bound as one array:
-/// the text depends only on which tables have rows, not on how many, so
-/// PostgreSQL parses and plans each such set once per connection. Foreign
-/// keys are checked at the end of the statement, once every table has its
-/// rows.
-async fn insert_columns(conn: &mut PgConnection, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
-    let mut bound = 0;
-    let inserts: Vec<String> = tables
-        .iter()
-        .map(|rows| {
-            let arrays: Vec<String> = rows
-                .table
-                .columns
-                .iter()
-                .map(|(_, kind)| {
-                    bound += 1;
-                    let array = match kind {
-                        Kind::Text => "text[]",
-                        Kind::Int => "int8[]",
-                        Kind::Time => "timestamptz[]",
-                    };
-                    format!("${bound}::{array}")
-                })
-                .collect();
-            format!(
-                "{}SELECT * FROM UNNEST({}){}",
-                rows.table.head(),
-                arrays.join(", "),
-                rows.tail
-            )
-        })
-        .collect();
-    let Some((last, earlier)) = inserts.split_last() else {
-        return Ok(());
-    };
-    let with: Vec<String> = earlier
-        .iter()
-        .enumerate()
-        .map(|(at, insert)| format!("t{at} AS ({insert})"))
-        .collect();
-    let text = if with.is_empty() {
-        last.clone()
-    } else {
-        format!("WITH {} {last}", with.join(", "))
-    };
-    // The text is this module's own; the values are bound.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
-    for column in tables.into_iter().flat_map(|rows| rows.columns) {
-        query = match column {
-            Column::Text(values) => query.bind(values),
-            Column::Int(values) => query.bind(values),
-            Column::Time(values) => query.bind(values),
-        };
-    }
-    query.execute(conn).await?;
-    Ok(())
-}
-
 /// The migrations of the PostgreSQL schema.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -215,8 +156,63 @@ impl Backend for Postgres {
         query.bind(learners).bind(items)
     }
 
+    /// Inserts the rows of `tables` in one statement, each table's insert a
+    /// data-modifying `WITH` item but the last, each column bound as one array:
+    /// the text depends only on which tables have rows, not on how many, so
+    /// PostgreSQL parses and plans each such set once per connection. Foreign
+    /// keys are checked at the end of the statement, once every table has its
+    /// rows.
     async fn insert(conn: &mut PgConnection, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
-        insert_columns(conn, tables).await
+        let mut bound = 0;
+        let inserts: Vec<String> = tables
+            .iter()
+            .map(|rows| {
+                let arrays: Vec<String> = rows
+                    .table
+                    .columns
+                    .iter()
+                    .map(|(_, kind)| {
+                        bound += 1;
+                        let array = match kind {
+                            Kind::Text => "text[]",
+                            Kind::Int => "int8[]",
+                            Kind::Time => "timestamptz[]",
+                        };
+                        format!("${bound}::{array}")
+                    })
+                    .collect();
+                format!(
+                    "{}SELECT * FROM UNNEST({}){}",
+                    rows.table.head(),
+                    arrays.join(", "),
+                    rows.tail
+                )
+            })
+            .collect();
+        let Some((last, earlier)) = inserts.split_last() else {
+            return Ok(());
+        };
+        let with: Vec<String> = earlier
+            .iter()
+            .enumerate()
+            .map(|(at, insert)| format!("t{at} AS ({insert})"))
+            .collect();
+        let text = if with.is_empty() {
+            last.clone()
+        } else {
+            format!("WITH {} {last}", with.join(", "))
+        };
+        // The text is this module's own; the values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
+        for column in tables.into_iter().flat_map(|rows| rows.columns) {
+            query = match column {
+                Column::Text(values) => query.bind(values),
+                Column::Int(values) => query.bind(values),
+                Column::Time(values) => query.bind(values),
+            };
+        }
+        query.execute(conn).await?;
+        Ok(())
     }
 
     fn migrator() -> &'static Migrator {

@@ -56,6 +56,10 @@ use crate::report::{Cell, ReportQuery};
 
 /// What differs between the two databases. Implemented by sqlx's `Sqlite`
 /// and `Postgres`; every statement is otherwise the same text on both.
+///
+/// Public, with what it names ([`Rows`], [`Statements`], [`Value`]), only
+/// because the impls of the public [`SqlStore`] are bounded by it; its module
+/// is private, so nothing outside `store` implements or calls it.
 pub trait Backend: Database<Arguments: IntoArguments<Self>, Connection: Migrate> {
     /// How a write transaction begins.
     const BEGIN: &'static str;

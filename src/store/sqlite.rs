@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{Decode, Encode, Sqlite, Type};
 use tokio::sync::Mutex;
 
-use super::rows::{self, BINDS_PER_STATEMENT_MAX, Column};
+use super::rows::{self, BINDS_PER_STATEMENT_MAX, Column, Rows};
 use super::sql::{Backend, SqlStore, Statements};
 use super::{Holder, HolderId, StoreError};
 use crate::domain::Ts;
@@ -119,47 +119,6 @@ fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     });
 }
 
-/// Inserts the rows of `tables` in multi-row `VALUES` statements, as many
-/// rows each as the bind limit allows, all sent to SQLite's thread as one
-/// query (its statements take their binds in turn). Their text depends on
-/// how many rows they carry, so they are not kept prepared
-/// (`persistent(false)`): hardly any text comes twice, and a connection's
-/// cache of such statements, each a program of thousands of steps, held a
-/// hundred megabytes.
-async fn insert_columns(
-    conn: &mut SqliteConnection,
-    tables: Vec<rows::Rows>,
-) -> Result<(), sqlx::Error> {
-    let mut query = sqlx::QueryBuilder::<Sqlite>::new("");
-    for rows in tables {
-        let len = rows.len();
-        let rows::Rows {
-            table,
-            mut columns,
-            tail,
-            ..
-        } = rows;
-        let head = table.head();
-        let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
-        for start in (0..len).step_by(per_statement) {
-            query.push(&head);
-            query.push_values(start..len.min(start + per_statement), |mut row, at| {
-                for column in &mut columns {
-                    match column {
-                        Column::Text(values) => row.push_bind(values[at].take()),
-                        Column::Int(values) => row.push_bind(values[at]),
-                        Column::Time(values) => row.push_bind(values[at]),
-                    };
-                }
-            });
-            query.push(tail);
-            query.push(";\n");
-        }
-    }
-    query.build().persistent(false).execute(&mut *conn).await?;
-    Ok(())
-}
-
 /// The migrations of the SQLite schema.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -193,11 +152,42 @@ impl Backend for Sqlite {
         query.bind(rows::to_json(pairs))
     }
 
-    async fn insert(
-        conn: &mut SqliteConnection,
-        tables: Vec<rows::Rows>,
-    ) -> Result<(), sqlx::Error> {
-        insert_columns(conn, tables).await
+    /// Inserts the rows of `tables` in multi-row `VALUES` statements, as many
+    /// rows each as the bind limit allows, all sent to SQLite's thread as one
+    /// query (its statements take their binds in turn). Their text depends on
+    /// how many rows they carry, so they are not kept prepared
+    /// (`persistent(false)`): hardly any text comes twice, and a connection's
+    /// cache of such statements, each a program of thousands of steps, held a
+    /// hundred megabytes.
+    async fn insert(conn: &mut SqliteConnection, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new("");
+        for rows in tables {
+            let len = rows.len();
+            let Rows {
+                table,
+                mut columns,
+                tail,
+                ..
+            } = rows;
+            let head = table.head();
+            let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
+            for start in (0..len).step_by(per_statement) {
+                query.push(&head);
+                query.push_values(start..len.min(start + per_statement), |mut row, at| {
+                    for column in &mut columns {
+                        match column {
+                            Column::Text(values) => row.push_bind(values[at].take()),
+                            Column::Int(values) => row.push_bind(values[at]),
+                            Column::Time(values) => row.push_bind(values[at]),
+                        };
+                    }
+                });
+                query.push(tail);
+                query.push(";\n");
+            }
+        }
+        query.build().persistent(false).execute(&mut *conn).await?;
+        Ok(())
     }
 
     fn migrator() -> &'static Migrator {
