@@ -17,7 +17,7 @@ use crate::domain::Ts;
 use crate::ops::{self, Health};
 use crate::outbox::handoff::{Handoff, Lane};
 use crate::schedule::{Job, Scheduler};
-use crate::store::{HolderId, Store};
+use crate::store::{HolderId, Outbox, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -155,7 +155,7 @@ const DEAD_HOLDERS_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 /// worker restarted after a crash sends them within seconds, not after the
 /// lease) and every [`DEAD_HOLDERS_INTERVAL`] until `stop` (so a worker
 /// sharing PostgreSQL with one that died sends them too).
-async fn release_dead_holders<S: Store>(store: S, me: HolderId, stop: CancellationToken) {
+async fn release_dead_holders<S: Outbox>(store: S, me: HolderId, stop: CancellationToken) {
     loop {
         match store.release_dead_holders(me, Ts::now()).await {
             Ok(0) => {}

@@ -7,9 +7,9 @@ use serde_json::{Value, json};
 
 use crate::domain::model::Account;
 use crate::domain::{Id, Ts};
-use crate::store::{Store, Wanted};
+use crate::store::{Books, Wanted};
 
-pub async fn show<S: Store>(store: &S, account_id: &str) -> anyhow::Result<ExitCode> {
+pub async fn show<S: Books>(store: &S, account_id: &str) -> anyhow::Result<ExitCode> {
     let id: Id = account_id.parse().context("bad account id")?;
     let wanted = Wanted {
         account_ids: vec![id.clone()],

@@ -24,7 +24,7 @@ use crate::config::{Config, DatabaseUrl, redact};
 use crate::domain::command::{ReportFormat, ReportKind};
 use crate::domain::{Id, Ts};
 use crate::report::choose_columns;
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use crate::store::Store;
+use crate::store::Books;
 
-pub async fn run<S: Store>(store: &S) -> anyhow::Result<ExitCode> {
+pub async fn run<S: Books>(store: &S) -> anyhow::Result<ExitCode> {
     let problems = store.verify().await?;
     if problems.is_empty() {
         eprintln!("The ledger is consistent.");

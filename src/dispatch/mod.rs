@@ -359,6 +359,7 @@ impl<S: Store> Dispatcher<S> {
 mod tests {
     use super::*;
     use crate::outbox::handoff::tests::{HOLDER, row};
+    use crate::store::Outbox;
 
     #[test]
     fn sent_rows_are_marked_once_the_oldest_has_waited_the_mark_delay() {

@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Books, Outbox};
 
 /// What `/readyz` reports, kept up to date by the worker's tasks.
 #[derive(Debug, Default)]
@@ -81,7 +81,7 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz<S: Store>(State(ops): State<Ops<S>>) -> (StatusCode, Json<serde_json::Value>) {
+async fn readyz<S: Books>(State(ops): State<Ops<S>>) -> (StatusCode, Json<serde_json::Value>) {
     let database = ops.store.ping().await.is_ok();
     Health::set(&ops.health.database_reachable, database);
     let broker = ops.health.broker_connected.load(Ordering::Relaxed);
@@ -103,7 +103,7 @@ async fn readyz<S: Store>(State(ops): State<Ops<S>>) -> (StatusCode, Json<serde_
     )
 }
 
-async fn render_metrics<S: Store>(State(ops): State<Ops<S>>) -> String {
+async fn render_metrics<S: Outbox>(State(ops): State<Ops<S>>) -> String {
     if let Ok(backlog) = ops.store.outbox_backlog().await {
         for kind in [
             crate::store::OutboxKind::Event,
@@ -120,7 +120,7 @@ async fn render_metrics<S: Store>(State(ops): State<Ops<S>>) -> String {
     prometheus().render()
 }
 
-pub fn router<S: Store>(store: S, health: Arc<Health>) -> Router {
+pub fn router<S: Books + Outbox + Clone + 'static>(store: S, health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
@@ -129,7 +129,7 @@ pub fn router<S: Store>(store: S, health: Arc<Health>) -> Router {
 }
 
 /// Serves the ops endpoints on an already bound listener until `cancel`.
-pub async fn serve<S: Store>(
+pub async fn serve<S: Books + Outbox + Clone + 'static>(
     listener: tokio::net::TcpListener,
     store: S,
     health: Arc<Health>,

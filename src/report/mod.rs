@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::command::{ReportFormat, ReportKind, ReportRequested};
 use crate::domain::{Credits, Id, Ts};
-use crate::store::{Store, StoreError};
+use crate::store::{Reports, StoreError};
 
 /// One cell of a report row.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,7 +123,7 @@ trait Sheet {
 
 /// Writes the report to `out`, calling `progress` after every row. Returns
 /// how many rows it wrote.
-pub async fn write<S: Store>(
+pub async fn write<S: Reports>(
     store: &S,
     query: &ReportQuery,
     format: ReportFormat,

@@ -1,11 +1,15 @@
-//! Storage: one trait, [`Store`], with a SQLite and a PostgreSQL
-//! implementation written once (see `sql.rs`) and instantiated for each.
+//! Storage: one trait per role ([`Books`], [`Outbox`], [`Firings`],
+//! [`Reports`]), [`Store`] for all of them, and one implementation,
+//! [`SqlStore`], written once over the SQL the two backends share
+//! (`sql.rs`) and instantiated for SQLite ([`SqliteStore`]) and PostgreSQL
+//! ([`PgStore`]).
 //!
-//! A batch is one call to [`Store::transact`]: lock and load what the batch
+//! A batch is one call to [`Books::transact`]: lock and load what the batch
 //! names ([`Wanted`]), let the caller run the rules on that [`Ledger`], write
 //! what changed ([`Writes`]) and commit, all in one transaction.
 
 mod postgres;
+mod rows;
 mod sql;
 mod sqlite;
 
@@ -14,6 +18,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use postgres::PgStore;
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 use crate::decode::EventKey;
@@ -303,16 +308,17 @@ impl Drop for Taken<'_> {
     }
 }
 
-/// The ledger's storage. Implemented for SQLite and PostgreSQL by the same
-/// code; the test suite runs against both.
-pub trait Store: Clone + Send + Sync + 'static {
-    /// The outbox rows sent and waiting to be marked, which the next
-    /// [`Store::transact`] marks with its batch.
-    fn sent_marks(&self) -> &SentMarks;
+/// The ledger's storage, every role at once: what the worker, the CLI and
+/// the tests hold. Implemented for SQLite and PostgreSQL by the same code
+/// ([`SqlStore`]); the test suite runs against both. Code that needs one role
+/// only asks for that one.
+pub trait Store: Books + Outbox + Firings + Reports + Clone + Send + Sync + 'static {}
 
-    /// Creates or upgrades the schema.
-    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+impl<S> Store for S where S: Books + Outbox + Firings + Reports + Clone + Send + Sync + 'static {}
 
+/// The books: accounts, lots, requests, the journal and the idempotency
+/// records, read and written a batch at a time.
+pub trait Books: Send + Sync {
     /// One batch in one transaction: lock and load `wanted`, run `work` on it,
     /// write what it returns and the [`SentMarks`] waiting, commit. `work`
     /// runs once per call; a failed commit returns the error and nothing is
@@ -337,15 +343,33 @@ pub trait Store: Clone + Send + Sync + 'static {
         pending_before: Ts,
     ) -> impl Future<Output = Result<Vec<Id>, StoreError>> + Send;
 
+    /// Every account id, in order, `limit` at a time after `after`.
+    fn account_ids(
+        &self,
+        after: Option<&Id>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<Id>, StoreError>> + Send;
+
     /// Recomputes every lot from the journal and checks the invariants of
     /// SPEC §6; returns one sentence per problem found.
     fn verify(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Whether the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The outbox: rows a batch produced, claimed under a lease by a worker's
+/// dispatcher, marked sent once they are out.
+pub trait Outbox: Send + Sync {
+    /// The outbox rows sent and waiting to be marked, which the next
+    /// [`Books::transact`] marks with its batch.
+    fn sent_marks(&self) -> &SentMarks;
 
     /// Claims up to `limit` outbox rows of `kinds` that are due at `now`,
     /// oldest first, for `holder`, by moving their next attempt to
     /// `lease_until`: another worker will not take them meanwhile, and if
     /// this one dies they fall due again then, or as soon as a worker finds
-    /// the holder dead ([`Store::release_dead_holders`]).
+    /// the holder dead ([`Outbox::release_dead_holders`]).
     fn claim_outbox(
         &self,
         kinds: &[OutboxKind],
@@ -380,7 +404,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: Ts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Marks the rows [`Store::sent_marks`] holds as dispatched (they are
+    /// Marks the rows [`Outbox::sent_marks`] holds as dispatched (they are
     /// never dispatched again), in a write of its own; none, no write.
     fn outbox_mark_sent(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -406,13 +430,23 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<Vec<(OutboxKind, i64)>, StoreError>> + Send;
 
-    /// The rows of a report, streamed in report order, each with every
-    /// column of its kind in SPEC order.
-    fn report_rows<'a>(
-        &'a self,
-        query: &'a crate::report::ReportQuery,
-    ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
+    /// Adds outbox rows outside any batch (scheduled statements); a row whose
+    /// id is already there is left as it is.
+    fn enqueue_outbox(
+        &self,
+        rows: &[OutboxRow],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// The outbox rows not yet dispatched, oldest first (for tests and the
+    /// dispatcher).
+    fn pending_outbox(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+}
+
+/// The firings of the scheduled jobs: each runs once, on one worker.
+pub trait Firings: Send + Sync {
     /// Claims one firing of a scheduled job: `true` for the one caller that
     /// gets it, `false` for every other (another worker ran it, or runs it
     /// within its [`FIRING_LEASE`]). A `baseline` claim marks where the job's
@@ -446,30 +480,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         job: &str,
         now: Ts,
     ) -> impl Future<Output = Result<Option<Ts>, StoreError>> + Send;
+}
 
-    /// Adds outbox rows outside any batch (scheduled statements); a row whose
-    /// id is already there is left as it is.
-    fn enqueue_outbox(
-        &self,
-        rows: &[OutboxRow],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Every account id, in order, `limit` at a time after `after`.
-    fn account_ids(
-        &self,
-        after: Option<&Id>,
-        limit: i64,
-    ) -> impl Future<Output = Result<Vec<Id>, StoreError>> + Send;
-
-    /// Whether the database answers.
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// The outbox rows not yet dispatched, oldest first (for tests and the
-    /// dispatcher).
-    fn pending_outbox(
-        &self,
-        limit: i64,
-    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+/// The reports' reads.
+pub trait Reports: Send + Sync {
+    /// The rows of a report, streamed in report order, each with every
+    /// column of its kind in SPEC order.
+    fn report_rows<'a>(
+        &'a self,
+        query: &'a crate::report::ReportQuery,
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
 }
 
 #[cfg(test)]

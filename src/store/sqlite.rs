@@ -1,21 +1,27 @@
 //! The embedded default: one SQLite file in WAL mode. Writers take the lock
 //! up front (`BEGIN IMMEDIATE`), so a batch never fails halfway for want of it.
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
+use sqlx::migrate::Migrator;
+use sqlx::pool::Pool;
 use sqlx::query::Query;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
-    SqlitePoolOptions, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
+    SqlitePoolOptions, SqliteQueryResult, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
 };
 use sqlx::{Decode, Encode, Sqlite, Type};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::Mutex;
 
-use super::sql::{self, BINDS_PER_STATEMENT_MAX, Column};
+use super::rows::{self, BINDS_PER_STATEMENT_MAX, Column, Rows};
+use super::sql::{Backend, SqlStore, Statements};
+use super::{Holder, HolderId, StoreError};
+use crate::domain::Ts;
 
 /// Instants are stored as microseconds since the epoch, which sort and
 /// compare exactly.
@@ -48,20 +54,17 @@ impl<'r> Decode<'r, Sqlite> for Ts {
 /// How often the WAL is checkpointed in the background.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Debug)]
-pub struct SqliteStore {
-    /// Reads (snapshots, reports, backlog).
-    pool: SqlitePool,
-    writer: SqlitePool,
-    /// SQLite has one writer at a time and its busy handler lets a waiting
-    /// writer lose to a busy one again and again; this first-come,
-    /// first-served lock makes the writers of this process take turns, so
-    /// the dispatcher is never starved by a busy consumer.
-    gate: Arc<Mutex<()>>,
-    marks: SentMarks,
-}
+/// The ledger in one SQLite file. Reads (snapshots, reports, backlog) go
+/// through a pool of four connections; every write goes through one
+/// connection of its own, whose page cache then stays valid from one
+/// transaction to the next (SQLite drops a connection's whole cache when
+/// another connection has written). SQLite has one writer at a time and its
+/// busy handler lets a waiting writer lose to a busy one again and again; a
+/// first-come, first-served lock makes the writers of this process take
+/// turns, so the dispatcher is never starved by a busy consumer.
+pub type SqliteStore = SqlStore<Sqlite>;
 
-impl SqliteStore {
+impl SqlStore<Sqlite> {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH`).
     pub async fn connect(url: &str) -> Result<SqliteStore, sqlx::Error> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -93,28 +96,7 @@ impl SqliteStore {
             .await?;
         let gate = Arc::new(Mutex::new(()));
         checkpoint_in_background(pool.clone(), Arc::downgrade(&gate));
-        Ok(SqliteStore {
-            pool,
-            writer,
-            gate,
-            marks: SentMarks::default(),
-        })
-    }
-
-    /// Every write goes through one connection, whose page cache then stays
-    /// valid from one transaction to the next (SQLite drops a connection's
-    /// whole cache when another connection has written).
-    fn writer(&self) -> &SqlitePool {
-        &self.writer
-    }
-
-    async fn write_gate(&self) -> Option<MutexGuard<'_, ()>> {
-        Some(self.gate.lock().await)
-    }
-
-    /// One worker owns the file, so its holder needs nothing to stay alive.
-    async fn hold(&self) -> Result<Holder, StoreError> {
-        Ok(Holder::new(HolderId::random(), None))
+        Ok(SqlStore::new(pool, writer, Some(gate)))
     }
 }
 
@@ -137,83 +119,99 @@ fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     });
 }
 
-/// Inserts the rows of `tables` in multi-row `VALUES` statements, as many
-/// rows each as the bind limit allows, all sent to SQLite's thread as one
-/// query (its statements take their binds in turn). Their text depends on
-/// how many rows they carry, so they are not kept prepared
-/// (`persistent(false)`): hardly any text comes twice, and a connection's
-/// cache of such statements, each a program of thousands of steps, held a
-/// hundred megabytes.
-async fn insert_columns(
-    conn: &mut SqliteConnection,
-    tables: Vec<sql::Rows>,
-) -> Result<(), sqlx::Error> {
-    let mut query = sqlx::QueryBuilder::<Sqlite>::new("");
-    for rows in tables {
-        let len = rows.len();
-        let sql::Rows {
-            table,
-            mut columns,
-            tail,
-            ..
-        } = rows;
-        let head = table.head();
-        let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
-        for start in (0..len).step_by(per_statement) {
-            query.push(&head);
-            query.push_values(start..len.min(start + per_statement), |mut row, at| {
-                for column in &mut columns {
-                    match column {
-                        Column::Text(values) => row.push_bind(values[at].take()),
-                        Column::Int(values) => row.push_bind(values[at]),
-                        Column::Time(values) => row.push_bind(values[at]),
-                    };
-                }
-            });
-            query.push(tail);
-            query.push(";\n");
-        }
+/// The migrations of the SQLite schema.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl Backend for Sqlite {
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    /// The write lock taken up front (`BEGIN IMMEDIATE`) already keeps
+    /// every other writer out.
+    const LOCK: &'static str = "";
+    const SKIP_LOCKED: &'static str = "";
+    /// One worker owns the file: every holder but the caller is gone.
+    const HOLDER_DEAD: &'static str = "TRUE";
+    const AGG: &'static str = "group_concat";
+    const IN_LIST: &'static str = " IN (SELECT value FROM json_each($1))";
+    const PAIRS_IN: &'static str = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))";
+    const OWNERS_JSON: &'static str = "(SELECT json_group_array(json_array(email, name) \
+        ORDER BY position) FROM owners WHERE owners.account_id = accounts.account_id)";
+
+    /// A JSON array, read by `json_each`.
+    fn bind_list<'q>(
+        query: Query<'q, Sqlite, SqliteArguments>,
+        items: &[String],
+    ) -> Query<'q, Sqlite, SqliteArguments> {
+        query.bind(serde_json::to_string(items).expect("strings serialise"))
     }
-    query.build().persistent(false).execute(&mut *conn).await?;
-    Ok(())
-}
 
-/// The (learner, item) pairs looked up by `pairs_in`: a JSON array of pairs.
-fn bind_pairs<'q>(
-    query: Query<'q, Sqlite, SqliteArguments>,
-    pairs: &std::collections::BTreeSet<[&str; 2]>,
-) -> Query<'q, Sqlite, SqliteArguments> {
-    query.bind(sql::to_json(pairs))
-}
+    /// A JSON array of pairs.
+    fn bind_pairs<'q>(
+        query: Query<'q, Sqlite, SqliteArguments>,
+        pairs: &BTreeSet<[&str; 2]>,
+    ) -> Query<'q, Sqlite, SqliteArguments> {
+        query.bind(rows::to_json(pairs))
+    }
 
-/// A list of values as one bind: a JSON array, read by `json_each`.
-fn list(items: &[String]) -> String {
-    serde_json::to_string(items).expect("strings serialise")
-}
+    /// Inserts the rows of `tables` in multi-row `VALUES` statements, as many
+    /// rows each as the bind limit allows, all sent to SQLite's thread as one
+    /// query (its statements take their binds in turn). Their text depends on
+    /// how many rows they carry, so they are not kept prepared
+    /// (`persistent(false)`): hardly any text comes twice, and a connection's
+    /// cache of such statements, each a program of thousands of steps, held a
+    /// hundred megabytes.
+    async fn insert(conn: &mut SqliteConnection, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new("");
+        for rows in tables {
+            let len = rows.len();
+            let Rows {
+                table,
+                mut columns,
+                tail,
+                ..
+            } = rows;
+            let head = table.head();
+            let per_statement = (BINDS_PER_STATEMENT_MAX / columns.len()).max(1);
+            for start in (0..len).step_by(per_statement) {
+                query.push(&head);
+                query.push_values(start..len.min(start + per_statement), |mut row, at| {
+                    for column in &mut columns {
+                        match column {
+                            Column::Text(values) => row.push_bind(values[at].take()),
+                            Column::Int(values) => row.push_bind(values[at]),
+                            Column::Time(values) => row.push_bind(values[at]),
+                        };
+                    }
+                });
+                query.push(tail);
+                query.push(";\n");
+            }
+        }
+        query.build().persistent(false).execute(&mut *conn).await?;
+        Ok(())
+    }
 
-super::sql::sql_store!(
-    SqliteStore,
-    Sqlite,
-    begin = "BEGIN IMMEDIATE",
-    lock = "",
-    skip_locked = "",
-    // One worker owns the file: every holder but the caller is gone.
-    holder_dead = "TRUE",
-    agg = "group_concat",
-    in_list = " IN (SELECT value FROM json_each($1))",
-    list = list,
-    pairs_in = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))",
-    bind_pairs = bind_pairs,
-    owners_json = "(SELECT json_group_array(json_array(email, name) ORDER BY position) \
-        FROM owners WHERE owners.account_id = accounts.account_id)",
-    insert = insert_columns,
-    migrator = sqlx::migrate!("./migrations/sqlite")
-);
+    fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    fn rows_affected(result: &SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn statements() -> &'static Statements {
+        static STATEMENTS: OnceLock<Statements> = OnceLock::new();
+        STATEMENTS.get_or_init(Statements::new::<Sqlite>)
+    }
+
+    /// One worker owns the file, so its holder needs nothing to stay alive.
+    async fn hold(_pool: &Pool<Sqlite>) -> Result<Holder, StoreError> {
+        Ok(Holder::new(HolderId::random(), None))
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
 
     #[tokio::test]
     async fn committed_pages_reach_the_database_file_without_waiting_for_the_writer() {
