@@ -2,19 +2,36 @@
 //!
 //! A message travels through the modules in this order:
 //!
-//! 1. [`decode`]: bytes → CloudEvent envelope → JSON Schema → typed [`domain::command::Command`].
-//! 2. [`apply`]: a batch of commands in one database transaction: idempotency
-//!    records, the ledger rules of [`domain`], journal entries and outbox rows.
-//! 3. [`store`]: the storage trait and its SQLite and PostgreSQL implementations.
-//! 4. [`notify`]: the emails the outbox carries, rendered from templates.
-//! 5. [`schedule`]: the scheduled jobs, which go through the same [`apply`] path.
+//! 1. [`consume`] takes a batch of deliveries from the worker queue.
+//! 2. [`decode`]: bytes → CloudEvent envelope → JSON Schema → typed
+//!    [`domain::command::Command`].
+//! 3. [`apply`]: the batch in one database transaction: idempotency records,
+//!    the ledger rules of [`domain`], journal entries and [`outbox`] rows
+//!    (outbound CloudEvents, emails rendered by [`notify`]); then the batch is
+//!    acknowledged, and its fresh rows are handed to the dispatcher.
+//! 4. [`dispatch`] sends the outbox: outbound events with publisher
+//!    confirms, emails through SMTP, report jobs.
 //!
-//! Then, separately, [`dispatch`] sends the outbox: outbound events with
-//! publisher confirms, emails through SMTP. [`consume`] is the broker side
-//! (topology, batches, acks, retries, dead letters), [`ops`] the health and
-//! metrics endpoints, and [`worker`] ties them together for `run`.
+//! Beside that path: [`schedule`] runs the scheduled jobs through the same
+//! [`apply`], [`report`] writes CSV and XLSX reports, [`ops`] serves health
+//! and metrics. [`store`] keeps the ledger (SQLite or PostgreSQL), [`broker`]
+//! holds what every AMQP user shares (connections, topology), [`config`]
+//! reads the environment, [`worker`] ties the pieces together for `run`, and
+//! [`cli`] holds one file per command.
 //!
-//! [`config`] reads the environment; [`cli`] holds one file per command.
+//! Dependencies run one way, each module using only those of the layers
+//! below its own (`tests/layers.rs` reads this table and checks every use):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | 7 | [`cli`] |
+//! | 6 | [`worker`] |
+//! | 5 | [`consume`], [`dispatch`], [`schedule`] |
+//! | 4 | [`apply`] |
+//! | 3 | [`outbox`], [`report`], [`ops`] |
+//! | 2 | [`store`] |
+//! | 1 | [`config`], [`decode`], [`notify`], [`broker`] |
+//! | 0 | [`domain`] |
 
 pub mod apply;
 pub mod broker;

@@ -9,7 +9,7 @@
 //!
 //! Fresh events and emails do not wait to be claimed: the transaction that
 //! writes them leases them to its own worker, and once it commits they are
-//! handed to the dispatcher in memory ([`Handoff`]). Claiming is left for
+//! handed to the dispatcher in memory ([`Handoff`](crate::outbox::handoff::Handoff)). Claiming is left for
 //! what a hand-off could not take: rows whose send failed, rows of a worker
 //! that died, report jobs, and rows handed over while the lane was full.
 

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod model;
 pub mod money;
 pub mod outcome;
+pub mod report;
 pub mod rules;
 pub mod time;
 

@@ -12,29 +12,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::command::{ReportFormat, ReportKind, ReportRequested};
-use crate::domain::{Credits, Id, Ts};
+pub use crate::domain::report::{Cell, ReportQuery};
+use crate::domain::{Id, Ts};
 use crate::store::{Reports, StoreError};
-
-/// One cell of a report row.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Cell {
-    Text(String),
-    /// Money: a plain number with two decimals in CSV, a number in XLSX.
-    Amount(Credits),
-    /// An instant: RFC 3339 in CSV, a date in XLSX.
-    Instant(Ts),
-    Empty,
-}
-
-impl Cell {
-    pub fn text(value: Option<String>) -> Cell {
-        value.map_or(Cell::Empty, Cell::Text)
-    }
-
-    pub fn instant(value: Option<Ts>) -> Cell {
-        value.map_or(Cell::Empty, Cell::Instant)
-    }
-}
 
 /// A report to build and email, as an outbox row carries it: a requested
 /// report (announced by `training-credits.report.generated` once sent) or a
@@ -64,20 +44,6 @@ impl ReportJob {
         };
         format!("{kind}-{scope}-{}.{extension}", now.date())
     }
-}
-
-/// Which rows a report holds.
-#[derive(Clone, Debug)]
-pub struct ReportQuery {
-    pub kind: ReportKind,
-    pub account: Option<Id>,
-    /// Inclusive lower bound of the row's instant (`at`, `requested_at`, or
-    /// `purchased_at` for credits); balances are as of `now` and take none.
-    pub from: Option<Ts>,
-    /// Exclusive upper bound, likewise.
-    pub to: Option<Ts>,
-    /// The instant balances and lot status are computed at.
-    pub now: Ts,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -145,7 +145,7 @@ impl OutboxRow {
 }
 
 /// Who holds outbox leases: one running worker. Ids are drawn at random in
-/// a range of their own (the high half is [`HolderId::TAG`]), and on
+/// a range of their own (the high half is a tag of their own), and on
 /// PostgreSQL each is also the key of the session-level advisory lock its
 /// worker holds while it runs, so the database itself knows which holders
 /// are alive.
@@ -488,8 +488,8 @@ pub trait Reports: Send + Sync {
     /// column of its kind in SPEC order.
     fn report_rows<'a>(
         &'a self,
-        query: &'a crate::report::ReportQuery,
-    ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::report::Cell>, StoreError>>;
+        query: &'a crate::domain::report::ReportQuery,
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::domain::report::Cell>, StoreError>>;
 }
 
 #[cfg(test)]

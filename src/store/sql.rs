@@ -51,8 +51,8 @@ use crate::domain::ledger::{EntryKind, Ledger};
 use crate::domain::model::{
     Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus,
 };
+use crate::domain::report::{Cell, ReportQuery};
 use crate::domain::{CodeKey, Credits, Id, Ts};
-use crate::report::{Cell, ReportQuery};
 
 /// What differs between the two databases. Implemented by sqlx's `Sqlite`
 /// and `Postgres`; every statement is otherwise the same text on both.
