@@ -10,11 +10,10 @@ use tracing_subscriber::EnvFilter;
 use training_credits::cli::{self, Cli};
 
 /// mimalloc instead of the system allocator: the worker allocates and frees
-/// many small values per message (decoded JSON, SQL binds), and glibc's
-/// malloc was a fifth of its time under load. Built with `no_thp`: mimalloc
-/// would otherwise ask for transparent huge pages (`MADV_HUGEPAGE`) on its
-/// arenas, and the worker's peak RSS in the bench was 120–160 MiB, two
-/// thirds of it huge pages, against 75–95 MiB without.
+/// many small values per message (decoded JSON, SQL binds), which glibc's
+/// malloc serves slowly under load (BENCHMARKS.md gives the figures). Built
+/// with `no_thp`, so that it does not ask for transparent huge pages on its
+/// arenas, which would raise the worker's peak RSS by about half.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

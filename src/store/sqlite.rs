@@ -101,9 +101,9 @@ impl SqlStore<Sqlite> {
 }
 
 /// Copies the WAL into the database file every [`CHECKPOINT_INTERVAL`] from
-/// a reader connection, beside the writer, for as long as the store lives: a
-/// commit no longer pays for the checkpoint that SQLite would otherwise run
-/// inside it every 1,000 pages (tens of milliseconds, the tail of the
+/// a reader connection, beside the writer, for as long as the store lives: no
+/// commit pays for the checkpoint that SQLite would otherwise run inside it
+/// every 1,000 pages (tens of milliseconds, the tail of the
 /// latency). A passive checkpoint never blocks the writer.
 fn checkpoint_in_background(pool: SqlitePool, store: Weak<Mutex<()>>) {
     tokio::spawn(async move {
