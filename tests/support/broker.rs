@@ -624,7 +624,7 @@ impl Mail {
     }
 }
 
-// Helpers for the fault tests (tests/worker_faults.rs).
+// Helpers for the fault tests (tests/it/worker_faults.rs).
 
 /// One connection the broker holds: its Erlang pid (what `close_connection`
 /// takes) and its name (`client:port -> server:port`).

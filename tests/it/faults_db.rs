@@ -15,7 +15,7 @@
 //! one computed from the stream), every outbound event and every email goes
 //! out once, the outbox empties, and `verify` finds nothing wrong.
 
-mod common;
+use crate::support as common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

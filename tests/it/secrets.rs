@@ -12,7 +12,7 @@
 //! received it, or the real one let the worker in), so that a password that
 //! never left the process cannot make a test pass.
 
-mod common;
+use crate::support as common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

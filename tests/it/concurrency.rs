@@ -9,7 +9,7 @@
 //! answered by exactly one outbound event, nothing was dead-lettered, and
 //! `training-credits verify` exits 0.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
