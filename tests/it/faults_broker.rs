@@ -1,13 +1,13 @@
 //! Broker faults: `training-credits run` as a child process reaches RabbitMQ
-//! through a TCP proxy the test controls (tests/common/proxy.rs), while the
-//! test publishes a stream of mixed events (tests/common/stream.rs) and
+//! through a TCP proxy the test controls (tests/support/proxy.rs), while the
+//! test publishes a stream of mixed events (tests/support/stream.rs) and
 //! captures what comes out over a connection of its own, straight to the
 //! broker. The proxy cuts the worker's connections several times, makes the
 //! broker unreachable for a while, and stalls connections without closing
 //! them; the worker reconnects and, at the end, every account holds what the
 //! events give, `verify` exits 0, nothing is dead-lettered, every expected
 //! outbound event arrived under exactly one id and every email exactly once.
-//! (A close from the broker's side is tested in tests/worker_faults.rs.)
+//! (A close from the broker's side is tested in tests/it/worker_faults.rs.)
 //!
 //! A stalled connection tells neither end anything: only heartbeats find
 //! it. The worker uses the heartbeat negotiated with the broker: its own
@@ -16,7 +16,7 @@
 //! broker. The stall tests ask for [`HEARTBEAT_SECONDS`] so they finish
 //! quickly.
 
-mod common;
+use crate::support as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

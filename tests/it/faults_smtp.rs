@@ -12,7 +12,7 @@
 //! sink's URL carrying `timeout=2s`, so a stalled conversation costs two
 //! seconds instead of the default thirty.
 
-mod common;
+use crate::support as common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

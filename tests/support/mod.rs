@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod child;
 pub mod events;
+pub mod metrics;
 pub mod proxy;
 pub mod stream;
 

@@ -3,7 +3,7 @@
 //! and started again, and `training-credits publish FILE`. Each test has its
 //! own vhost and database, on SQLite and on PostgreSQL.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! The worker against the real RabbitMQ, SQLite and PostgreSQL, and an SMTP
 //! server on a local socket: each test has its own vhost and database.
 
-mod common;
+use crate::support as common;
 
 use std::time::Duration;
 
@@ -193,7 +193,6 @@ on_both_stores!(
 /// The dispatcher's marks ride with the next batch, on the ledger alone.
 mod marks {
     use super::common;
-    use crate::on_both_backends;
     use chrono::Duration;
     use common::World;
     use training_credits::domain::Outcome;
@@ -292,7 +291,6 @@ mod marks {
 /// workers share the outbox, it leaves a live worker's leases alone.
 mod holders {
     use super::common;
-    use crate::on_both_backends;
     use chrono::Duration;
     use common::World;
     use training_credits::domain::Outcome;

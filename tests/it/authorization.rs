@@ -8,7 +8,7 @@
 //! from a staff source are accepted, so the matrix shows a boundary, not a
 //! wall. Both backends.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -185,7 +185,7 @@ const OPEN_COMMANDS: [(&str, &str); 5] = [
     ),
     (
         "credits.redemption.cancelled",
-        "the requesting learner only, refused not_requester (tests/rules.rs)",
+        "the requesting learner only, refused not_requester (tests/it/rules.rs)",
     ),
     (
         "credits.enrollment.unenrolled",

@@ -27,12 +27,12 @@
 //! one). A longer soak:
 //!
 //! ```sh
-//! FUZZ_CASES=50000 cargo test --release --test hostile fuzz -- --nocapture
+//! FUZZ_CASES=50000 cargo test --release --test it hostile::fuzz -- --nocapture
 //! ```
 //!
 //! (`--nocapture` shows the tally of outcomes per backend.)
 
-mod common;
+use crate::support as common;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

@@ -9,7 +9,7 @@
 //! answered by exactly one outbound event, nothing was dead-lettered, and
 //! `training-credits verify` exits 0.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use training_credits::domain::Ts;
 
 use common::broker::{Client, Vhost, eventually, http_get, publish_confirmed};
 use common::child::{RunningWorker, Site};
+use common::metrics;
 
 const WORKERS: usize = 3;
 const REQUESTS: usize = 2_000;
@@ -69,18 +70,13 @@ fn approval_id(i: usize) -> String {
 async fn messages_by_outcome(worker: &RunningWorker) -> BTreeMap<String, u64> {
     let (status, body) = http_get(worker.http_addr(), "/metrics").await;
     assert_eq!(status, 200, "{} serves /metrics", worker.name);
+    let samples = metrics::samples(&body);
     let mut totals = BTreeMap::new();
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix("training_credits_messages_total{") else {
-            continue;
-        };
-        let (labels, value) = rest.split_once("} ").expect("a sample line");
-        let outcome = labels
-            .split(',')
-            .find_map(|label| label.strip_prefix("outcome=\""))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("an outcome label in {line}"));
-        let value: f64 = value.trim().parse().expect("a sample value");
+    for (sample, value) in metrics::series(&samples, "training_credits_messages_total") {
+        let outcome = sample
+            .labels
+            .get("outcome")
+            .unwrap_or_else(|| panic!("an outcome label in {sample:?}"));
         *totals.entry(outcome.to_owned()).or_insert(0) += value as u64;
     }
     totals

@@ -63,6 +63,12 @@ impl Rng {
         self.next() % n.max(1)
     }
 
+    /// An index in `0..n` (of a slice of `n`).
+    pub fn index(&mut self, n: usize) -> usize {
+        let n = u64::try_from(n).expect("a length fits in 64 bits");
+        usize::try_from(self.below(n)).expect("below a length")
+    }
+
     /// A number in `low..=high`.
     pub fn between(&mut self, low: u64, high: u64) -> u64 {
         low + self.below(high - low + 1)

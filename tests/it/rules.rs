@@ -2,7 +2,7 @@
 //! backends. Each refusal is checked for its outcome, its outbound event and
 //! for changing nothing else.
 
-mod common;
+use crate::support as common;
 
 use chrono::Duration;
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! SQLite file and on a PostgreSQL database, with its exit codes (0 success,
 //! 1 failure with a one-line reason on stderr, 2 bad usage).
 
-mod common;
+use crate::support as common;
 
 use std::process::{Command, Output};
 

@@ -12,13 +12,13 @@
 //! received it, or the real one let the worker in), so that a password that
 //! never left the process cannot make a test pass.
 
-mod common;
+use crate::support as common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::broker::{Client, Vhost, eventually, http_get};
+use common::broker::{Client, Vhost, eventually, http_get, rabbitmqctl};
 use common::events::event;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -303,19 +303,6 @@ impl RefusingSmtp {
 
 // ---------------------------------------------------------------------------
 // RabbitMQ users of the test's own.
-
-fn rabbitmqctl(args: &[&str]) {
-    let configured = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
-    let mut words = configured.split_whitespace();
-    let status = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"))
-        .args(words)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
-}
 
 /// A RabbitMQ user with a password, deleted when the test ends.
 struct BrokerUser {

@@ -25,7 +25,7 @@ use training_credits::store::Store;
 
 /// `rabbitmqctl`, or the command in `RABBITMQCTL` (for a broker in Docker:
 /// `docker compose exec -T rabbitmq rabbitmqctl`).
-fn rabbitmqctl_command() -> std::process::Command {
+pub fn rabbitmqctl_command() -> std::process::Command {
     let configured = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned());
     let mut words = configured.split_whitespace();
     let mut command = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
@@ -33,31 +33,65 @@ fn rabbitmqctl_command() -> std::process::Command {
     command
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let status = rabbitmqctl_command()
+/// Runs `rabbitmqctl ARGS`; `Err` with its stderr if it fails.
+pub fn try_rabbitmqctl(args: &[&str]) -> Result<(), String> {
+    let output = rabbitmqctl_command()
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+        .output()
+        .map_err(|error| format!("rabbitmqctl (is RabbitMQ installed? see README): {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
 }
+
+/// Runs `rabbitmqctl ARGS`, which must succeed.
+pub fn rabbitmqctl(args: &[&str]) {
+    try_rabbitmqctl(args).unwrap_or_else(|error| panic!("{error}"));
+}
+
+/// The broker the tests use, without a vhost.
+pub const AMQP_BASE: &str = "amqp://guest:guest@127.0.0.1:5672";
 
 /// A RabbitMQ vhost of the test's own, deleted when the test ends.
 pub struct Vhost {
     pub name: String,
+    /// The broker's URL without a vhost.
+    base: String,
 }
 
 impl Vhost {
     pub fn new() -> Vhost {
         let name = format!("tc_test_{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost { name }
+        Vhost::create(name, AMQP_BASE).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// The vhost `name` on the broker at `base` (a URL without a vhost),
+    /// with every permission for `guest`.
+    pub fn create(name: String, base: &str) -> Result<Vhost, String> {
+        try_rabbitmqctl(&["add_vhost", &name])?;
+        let vhost = Vhost {
+            name,
+            base: base.trim_end_matches('/').to_owned(),
+        };
+        try_rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ])?;
+        Ok(vhost)
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+        format!("{}/{}", self.base, self.name)
     }
 }
 
@@ -624,7 +658,7 @@ impl Mail {
     }
 }
 
-// Helpers for the fault tests (tests/worker_faults.rs).
+// Helpers for the fault tests (tests/it/worker_faults.rs).
 
 /// One connection the broker holds: its Erlang pid (what `close_connection`
 /// takes) and its name (`client:port -> server:port`).
@@ -747,56 +781,35 @@ impl Client {
     }
 }
 
-/// A minimal HTTP/1.1 GET over a plain TCP stream: (status, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("the HTTP server accepts");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("the request is sent");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .expect("the HTTP server answers in time")
-        .expect("the response is read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("an HTTP response: {text}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("an HTTP status line: {head}"));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, body)
+/// An HTTP GET of `path` on `addr` within `limit`: (status, body).
+pub async fn try_http_get_within(
+    addr: std::net::SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> reqwest::Result<(u16, String)> {
+    let response = reqwest::Client::builder()
+        .timeout(limit)
+        .build()?
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
 }
 
-/// The payload of a chunked HTTP body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
+/// An HTTP GET of `path` on `addr` within 10 s: (status, body).
+pub async fn try_http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> reqwest::Result<(u16, String)> {
+    try_http_get_within(addr, path, Duration::from_secs(10)).await
+}
+
+/// An HTTP GET of `path` on `addr`, which must answer within 10 s.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|error| panic!("GET {path} on {addr}: {error}"))
 }
 
 impl Vhost {
@@ -804,6 +817,12 @@ impl Vhost {
     /// `rabbitmqctl list_queues` counts them (a passive declare counts only
     /// the ready ones); `None` if there is no such queue.
     pub fn queue_messages(&self, queue: &str) -> Option<u64> {
+        self.try_queue_messages(queue)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`Vhost::queue_messages`], `Err` if `rabbitmqctl` fails.
+    pub fn try_queue_messages(&self, queue: &str) -> Result<Option<u64>, String> {
         let output = rabbitmqctl_command()
             .args([
                 "list_queues",
@@ -816,13 +835,15 @@ impl Vhost {
             ])
             .stderr(std::process::Stdio::null())
             .output()
-            .expect("rabbitmqctl runs (RabbitMQ is installed, see README)");
-        assert!(output.status.success(), "rabbitmqctl list_queues failed");
-        String::from_utf8_lossy(&output.stdout)
+            .map_err(|error| format!("rabbitmqctl (is RabbitMQ installed? see README): {error}"))?;
+        if !output.status.success() {
+            return Err("rabbitmqctl list_queues failed".to_owned());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|line| line.split_once('\t'))
             .find(|(name, _)| name.trim() == queue)
-            .and_then(|(_, count)| count.trim().parse().ok())
+            .and_then(|(_, count)| count.trim().parse().ok()))
     }
 }
 

@@ -15,7 +15,7 @@
 //! one computed from the stream), every outbound event and every email goes
 //! out once, the outbox empties, and `verify` finds nothing wrong.
 
-mod common;
+use crate::support as common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,14 +23,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use training_credits::consume::topology::WORKER_QUEUE;
 use training_credits::domain::Ts;
 use training_credits::notify::Email;
 use training_credits::store::{PgStore, Store};
 
 use common::available_now as available;
-use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually};
+use common::broker::{
+    Client, SmtpSink, TestWorker, Vhost, config, eventually, try_http_get_within,
+};
 use common::events::{event, purchase};
 use common::proxy::{Mode, Proxy};
 
@@ -229,33 +230,10 @@ fn upstream(url: &str) -> String {
 /// `/readyz`: (status, body), read with more patience than the worker's
 /// wait for a database connection (10 s), which it may spend answering.
 async fn readyz(addr: std::net::SocketAddr) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let (status, body) = try_http_get_within(addr, "/readyz", Duration::from_secs(30))
         .await
-        .expect("the HTTP server accepts");
-    let request = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("the request is sent");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
-        .await
-        .expect("/readyz answers in time")
-        .expect("the response is read");
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("an HTTP status line: {text}"));
-    // The JSON body, whether sent whole or in one chunk.
-    let body = match (text.find('{'), text.rfind('}')) {
-        (Some(start), Some(end)) if start < end => {
-            serde_json::from_str(&text[start..=end]).unwrap_or(Value::Null)
-        }
-        _ => Value::Null,
-    };
-    (status, body)
+        .expect("/readyz answers in time");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// Shows the worker's warnings when a test fails (captured otherwise).

@@ -8,7 +8,7 @@
 //! the names and arguments the broker holds, not taken from the code under
 //! test: they are what a deployment already has.
 
-mod common;
+use crate::support as common;
 
 use std::time::Duration;
 

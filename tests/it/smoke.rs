@@ -1,6 +1,6 @@
 //! A first walk through the ledger on both backends.
 
-mod common;
+use crate::support as common;
 
 use common::World;
 use training_credits::domain::Outcome;

@@ -3,7 +3,7 @@
 //! column choice; formula neutralisation; the `report` command on the real
 //! binary; and requested reports emailed by the worker (SPEC §5.1, §5.2).
 
-mod common;
+use crate::support as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

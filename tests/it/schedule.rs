@@ -5,7 +5,7 @@
 //! daily reports, catch-up after downtime, a failed job given back, and two
 //! workers on one PostgreSQL database running each firing exactly once.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

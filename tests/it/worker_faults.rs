@@ -5,7 +5,7 @@
 //! command line, and the ops endpoints. Each test has its own vhost and
 //! database; every outcome is waited for on something observable, bounded.
 
-mod common;
+use crate::support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

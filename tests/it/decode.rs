@@ -6,7 +6,7 @@
 //! `unknown_request`), and what must survive untouched: hostile text and the
 //! good messages of a batch that also holds bad ones.
 
-mod common;
+use crate::support as common;
 
 use std::sync::LazyLock;
 

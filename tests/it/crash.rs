@@ -1,9 +1,9 @@
 //! Crash safety: `training-credits run` as a child process under a stream of
-//! mixed events (tests/common/stream.rs), killed with SIGKILL at random
+//! mixed events (tests/support/stream.rs), killed with SIGKILL at random
 //! moments and started again each time; at the end every account holds
 //! what the events give by plain sums, `verify` exits 0, nothing was
 //! dead-lettered, and no outbound event and no email was lost or produced
-//! twice (by cause; see tests/common/stream.rs for the exact definition).
+//! twice (by cause; see tests/support/stream.rs for the exact definition).
 //! On SQLite and on PostgreSQL.
 //!
 //! The moments are drawn from a seeded generator; the seed is printed and
@@ -11,7 +11,7 @@
 //! CI; a longer soak:
 //!
 //! ```text
-//! CRASH_SOAK_EVENTS=50000 CRASH_SOAK_KILLS=100 cargo test --test crash -- --nocapture
+//! CRASH_SOAK_EVENTS=50000 CRASH_SOAK_KILLS=100 cargo test --test it crash:: -- --nocapture
 //! ```
 //!
 //! A killed worker leaves the outbox rows it had leased; the next worker
@@ -21,7 +21,7 @@
 //! whose events and emails are stuck and checks that its successor sends
 //! them all within [`RESTART_SENDS_WITHIN`].
 
-mod common;
+use crate::support as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,7 +5,7 @@
 //! - delivering every message twice, in batches of any size, leaves the same
 //!   ledger and the same outbox as delivering each once.
 
-mod common;
+use crate::support as common;
 
 use std::collections::BTreeMap;
 

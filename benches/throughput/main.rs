@@ -1,0 +1,259 @@
+//! The throughput benchmark (issue 5): `cargo bench --bench throughput`.
+//!
+//! For each backend (SQLite, then PostgreSQL), on this machine's RabbitMQ and
+//! PostgreSQL, in RabbitMQ vhosts and databases of its own (deleted at the
+//! end), it measures and prints in one table:
+//!
+//! 1. the broker ceiling: N persistent messages (the workload's own bodies)
+//!    published with confirms to a durable quorum scratch queue, then consumed
+//!    with prefetch 1000 and one multiple-ack per batch; messages per second
+//!    of the consume phase; then the same bodies through the broker alone on
+//!    the worker's path (a relay in the bench instead of the worker): about
+//!    what a worker whose own work cost nothing would reach here;
+//! 2. N realistic inbound events published to `training-credits.in` before
+//!    the worker starts, then the real release binary (`training-credits
+//!    run`) started and timed until every message is applied and acknowledged
+//!    and every expected outbound event has arrived on a capture queue bound
+//!    to `training-credits.out`; events per second and the ratio to (1);
+//! 3. with that worker idle, publish-to-outbound-event latency (p50, p99) at
+//!    a steady rate (default 1,000 events/s for 10 s), and the same with the
+//!    broker alone (a relay in the bench instead of the worker, in step 1);
+//! 4. the worker's peak RSS (`VmHWM`, polled);
+//! 5. step 2 again on a ledger that already holds 1,000,000 journal entries
+//!    (filled by SQL in the binary's own schema), and its ratio to step 2.
+//!
+//! After every worker run it runs `training-credits verify` and checks that
+//! exactly the expected outbound events arrived (one per applied inbound
+//! event, none for duplicates and malformed messages); a failure prints a
+//! warning and makes the bench exit non-zero. The targets of issue 5 are
+//! reported, never asserted.
+//!
+//! Options (after `--`): `--events N` (20000), `--accounts N` (1000),
+//! `--history N` (1000000; 0 skips step 5), `--backends sqlite,postgres`,
+//! `--rate N` (1000) and `--latency-seconds N` (10) for step 3,
+//! `--postgres URL` (admin URL; default `TEST_POSTGRES_URL` or
+//! `postgres://postgres@127.0.0.1:5432/postgres`), `--amqp URL` (broker
+//! without vhost; default `amqp://guest:guest@127.0.0.1:5672`). `PREFETCH`
+//! and `BATCH_SIZE` in the environment are passed on to the worker. `--keep`
+//! keeps the databases (and prints their URLs) for inspection.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod broker;
+mod cpu;
+mod database;
+mod options;
+mod relay;
+mod run;
+mod table;
+mod worker;
+mod workload;
+
+use broker::*;
+use cpu::*;
+use database::*;
+use options::*;
+use relay::*;
+use run::*;
+use table::*;
+use worker::*;
+use workload::*;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use support::BINARY;
+use support::broker::{Vhost, try_http_get};
+use support::stream::{Rng, cents};
+
+/// Credits of the funded lot every pre-existing account starts with, in cents.
+const SEED_CREDITS_CENTS: i64 = 100_000_000;
+/// Learners of the workload (a subset of the history's learners).
+const WORKLOAD_LEARNERS: usize = 5_000;
+/// Learners of the history: each has about ten approved redemptions.
+const HISTORY_LEARNERS: u64 = 100_000;
+/// Spent and expired lots per account in the history.
+const OLD_LOTS: u64 = 19;
+/// Cost of each redemption of the history, in cents.
+const HISTORY_COST_CENTS: i64 = 2_500;
+/// Publisher-confirm window when loading a queue.
+const CONFIRM_WINDOW: usize = 1_000;
+/// A run that makes no progress for this long has failed.
+const STALL_LIMIT: Duration = Duration::from_secs(90);
+
+type BenchResult<T> = Result<T, String>;
+
+fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |error| format!("{what}: {error}")
+}
+
+// ---------------------------------------------------------------------------
+// One backend: steps 1 to 5
+
+struct Row {
+    backend: Backend,
+    ceiling: Ceiling,
+    empty: Run,
+    history: Option<Run>,
+    fill_seconds: f64,
+}
+
+async fn prepare(
+    backend: Backend,
+    options: &Options,
+    tag: &str,
+    history: u64,
+) -> BenchResult<(Database, f64)> {
+    let database = Database::create(backend, options, tag).await?;
+    run_command(&["migrate"], &database.url)?;
+    let started = Instant::now();
+    let dialect = Dialect {
+        backend,
+        now_micros: chrono::Utc::now().timestamp_micros(),
+    };
+    let accounts = options.accounts as u64;
+    database.execute(&seed_sql(&dialect, accounts)).await?;
+    if history > 0 {
+        database
+            .execute(&history_sql(&dialect, accounts, history))
+            .await?;
+    }
+    // A ledger in service has been vacuumed and checkpointed: the run
+    // should not pay for the bulk load.
+    match backend {
+        Backend::Postgres => {
+            database.execute("VACUUM ANALYZE").await?;
+            database.execute("CHECKPOINT").await?;
+        }
+        Backend::Sqlite => database.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?,
+    }
+    Ok((database, started.elapsed().as_secs_f64()))
+}
+
+async fn bench_backend(
+    backend: Backend,
+    options: &Options,
+    workload: &Workload,
+    steady: &Workload,
+) -> BenchResult<Row> {
+    let pid = std::process::id();
+    let tag = backend.tag();
+    eprintln!("{}:", backend.label());
+    let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}"), &options.amqp)?;
+    let steady = (options.latency_seconds > 0).then_some((steady, options.rate));
+    let ceiling = broker_ceiling(&vhost, &workload.messages, steady).await?;
+    eprintln!(
+        "  broker ceiling: published {:.0} msg/s, consumed {:.0} msg/s; relayed {:.0} msg/s",
+        ceiling.publish_per_second, ceiling.consume_per_second, ceiling.relay_per_second
+    );
+    let (database, _) = prepare(backend, options, &format!("{tag}_empty"), 0).await?;
+    let empty = worker_run("empty ledger", &vhost, &database, workload, steady).await?;
+    drop(database);
+    drop(vhost);
+    eprintln!(
+        "  empty ledger: {:.0} events/s ({:.1} s); verify {}, outbound {}",
+        empty.events_per_second,
+        empty.seconds,
+        ok(empty.verify_ok),
+        ok(empty.outbound_ok)
+    );
+    let mut history = None;
+    let mut fill_seconds = 0.0;
+    if options.history > 0 {
+        eprintln!(
+            "  filling a ledger with {} journal entries…",
+            thousands(options.history as f64)
+        );
+        let (database, seconds) =
+            prepare(backend, options, &format!("{tag}_history"), options.history).await?;
+        fill_seconds = seconds;
+        let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}_history"), &options.amqp)?;
+        let run = worker_run("with history", &vhost, &database, workload, None).await?;
+        eprintln!(
+            "  with history: {:.0} events/s ({:.1} s); verify {}, outbound {}",
+            run.events_per_second,
+            run.seconds,
+            ok(run.verify_ok),
+            ok(run.outbound_ok)
+        );
+        history = Some(run);
+    }
+    Ok(Row {
+        backend,
+        ceiling,
+        empty,
+        history,
+        fill_seconds,
+    })
+}
+
+async fn bench(options: Options) -> BenchResult<bool> {
+    let mut generator = Generator::new(options.accounts);
+    let workload = generator.workload(options.events);
+    let steady = generator.steady(options.rate as usize * options.latency_seconds as usize);
+    eprintln!(
+        "training-credits throughput bench: {} events ({} valid, {} duplicates, {} malformed), \
+         {} accounts, history {}, backends {:?}; worker {BINARY}{}{}",
+        workload.messages.len(),
+        workload.expected.len(),
+        workload.duplicates,
+        workload.malformed,
+        options.accounts,
+        options.history,
+        options.backends,
+        std::env::var("PREFETCH").map_or(String::new(), |v| format!(", PREFETCH={v}")),
+        std::env::var("BATCH_SIZE").map_or(String::new(), |v| format!(", BATCH_SIZE={v}")),
+    );
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for backend in &options.backends {
+        match bench_backend(*backend, &options, &workload, &steady).await {
+            Ok(row) => rows.push(row),
+            Err(error) => {
+                eprintln!("WARNING: {}: {error}", backend.label());
+                failures.push(format!("{}: {error}", backend.label()));
+            }
+        }
+    }
+    print_table(&rows, &options, &workload);
+    let mut correct = failures.is_empty();
+    for row in &rows {
+        for run in std::iter::once(&row.empty).chain(row.history.as_ref()) {
+            if !run.problems.is_empty() || !run.verify_ok || !run.outbound_ok {
+                correct = false;
+            }
+        }
+    }
+    for failure in &failures {
+        println!("WARNING: the run failed: {failure}");
+    }
+    if !correct {
+        println!("WARNING: correctness problems above: the bench exits non-zero.");
+    }
+    Ok(correct)
+}
+
+fn main() -> ExitCode {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("throughput: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("throughput: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(bench(options)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("throughput: {error}");
+            ExitCode::from(1)
+        }
+    }
+}

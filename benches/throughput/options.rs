@@ -1,0 +1,116 @@
+//! The bench's options: what to run, how much, and where.
+
+use std::str::FromStr;
+
+use crate::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// Issue 5: throughput as a share of the broker ceiling.
+    pub fn target_ratio(self) -> f64 {
+        match self {
+            Backend::Sqlite => 0.25,
+            Backend::Postgres => 0.40,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub events: usize,
+    pub accounts: usize,
+    pub history: u64,
+    pub backends: Vec<Backend>,
+    pub rate: u32,
+    pub latency_seconds: u32,
+    pub postgres: String,
+    pub amqp: String,
+    /// Keep the databases (for inspection) instead of dropping them.
+    pub keep: bool,
+}
+
+pub const USAGE: &str = "cargo bench --bench throughput [-- [--events N] [--accounts N] [--history N] \
+[--backends sqlite,postgres] [--rate N] [--latency-seconds N] [--postgres URL] [--amqp URL] [--keep]]";
+
+pub fn parse_options() -> BenchResult<Options> {
+    let mut options = Options {
+        events: 20_000,
+        accounts: 1_000,
+        history: 1_000_000,
+        backends: vec![Backend::Sqlite, Backend::Postgres],
+        rate: 1_000,
+        latency_seconds: 10,
+        postgres: std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        amqp: "amqp://guest:guest@127.0.0.1:5672".to_owned(),
+        keep: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) => (name.to_owned(), Some(value.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        fn number<T: FromStr>(name: &str, text: String) -> BenchResult<T> {
+            text.replace('_', "")
+                .parse()
+                .map_err(|_| format!("{name}: `{text}` is not a number"))
+        }
+        match name.as_str() {
+            // What cargo passes to every bench binary.
+            "--bench" => {}
+            "--keep" => options.keep = true,
+            "--events" => options.events = number(&name, value()?)?,
+            "--accounts" => options.accounts = number(&name, value()?)?,
+            "--history" => options.history = number(&name, value()?)?,
+            "--rate" => options.rate = number(&name, value()?)?,
+            "--latency-seconds" => options.latency_seconds = number(&name, value()?)?,
+            "--postgres" => options.postgres = value()?,
+            "--amqp" => options.amqp = value()?.trim_end_matches('/').to_owned(),
+            "--backends" => {
+                options.backends = value()?
+                    .split(',')
+                    .map(|b| match b.trim() {
+                        "sqlite" => Ok(Backend::Sqlite),
+                        "postgres" | "postgresql" => Ok(Backend::Postgres),
+                        other => Err(format!("--backends: unknown backend `{other}`")),
+                    })
+                    .collect::<BenchResult<_>>()?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument `{other}`; usage: {USAGE}")),
+        }
+    }
+    if options.events < 100 || options.accounts < 10 || options.rate == 0 {
+        return Err("--events must be ≥ 100, --accounts ≥ 10 and --rate ≥ 1".to_owned());
+    }
+    Ok(options)
+}
