@@ -20,7 +20,7 @@
 //! [`cli`] holds one file per command.
 //!
 //! Dependencies run one way, each module using only those of the layers
-//! below its own (`tests/layers.rs` reads this table and checks every use):
+//! below its own (`tests/it/layers.rs` reads this table and checks every use):
 //!
 //! | layer | modules |
 //! |---|---|

@@ -14,8 +14,8 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, PublisherConfirm};
 use serde_json::Value;
-use training_credits::consume::persistent_cloudevent;
-use training_credits::consume::topology::{OUTBOUND_EXCHANGE, long_string};
+use training_credits::broker::persistent_cloudevent;
+use training_credits::broker::topology::{OUTBOUND_EXCHANGE, long_string};
 
 use crate::*;
 

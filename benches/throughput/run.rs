@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
+use training_credits::broker::connect;
+use training_credits::broker::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, WORKER_QUEUE};
 use training_credits::config::Config;
-use training_credits::consume::connect;
-use training_credits::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, WORKER_QUEUE};
 
 use crate::*;
 

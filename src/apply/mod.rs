@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use chrono::Duration;
 
-pub use crate::config::Settings;
+use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;

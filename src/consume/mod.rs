@@ -6,8 +6,6 @@
 //! with their reason; both are confirmed by the broker before the batch is
 //! acknowledged, so a crash at any point loses nothing.
 
-pub use crate::broker::{connect, persistent_cloudevent, topology};
-
 use std::mem::take;
 use std::pin::pin;
 use std::sync::Arc;
@@ -25,9 +23,9 @@ use lapin::{Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
-use crate::broker::keep_original_routing_key;
 use crate::broker::topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
 use crate::broker::upgrade::{self, UpgradeError};
+use crate::broker::{connect, keep_original_routing_key};
 use crate::config::redact;
 use crate::decode::{Malformed, Schemas, decode};
 use crate::domain::{DeadReason, Outcome, RetryReason, Ts};

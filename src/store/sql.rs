@@ -506,24 +506,6 @@ where
         Ok(())
     }
 
-    // The outbox's lease holders and rows, also callable on a concrete store
-    // without importing [`Outbox`], as tests of one backend call them.
-
-    /// [`Outbox::register_holder`].
-    pub async fn register_holder(&self) -> Result<Holder, StoreError> {
-        Outbox::register_holder(self).await
-    }
-
-    /// [`Outbox::release_dead_holders`].
-    pub async fn release_dead_holders(&self, me: HolderId, now: Ts) -> Result<u64, StoreError> {
-        Outbox::release_dead_holders(self, me, now).await
-    }
-
-    /// [`Outbox::pending_outbox`].
-    pub async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-        Outbox::pending_outbox(self, limit).await
-    }
-
     /// Runs `statement`, which ends in [`Backend::IN_LIST`], with `items`
     /// bound as its list: the text is the same however many items there
     /// are, so the statement is prepared once per connection.

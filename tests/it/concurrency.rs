@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use training_credits::consume::topology::{DEAD_QUEUE, WORKER_QUEUE, retry_queue};
+use training_credits::broker::topology::{DEAD_QUEUE, WORKER_QUEUE, retry_queue};
 use training_credits::domain::Ts;
 
 use common::broker::{Client, Vhost, eventually, http_get, publish_confirmed};

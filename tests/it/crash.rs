@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use training_credits::consume::topology::WORKER_QUEUE;
+use training_credits::broker::topology::WORKER_QUEUE;
 use training_credits::dispatch::UNMARKED_MAX;
 use training_credits::outbox::handoff::{CLAIM_ROWS_MAX, EMAILS_PER_ROUND, LEASE};
 use training_credits::store::{OutboxKind, Store};

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use training_credits::consume::topology::WORKER_QUEUE;
+use training_credits::broker::topology::WORKER_QUEUE;
 use training_credits::store::Store;
 
 use common::broker::{Client, SmtpSink, Vhost, eventually, publish_confirmed};

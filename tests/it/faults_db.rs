@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use training_credits::consume::topology::WORKER_QUEUE;
+use training_credits::broker::topology::WORKER_QUEUE;
 use training_credits::domain::Ts;
 use training_credits::notify::Email;
 use training_credits::store::{PgStore, Store};

@@ -21,6 +21,7 @@ mod faults_broker;
 mod faults_db;
 mod faults_smtp;
 mod hostile;
+mod layers;
 mod properties;
 mod reports;
 mod rules;

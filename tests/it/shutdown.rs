@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use training_credits::consume::topology::WORKER_QUEUE;
+use training_credits::broker::topology::WORKER_QUEUE;
 use training_credits::store::Store;
 
 use common::broker::{Client, TestWorker, Vhost, config, eventually, publish_confirmed};

@@ -294,7 +294,7 @@ mod holders {
     use chrono::Duration;
     use common::World;
     use training_credits::domain::Outcome;
-    use training_credits::store::{HolderId, OutboxKind, OutboxRow, Store};
+    use training_credits::store::{HolderId, Outbox, OutboxKind, OutboxRow, Store};
 
     const KINDS: [OutboxKind; 2] = [OutboxKind::Event, OutboxKind::Email];
 

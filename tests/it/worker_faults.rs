@@ -18,8 +18,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Value, json};
-use training_credits::consume::persistent_cloudevent;
-use training_credits::consume::topology::{
+use training_credits::broker::persistent_cloudevent;
+use training_credits::broker::topology::{
     DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND_EXCHANGE, long_string, retry_queue,
 };
 use training_credits::domain::Ts;

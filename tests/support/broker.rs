@@ -18,9 +18,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use training_credits::broker::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND_EXCHANGE};
+use training_credits::broker::{connect, persistent_cloudevent};
 use training_credits::config::Config;
-use training_credits::consume::topology::{DEAD_QUEUE, INBOUND_EXCHANGE, OUTBOUND_EXCHANGE};
-use training_credits::consume::{connect, persistent_cloudevent};
 use training_credits::store::Store;
 
 /// `rabbitmqctl`, or the command in `RABBITMQCTL` (for a broker in Docker:

@@ -14,7 +14,8 @@ pub mod stream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
-use training_credits::apply::{Applier, Input, Settings};
+use training_credits::apply::{Applier, Input};
+use training_credits::config::Settings;
 use training_credits::decode::{Malformed, Schemas, decode};
 use training_credits::domain::model::Account;
 use training_credits::domain::rules::Policy;

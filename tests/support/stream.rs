@@ -440,7 +440,7 @@ impl Stream {
             std::time::Duration::from_secs(60),
             "the setup to be applied",
             || async {
-                vhost.queue_messages(training_credits::consume::topology::WORKER_QUEUE) == Some(0)
+                vhost.queue_messages(training_credits::broker::topology::WORKER_QUEUE) == Some(0)
             },
         )
         .await;
