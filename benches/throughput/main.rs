@@ -37,9 +37,15 @@
 //! and `BATCH_SIZE` in the environment are passed on to the worker. `--keep`
 //! keeps the databases (and prints their URLs) for inspection.
 
+// The helpers shared with the integration tests (a vhost, the seeded RNG,
+// HTTP GET, `/metrics` samples): one copy, in `tests/support`.
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+// The bench's parts: its options, the workload, RabbitMQ (loading a queue,
+// capturing), the broker alone (step 1, `relay`), the databases, the worker
+// process and its commands, where the CPU went, one worker run (steps 2–5)
+// and the table. Each sees the others through `use crate::*`.
 mod broker;
 mod cpu;
 mod database;

@@ -1,7 +1,9 @@
 //! The test harness: a [`World`] per test, with its own database (a SQLite
 //! file in a temporary folder, or a PostgreSQL database created for it and
 //! dropped after), a controlled clock, and helpers that drive the ledger by
-//! steps: send a message, run the jobs, read the outbox, verify.
+//! steps: send a message, run the jobs, read the outbox, verify. The
+//! integration tests (`tests/it`) and the throughput bench share it (the
+//! bench through `#[path]`), so each helper has one copy.
 #![allow(dead_code)]
 
 pub mod broker;
