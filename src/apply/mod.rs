@@ -193,17 +193,12 @@ impl<S: Store> Applier<S> {
         let mut rows = Vec::new();
         for effect in effects {
             match effect {
-                Effect::Event {
-                    kind,
-                    account_id,
-                    data,
-                } => {
+                Effect::Event { account_id, event } => {
                     let id = derived_id(&input.key, rows.len());
                     let event = OutboundEvent {
                         id: &id,
-                        kind,
+                        event,
                         account_id: account_id.as_ref(),
-                        data,
                         causation_id: &input.causation_id,
                         time: now,
                     }
@@ -215,14 +210,13 @@ impl<S: Store> Applier<S> {
                         now,
                     ));
                 }
-                Effect::Email { to, template, vars } => {
+                Effect::Email { to, notice } => {
                     for recipient in to {
                         let id = derived_id(&input.key, rows.len());
                         let email = self
                             .renderer
                             .render(
-                                template,
-                                vars,
+                                notice,
                                 recipient,
                                 format!("<{id}@training-credits>"),
                                 &input.causation_id,

@@ -283,7 +283,10 @@ impl<S: Store> Consumer<S> {
                     metrics::counter!(metric::MESSAGES, "type" => input.command.type_name(), "outcome" => outcome.label()).increment(1);
                     tracing::debug!(event_id = %input.key.id, source = %input.key.source, r#type = input.command.type_name(), account = ?input.command.account_id(), outcome = outcome.label(), "Applied.");
                     match outcome {
-                        Outcome::Applied | Outcome::Duplicate | Outcome::Refused(_) => Fate::Done,
+                        Outcome::Applied
+                        | Outcome::Duplicate
+                        | Outcome::Rejected(_)
+                        | Outcome::Refused(_) => Fate::Done,
                         Outcome::Retry { reason, detail } => Fate::Retry { reason, detail },
                         Outcome::Dead { reason, detail } => Fate::Dead { reason, detail },
                     }

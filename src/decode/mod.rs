@@ -11,7 +11,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::domain::DeadReason;
-use crate::domain::command::Command;
+use crate::domain::command::{Command, InboundType};
 use crate::domain::rules::{
     PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, REDEMPTION_COST_MAX, REDEMPTION_COST_MIN,
 };
@@ -30,7 +30,7 @@ pub struct EventKey {
 #[derive(Clone, Debug)]
 pub struct Decoded {
     pub key: EventKey,
-    pub type_name: String,
+    pub kind: InboundType,
     /// SHA-256 of the event's `type` and canonical `data`: the same key with
     /// another digest is an `id_conflict`.
     pub digest: String,
@@ -106,13 +106,13 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
     }
     let envelope: Envelope = serde_json::from_value(value.clone())
         .map_err(|e| with_key(DeadReason::InvalidEnvelope, e.to_string()))?;
-    let Some(validator) = schemas.inbound(&envelope.type_name) else {
+    let Some(kind) = InboundType::parse(&envelope.type_name) else {
         return Err(with_key(
             DeadReason::UnknownType,
             format!("`{}` is not an inbound type", envelope.type_name),
         ));
     };
-    if let Err(error) = validator.validate(&envelope.data) {
+    if let Err(error) = schemas.inbound(kind).validate(&envelope.data) {
         return Err(with_key(
             DeadReason::SchemaViolation,
             format!("{error}{}", at(&format!("/data{}", error.instance_path()))),
@@ -121,8 +121,8 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
     if let Some(path) = nul_in(&envelope.data, "/data".to_owned()) {
         return Err(with_key(DeadReason::SchemaViolation, nul_detail(&path)));
     }
-    let tagged = serde_json::json!({"type": envelope.type_name, "data": envelope.data});
-    let command: Command = serde_json::from_value(tagged)
+    let digest = digest(kind.as_str(), &envelope.data);
+    let command = Command::decode(kind, envelope.data)
         .map_err(|e| with_key(DeadReason::SchemaViolation, e.to_string()))?;
     if let Err(detail) = check_ranges(&command) {
         return Err(with_key(DeadReason::SchemaViolation, detail));
@@ -132,8 +132,8 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
             source: envelope.source,
             id: envelope.id,
         },
-        digest: digest(&envelope.type_name, &envelope.data),
-        type_name: envelope.type_name,
+        digest,
+        kind,
         command,
     })
 }

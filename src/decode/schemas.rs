@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use jsonschema::Validator;
 use serde_json::Value;
 
+use crate::domain::command::InboundType;
+
 /// A schema file that is not valid JSON or not a valid schema: a build defect.
 #[derive(Debug, thiserror::Error)]
 #[error("schema `{name}` is broken: {detail}")]
@@ -70,7 +72,7 @@ const OUTBOUND_ENVELOPE: &str = include_str!(concat!(
 pub struct Schemas {
     envelope: Validator,
     outbound_envelope: Validator,
-    inbound: HashMap<&'static str, Validator>,
+    inbound: HashMap<InboundType, Validator>,
     outbound: HashMap<&'static str, Validator>,
 }
 
@@ -100,7 +102,20 @@ impl Schemas {
         Ok(Schemas {
             envelope: compile("cloudevent", ENVELOPE)?,
             outbound_envelope: compile("outbound-cloudevent", OUTBOUND_ENVELOPE)?,
-            inbound: compile_all(INBOUND)?,
+            inbound: InboundType::ALL
+                .iter()
+                .map(|kind| {
+                    let name = kind.as_str();
+                    let text = INBOUND
+                        .iter()
+                        .find_map(|(file, text)| (*file == name).then_some(*text))
+                        .ok_or_else(|| SchemaError {
+                            name: name.to_owned(),
+                            detail: "no schema file".to_owned(),
+                        })?;
+                    Ok((*kind, compile(name, text)?))
+                })
+                .collect::<Result<_, SchemaError>>()?,
             outbound: compile_all(OUTBOUND)?,
         })
     }
@@ -109,12 +124,8 @@ impl Schemas {
         &self.envelope
     }
 
-    pub fn inbound(&self, type_name: &str) -> Option<&Validator> {
-        self.inbound.get(type_name)
-    }
-
-    pub fn inbound_types(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.inbound.keys().copied()
+    pub fn inbound(&self, kind: InboundType) -> &Validator {
+        &self.inbound[&kind]
     }
 
     /// Checks an outbound CloudEvent against its envelope and `data` schema;
@@ -131,5 +142,25 @@ impl Schemas {
         validator
             .validate(&event["data"])
             .map_err(|e| format!("{type_name}: {e} at `{}`", e.instance_path()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut names: Vec<&str> = names.collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn every_inbound_type_has_a_schema_and_every_schema_a_type() {
+        assert_eq!(
+            sorted(INBOUND.iter().map(|(name, _)| *name)),
+            sorted(InboundType::ALL.iter().map(|kind| kind.as_str()))
+        );
+        Schemas::load().expect("the schemas compile");
     }
 }

@@ -2,12 +2,12 @@
 //! `REPORTS_DIR` and emailed as an attachment; a requested one is announced
 //! with `training-credits.report.generated`.
 
-use serde_json::json;
-
 use super::{DispatchError, Dispatcher};
 use crate::domain::Ts;
 use crate::domain::command::ReportFormat;
+use crate::domain::event::Event;
 use crate::domain::ledger::Recipient;
+use crate::domain::notice::Notice;
 use crate::notify::Attachment;
 use crate::ops::metric;
 use crate::outbox::{OutboundEvent, derived_uuid};
@@ -62,8 +62,11 @@ impl<S: Store> Dispatcher<S> {
         let mut email = self
             .renderer
             .render(
-                "report_ready",
-                &json!({"title": job.title, "filename": filename, "rows": rows}),
+                &Notice::ReportReady {
+                    title: job.title.clone(),
+                    filename: filename.clone(),
+                    rows,
+                },
                 &recipient,
                 format!("<{}@training-credits>", row.id),
                 &job.causation_id,
@@ -91,14 +94,13 @@ impl<S: Store> Dispatcher<S> {
         let id = derived_uuid(&format!("{}\ngenerated", row.id));
         let event = OutboundEvent {
             id: &id,
-            kind: "training-credits.report.generated",
+            event: &Event::ReportGenerated {
+                report: request.report,
+                format: request.format,
+                rows,
+                recipient: request.recipient.clone(),
+            },
             account_id: request.account_id.as_ref(),
-            data: &json!({
-                "report": request.report,
-                "format": request.format,
-                "rows": rows,
-                "recipient": request.recipient,
-            }),
             causation_id: &job.causation_id,
             time: now,
         }

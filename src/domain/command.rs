@@ -9,63 +9,88 @@ use super::model::{ApprovalMode, Item, Learner, Owner, Price, Scope};
 use super::money::Credits;
 use super::time::Ts;
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(tag = "type", content = "data")]
-pub enum Command {
-    #[serde(rename = "credits.account.opened")]
-    AccountOpened(AccountOpened),
-    #[serde(rename = "credits.account.updated")]
-    AccountUpdated(AccountUpdated),
-    #[serde(rename = "credits.account.owner_added")]
-    OwnerAdded(OwnerAdded),
-    #[serde(rename = "credits.account.owner_removed")]
-    OwnerRemoved(OwnerRemoved),
-    #[serde(rename = "credits.account.code_rotated")]
-    CodeRotated(CodeRotated),
-    #[serde(rename = "credits.account.closed")]
-    AccountClosed(AccountClosed),
-    #[serde(rename = "credits.purchase.completed")]
-    PurchaseCompleted(PurchaseCompleted),
-    #[serde(rename = "credits.lot.extended")]
-    LotExtended(LotExtended),
-    #[serde(rename = "credits.redemption.requested")]
-    RedemptionRequested(RedemptionRequested),
-    #[serde(rename = "credits.redemption.approved")]
-    RedemptionApproved(RedemptionDecided),
-    #[serde(rename = "credits.redemption.denied")]
-    RedemptionDenied(RedemptionDecided),
-    #[serde(rename = "credits.redemption.cancelled")]
-    RedemptionCancelled(RedemptionCancelled),
-    #[serde(rename = "credits.enrollment.unenrolled")]
-    Unenrolled(Unenrolled),
-    #[serde(rename = "credits.report.requested")]
-    ReportRequested(ReportRequested),
-    /// The scheduled jobs (expiry sweep, reminders, pending timeout) as of an
-    /// instant; never read from a message.
-    #[serde(skip)]
-    Sweep { account_id: Id },
+/// Declares, from one table, every inbound `type` of SPEC §5.1 with its name
+/// on the wire and the command its `data` decodes into: [`InboundType`] and
+/// [`Command`].
+macro_rules! inbound_types {
+    ($($kind:ident => $name:literal ($data:ty),)*) => {
+        /// The `type` of an inbound event (SPEC §5.1).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum InboundType {
+            $($kind,)*
+        }
+
+        impl InboundType {
+            pub const ALL: &[InboundType] = &[$(InboundType::$kind,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(InboundType::$kind => $name,)*
+                }
+            }
+
+            pub fn parse(name: &str) -> Option<InboundType> {
+                match name {
+                    $($name => Some(InboundType::$kind),)*
+                    _ => None,
+                }
+            }
+        }
+
+        /// What an inbound event asks of the ledger, or a scheduled job.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Command {
+            $($kind($data),)*
+            /// The scheduled jobs (expiry sweep, reminders, pending timeout)
+            /// as of an instant; never read from a message.
+            Sweep { account_id: Id },
+        }
+
+        impl Command {
+            /// The command of an inbound event of type `kind`.
+            pub fn decode(
+                kind: InboundType,
+                data: serde_json::Value,
+            ) -> Result<Command, serde_json::Error> {
+                Ok(match kind {
+                    $(InboundType::$kind => Command::$kind(<$data>::deserialize(data)?),)*
+                })
+            }
+
+            /// The inbound type this command came from; `None` for the sweep.
+            pub fn kind(&self) -> Option<InboundType> {
+                match self {
+                    $(Command::$kind(_) => Some(InboundType::$kind),)*
+                    Command::Sweep { .. } => None,
+                }
+            }
+        }
+    };
 }
 
+inbound_types! {
+    AccountOpened => "credits.account.opened" (AccountOpened),
+    AccountUpdated => "credits.account.updated" (AccountUpdated),
+    OwnerAdded => "credits.account.owner_added" (OwnerAdded),
+    OwnerRemoved => "credits.account.owner_removed" (OwnerRemoved),
+    CodeRotated => "credits.account.code_rotated" (CodeRotated),
+    AccountClosed => "credits.account.closed" (AccountClosed),
+    PurchaseCompleted => "credits.purchase.completed" (PurchaseCompleted),
+    LotExtended => "credits.lot.extended" (LotExtended),
+    RedemptionRequested => "credits.redemption.requested" (RedemptionRequested),
+    RedemptionApproved => "credits.redemption.approved" (RedemptionDecided),
+    RedemptionDenied => "credits.redemption.denied" (RedemptionDecided),
+    RedemptionCancelled => "credits.redemption.cancelled" (RedemptionCancelled),
+    Unenrolled => "credits.enrollment.unenrolled" (Unenrolled),
+    ReportRequested => "credits.report.requested" (ReportRequested),
+}
+
+serialize_as_str!(InboundType);
+
 impl Command {
-    /// The inbound `type` this command came from.
+    /// The name logs and metrics give this command.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            Command::AccountOpened(_) => "credits.account.opened",
-            Command::AccountUpdated(_) => "credits.account.updated",
-            Command::OwnerAdded(_) => "credits.account.owner_added",
-            Command::OwnerRemoved(_) => "credits.account.owner_removed",
-            Command::CodeRotated(_) => "credits.account.code_rotated",
-            Command::AccountClosed(_) => "credits.account.closed",
-            Command::PurchaseCompleted(_) => "credits.purchase.completed",
-            Command::LotExtended(_) => "credits.lot.extended",
-            Command::RedemptionRequested(_) => "credits.redemption.requested",
-            Command::RedemptionApproved(_) => "credits.redemption.approved",
-            Command::RedemptionDenied(_) => "credits.redemption.denied",
-            Command::RedemptionCancelled(_) => "credits.redemption.cancelled",
-            Command::Unenrolled(_) => "credits.enrollment.unenrolled",
-            Command::ReportRequested(_) => "credits.report.requested",
-            Command::Sweep { .. } => "schedule.sweep",
-        }
+        self.kind().map_or("schedule.sweep", InboundType::as_str)
     }
 
     /// The account a command names directly, if any.

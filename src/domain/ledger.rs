@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use super::command::ReportRequested;
+use super::event::Event;
 use super::ids::{CodeKey, Email, Id};
 use super::model::{Account, Redemption};
 use super::money::Credits;
+use super::notice::Notice;
 use super::time::Ts;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,19 +106,14 @@ pub struct Recipient {
 /// Something to tell the world once the transaction has committed.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    /// An outbound event; `account_id` and `causation_id` are added to `data`
-    /// when it is written to the outbox.
+    /// An outbound event about an account (none for a refusal that names
+    /// no known account).
     Event {
-        kind: &'static str,
         account_id: Option<Id>,
-        data: Value,
+        event: Event,
     },
     /// A notification email, one per recipient.
-    Email {
-        to: Vec<Recipient>,
-        template: &'static str,
-        vars: Value,
-    },
+    Email { to: Vec<Recipient>, notice: Notice },
     /// A report to build and send (SPEC §5.1 `credits.report.requested`).
     Report(ReportRequested),
 }

@@ -165,8 +165,12 @@ pub enum Outcome {
     Applied,
     /// Seen before (by event key or business key): nothing changed.
     Duplicate,
-    /// A business refusal, recorded and announced by an outbound event.
-    Refused(&'static str),
+    /// A redemption request refused at once, recorded and announced by
+    /// `training-credits.redemption.rejected`.
+    Rejected(Rejection),
+    /// Any other command refused, announced by
+    /// `training-credits.command.refused`.
+    Refused(Refusal),
     /// Not now: try again later.
     Retry { reason: RetryReason, detail: String },
     /// Never going to work.
@@ -186,9 +190,25 @@ impl Outcome {
         match self {
             Outcome::Applied => "applied",
             Outcome::Duplicate => "duplicate",
-            Outcome::Refused(_) => "refused",
+            Outcome::Rejected(_) | Outcome::Refused(_) => "refused",
             Outcome::Retry { .. } => "retry",
             Outcome::Dead { .. } => "dead_letter",
         }
     }
 }
+
+/// Why an unenrollment gave nothing back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NoRefund {
+    RefundWindowClosed,
+}
+
+impl NoRefund {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoRefund::RefundWindowClosed => "refund_window_closed",
+        }
+    }
+}
+
+serialize_as_str!(Rejection, Refusal, NoRefund);

@@ -6,11 +6,13 @@ use chrono::Duration;
 use serde_json::{Value, json};
 
 use super::command::*;
+use super::event::{Event, FieldChange};
 use super::ids::{Code, Email, Id};
 use super::ledger::{AuditEntry, Changes, Effect, EntryKind, JournalEntry, Ledger, Recipient};
 use super::model::*;
 use super::money::Credits;
-use super::outcome::{DeadReason, Outcome, Refusal, Rejection, RetryReason};
+use super::notice::Notice;
+use super::outcome::{DeadReason, NoRefund, Outcome, Refusal, Rejection, RetryReason};
 use super::time::Ts;
 
 /// The limits of SPEC §5: credits per purchase and cost per redemption.
@@ -89,7 +91,9 @@ pub fn handle(ledger: &Ledger, command: &Command, ctx: &Ctx) -> (Outcome, Change
             step.announce_low_balances();
             (Outcome::Applied, step.out)
         }
-        Err(outcome @ (Outcome::Refused(_) | Outcome::Duplicate)) => (outcome, step.out),
+        Err(outcome @ (Outcome::Rejected(_) | Outcome::Refused(_) | Outcome::Duplicate)) => {
+            (outcome, step.out)
+        }
         Err(outcome) => (outcome, Changes::default()),
     }
 }
@@ -161,7 +165,7 @@ impl<'a> Step<'a> {
     /// A request a command may act on. One that was rejected at once was
     /// never pending: the command is refused, and announced like any other
     /// refusal.
-    fn known_request(&mut self, command: &'static str, id: &Id) -> Result<Redemption, Outcome> {
+    fn known_request(&mut self, command: InboundType, id: &Id) -> Result<Redemption, Outcome> {
         match self.request(id) {
             Some(r) if r.status != RedemptionStatus::Rejected => Ok(r),
             Some(r) => Err(self.refuse(command, r.account_id.as_ref(), Refusal::NotPending)),
@@ -170,10 +174,6 @@ impl<'a> Step<'a> {
                 format!("request `{id}` is not known (yet)"),
             )),
         }
-    }
-
-    fn refused_now(&self, reason: Refusal) -> Outcome {
-        Outcome::Refused(reason.as_str())
     }
 
     fn save_account(&mut self, account: Account) {
@@ -228,16 +228,15 @@ impl<'a> Step<'a> {
         });
     }
 
-    fn event(&mut self, kind: &'static str, account: Option<&Id>, data: Value) {
+    fn event(&mut self, account: Option<&Id>, event: Event) {
         self.out.effects.push(Effect::Event {
-            kind,
             account_id: account.cloned(),
-            data,
+            event,
         });
     }
 
-    fn email(&mut self, to: Vec<Recipient>, template: &'static str, vars: Value) {
-        self.out.effects.push(Effect::Email { to, template, vars });
+    fn email(&mut self, to: Vec<Recipient>, notice: Notice) {
+        self.out.effects.push(Effect::Email { to, notice });
     }
 
     fn audit(&mut self, account: &Id, actor: &str, field: &str, old: Value, new: Value) {
@@ -252,23 +251,22 @@ impl<'a> Step<'a> {
     }
 
     /// A business refusal of an admin command: announced, not an error.
-    fn refuse(&mut self, command: &'static str, account: Option<&Id>, reason: Refusal) -> Outcome {
+    fn refuse(&mut self, command: InboundType, account: Option<&Id>, reason: Refusal) -> Outcome {
         self.event(
-            "training-credits.command.refused",
             account,
-            json!({
-                "command_id": self.ctx.event_id,
-                "command_type": command,
-                "reason": reason.as_str(),
-            }),
+            Event::CommandRefused {
+                command_id: self.ctx.event_id.to_owned(),
+                command_type: command,
+                reason,
+            },
         );
-        self.refused_now(reason)
+        Outcome::Refused(reason)
     }
 
     /// Owners may run owner commands; staff sources may run them on any account.
     fn authorize(
         &mut self,
-        command: &'static str,
+        command: InboundType,
         account: &Account,
         actor: &Email,
     ) -> Result<(), Outcome> {
@@ -282,7 +280,7 @@ impl<'a> Step<'a> {
         }
     }
 
-    fn require_staff(&mut self, command: &'static str, account: Option<&Id>) -> Flow {
+    fn require_staff(&mut self, command: InboundType, account: Option<&Id>) -> Flow {
         if self.ctx.staff {
             Ok(())
         } else {
@@ -391,38 +389,33 @@ impl<'a> Step<'a> {
                 crossings.push((account.id.clone(), owners_of(account), after, threshold));
             }
         }
-        for (id, owners, available, threshold) in crossings {
+        for (account_id, owners, available, threshold) in crossings {
             self.event(
-                "training-credits.balance.low",
-                Some(&id),
-                json!({"available": available, "threshold": threshold}),
+                Some(&account_id),
+                Event::BalanceLow {
+                    available,
+                    threshold,
+                },
             );
             self.email(
                 owners,
-                "balance_low",
-                json!({"account_id": id, "available": available, "threshold": threshold}),
+                Notice::BalanceLow {
+                    account_id,
+                    available,
+                    threshold,
+                },
             );
         }
     }
 }
 
-const OPENED: &str = "credits.account.opened";
-const UPDATED: &str = "credits.account.updated";
-const OWNER_ADDED: &str = "credits.account.owner_added";
-const OWNER_REMOVED: &str = "credits.account.owner_removed";
-const CODE_ROTATED: &str = "credits.account.code_rotated";
-const CLOSED: &str = "credits.account.closed";
-const PURCHASE: &str = "credits.purchase.completed";
-const EXTENDED: &str = "credits.lot.extended";
-const APPROVED: &str = "credits.redemption.approved";
-const DENIED: &str = "credits.redemption.denied";
-const CANCELLED: &str = "credits.redemption.cancelled";
-const UNENROLLED: &str = "credits.enrollment.unenrolled";
-const REPORT: &str = "credits.report.requested";
-
 fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
     if step.account(&c.account_id).is_some() {
-        return Err(step.refuse(OPENED, Some(&c.account_id), Refusal::AccountExists));
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::AccountExists,
+        ));
     }
     let mut owners: Vec<Owner> = Vec::with_capacity(c.owners.len());
     for owner in &c.owners {
@@ -434,14 +427,22 @@ fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         .iter()
         .any(|o| step.owns_other(&o.email, &c.account_id))
     {
-        return Err(step.refuse(OPENED, Some(&c.account_id), Refusal::OwnerOfOtherAccount));
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::OwnerOfOtherAccount,
+        ));
     }
     let code = c
         .code
         .clone()
         .unwrap_or_else(|| step.ctx.fresh_code.clone());
     if step.code_taken(&code, &c.account_id) {
-        return Err(step.refuse(OPENED, Some(&c.account_id), Refusal::CodeTaken));
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::CodeTaken,
+        ));
     }
     let name = c.name.clone().unwrap_or_else(|| owners[0].name.clone());
     let account = Account {
@@ -467,14 +468,13 @@ fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         json!("active"),
     );
     step.event(
-        "training-credits.account.opened",
         Some(&account.id),
-        json!({
-            "name": name,
-            "code": account.code,
-            "approval_mode": account.approval_mode,
-            "owners": account.owners,
-        }),
+        Event::AccountOpened {
+            name,
+            code: account.code.clone(),
+            approval_mode: account.approval_mode,
+            owners: account.owners.clone(),
+        },
     );
     step.save_account(account);
     Ok(())
@@ -483,32 +483,28 @@ fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
 /// Records a field change: audit row and `changes` entry.
 fn change(
     step: &mut Step,
-    changes: &mut Vec<Value>,
+    changes: &mut Vec<FieldChange>,
     account: &Id,
     actor: &str,
-    field: &str,
+    field: &'static str,
     old: Value,
     new: Value,
 ) {
     if old != new {
         step.audit(account, actor, field, old.clone(), new.clone());
-        changes.push(json!({"field": field, "old": old, "new": new}));
+        changes.push(FieldChange { field, old, new });
     }
 }
 
-fn announce_update(step: &mut Step, account: &Id, changes: Vec<Value>) {
+fn announce_update(step: &mut Step, account: &Id, changes: Vec<FieldChange>) {
     if !changes.is_empty() {
-        step.event(
-            "training-credits.account.updated",
-            Some(account),
-            json!({ "changes": changes }),
-        );
+        step.event(Some(account), Event::AccountUpdated { changes });
     }
 }
 
 fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
     let mut account = step.known_account(&c.account_id)?;
-    step.authorize(UPDATED, &account, &c.actor)?;
+    step.authorize(InboundType::AccountUpdated, &account, &c.actor)?;
     let actor = c.actor.as_str();
     let id = account.id.clone();
     let mut changes = Vec::new();
@@ -602,41 +598,60 @@ fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
 
 fn add_owner(step: &mut Step, c: &OwnerAdded) -> Flow {
     let account = step.known_account(&c.account_id)?;
-    step.authorize(OWNER_ADDED, &account, &c.actor)?;
+    step.authorize(InboundType::OwnerAdded, &account, &c.actor)?;
     if account.is_owner(&c.owner.email) {
         return Ok(());
     }
     if step.owns_other(&c.owner.email, &account.id) {
-        return Err(step.refuse(OWNER_ADDED, Some(&account.id), Refusal::OwnerOfOtherAccount));
+        return Err(step.refuse(
+            InboundType::OwnerAdded,
+            Some(&account.id),
+            Refusal::OwnerOfOtherAccount,
+        ));
     }
-    let owner = c.owner.clone();
     edit_owners(
         step,
         account,
         &c.actor,
-        |owners| owners.push(owner),
-        "owner_added",
-        json!({"owner": c.owner}),
+        |owners| owners.push(c.owner.clone()),
+        |account| Notice::OwnerAdded {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            owner: c.owner.clone(),
+        },
     );
     Ok(())
 }
 
 fn remove_owner(step: &mut Step, c: &OwnerRemoved) -> Flow {
     let account = step.known_account(&c.account_id)?;
-    step.authorize(OWNER_REMOVED, &account, &c.actor)?;
+    step.authorize(InboundType::OwnerRemoved, &account, &c.actor)?;
     if !account.is_owner(&c.email) {
-        return Err(step.refuse(OWNER_REMOVED, Some(&account.id), Refusal::NotAnOwner));
+        return Err(step.refuse(
+            InboundType::OwnerRemoved,
+            Some(&account.id),
+            Refusal::NotAnOwner,
+        ));
     }
     if account.owners.len() == 1 {
-        return Err(step.refuse(OWNER_REMOVED, Some(&account.id), Refusal::LastOwner));
+        return Err(step.refuse(
+            InboundType::OwnerRemoved,
+            Some(&account.id),
+            Refusal::LastOwner,
+        ));
     }
     edit_owners(
         step,
         account,
         &c.actor,
         |owners| owners.retain(|o| o.email != c.email),
-        "owner_removed",
-        json!({"email": c.email}),
+        |account| Notice::OwnerRemoved {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            email: c.email.clone(),
+        },
     );
     Ok(())
 }
@@ -648,8 +663,7 @@ fn edit_owners(
     mut account: Account,
     actor: &Email,
     edit: impl FnOnce(&mut Vec<Owner>),
-    template: &'static str,
-    extra: Value,
+    notice: impl FnOnce(&Account) -> Notice,
 ) {
     let old = owner_emails(&account);
     let mut told = owners_of(&account);
@@ -672,23 +686,23 @@ fn edit_owners(
         owner_emails(&account),
     );
     announce_update(step, &id, changes);
-    let mut vars = json!({"account_id": id, "account_name": account.name, "actor": actor});
-    if let (Some(vars), Value::Object(extra)) = (vars.as_object_mut(), extra) {
-        vars.extend(extra);
-    }
-    step.email(told, template, vars);
+    step.email(told, notice(&account));
     step.save_account(account);
 }
 
 fn rotate_code(step: &mut Step, c: &CodeRotated) -> Flow {
     let mut account = step.known_account(&c.account_id)?;
-    step.authorize(CODE_ROTATED, &account, &c.actor)?;
+    step.authorize(InboundType::CodeRotated, &account, &c.actor)?;
     let code = c
         .code
         .clone()
         .unwrap_or_else(|| step.ctx.fresh_code.clone());
     if step.code_taken(&code, &account.id) {
-        return Err(step.refuse(CODE_ROTATED, Some(&account.id), Refusal::CodeTaken));
+        return Err(step.refuse(
+            InboundType::CodeRotated,
+            Some(&account.id),
+            Refusal::CodeTaken,
+        ));
     }
     let id = account.id.clone();
     let mut changes = Vec::new();
@@ -708,18 +722,26 @@ fn rotate_code(step: &mut Step, c: &CodeRotated) -> Flow {
     announce_update(step, &id, changes);
     step.email(
         owners_of(&account),
-        "code_rotated",
-        json!({"account_id": id, "account_name": account.name, "actor": c.actor, "code": account.code}),
+        Notice::CodeRotated {
+            account_id: id,
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            code: account.code.clone(),
+        },
     );
     step.save_account(account);
     Ok(())
 }
 
 fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
-    step.require_staff(CLOSED, Some(&c.account_id))?;
+    step.require_staff(InboundType::AccountClosed, Some(&c.account_id))?;
     let mut account = step.known_account(&c.account_id)?;
     if account.status == AccountStatus::Closed {
-        return Err(step.refuse(CLOSED, Some(&account.id), Refusal::AccountClosed));
+        return Err(step.refuse(
+            InboundType::AccountClosed,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
     }
     let actor = c.actor.as_str();
     let mut pending: Vec<Redemption> = step
@@ -760,19 +782,21 @@ fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
         request.decided_at = Some(step.now());
         let available = account.available_at(step.now());
         step.event(
-            "training-credits.redemption.denied",
             Some(&account.id),
-            json!({
-                "request_id": request.request_id,
-                "decided_by": actor,
-                "reason": Rejection::AccountClosed.as_str(),
-                "available": available,
-            }),
+            Event::RedemptionDenied {
+                request_id: request.request_id.clone(),
+                decided_by: actor.to_owned(),
+                reason: Rejection::AccountClosed.as_str().to_owned(),
+                available,
+            },
         );
         step.email(
             learner_of(&request),
-            "redemption_denied",
-            json!({"title": request.item.title, "cost": request.cost, "reason": Rejection::AccountClosed.explain()}),
+            Notice::RedemptionDenied {
+                title: request.item.title.clone(),
+                cost: request.cost,
+                reason: Rejection::AccountClosed.explain().to_owned(),
+            },
         );
         step.save_request(request);
     }
@@ -790,8 +814,12 @@ fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
     announce_update(step, &id, changes);
     step.email(
         owners_of(&account),
-        "account_closed",
-        json!({"account_id": id, "account_name": account.name, "actor": actor, "reason": c.reason}),
+        Notice::AccountClosed {
+            account_id: id,
+            account_name: account.name.clone(),
+            actor: actor.to_owned(),
+            reason: c.reason.clone(),
+        },
     );
     step.save_account(account);
     Ok(())
@@ -819,7 +847,11 @@ fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
     assert!((PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&c.credits));
     assert!(expires_at > c.purchased_at);
     if account.status == AccountStatus::Closed {
-        return Err(step.refuse(PURCHASE, Some(&account.id), Refusal::AccountClosed));
+        return Err(step.refuse(
+            InboundType::PurchaseCompleted,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
     }
     account.lots.push(Lot {
         purchase_id: c.purchase_id.clone(),
@@ -850,34 +882,35 @@ fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
     );
     let available = account.available_at(step.now());
     step.event(
-        "training-credits.purchase.recorded",
         Some(&account.id),
-        json!({
-            "purchase_id": c.purchase_id,
-            "credits": c.credits,
-            "expires_at": expires_at,
-            "available": available,
-        }),
+        Event::PurchaseRecorded {
+            purchase_id: c.purchase_id.clone(),
+            credits: c.credits,
+            expires_at,
+            available,
+        },
     );
     step.email(
         owners_of(&account),
-        "purchase_recorded",
-        json!({
-            "account_id": account.id,
-            "account_name": account.name,
-            "purchase_id": c.purchase_id,
-            "credits": c.credits,
-            "price_paid": c.price_paid.as_ref().map(|p| format!("{} {}", p.amount, p.currency)),
-            "expires_on": expires_at.date(),
-            "available": available,
-        }),
+        Notice::PurchaseRecorded {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            purchase_id: c.purchase_id.clone(),
+            credits: c.credits,
+            price_paid: c
+                .price_paid
+                .as_ref()
+                .map(|p| format!("{} {}", p.amount, p.currency)),
+            expires_on: expires_at.date(),
+            available,
+        },
     );
     step.save_account(account);
     Ok(())
 }
 
 fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
-    step.require_staff(EXTENDED, Some(&c.account_id))?;
+    step.require_staff(InboundType::LotExtended, Some(&c.account_id))?;
     let mut account = step.known_account(&c.account_id)?;
     let Some(lot) = account.lot(&c.purchase_id) else {
         return Err(retry(
@@ -889,10 +922,18 @@ fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
         ));
     };
     if account.status == AccountStatus::Closed {
-        return Err(step.refuse(EXTENDED, Some(&account.id), Refusal::AccountClosed));
+        return Err(step.refuse(
+            InboundType::LotExtended,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
     }
     if c.expires_at <= step.now() || c.expires_at <= account.lots[lot].expires_at {
-        return Err(step.refuse(EXTENDED, Some(&account.id), Refusal::NotLater));
+        return Err(step.refuse(
+            InboundType::LotExtended,
+            Some(&account.id),
+            Refusal::NotLater,
+        ));
     }
     // What counts again: credits the sweep (or a refund) wrote off, and the
     // unreserved remainder of a lot past its expiry that the sweep has not
@@ -929,14 +970,13 @@ fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
     );
     let available = account.available_at(step.now());
     step.event(
-        "training-credits.lot.extended",
         Some(&account.id),
-        json!({
-            "purchase_id": c.purchase_id,
-            "expires_at": c.expires_at,
-            "reinstated": reinstated,
-            "available": available,
-        }),
+        Event::LotExtended {
+            purchase_id: c.purchase_id.clone(),
+            expires_at: c.expires_at,
+            reinstated,
+            available,
+        },
     );
     step.save_account(account);
     Ok(())
@@ -948,19 +988,15 @@ fn reject(
     account: Option<&Account>,
     reason: Rejection,
 ) -> Outcome {
-    let mut data = json!({
-        "request_id": c.request_id,
-        "learner_id": c.learner.id,
-        "item_id": c.item.id,
-        "reason": reason.as_str(),
-    });
-    if let Some(account) = account {
-        data["available"] = json!(account.available_at(step.now()));
-    }
     step.event(
-        "training-credits.redemption.rejected",
         account.map(|a| &a.id),
-        data,
+        Event::RedemptionRejected {
+            request_id: c.request_id.clone(),
+            learner_id: c.learner.id.clone(),
+            item_id: c.item.id.clone(),
+            reason,
+            available: account.map(|a| a.available_at(step.now())),
+        },
     );
     let request = Redemption {
         request_id: c.request_id.clone(),
@@ -980,14 +1016,17 @@ fn reject(
     };
     step.email(
         learner_of(&request),
-        "redemption_rejected",
-        json!({"title": c.item.title, "cost": c.cost, "reason": reason.explain()}),
+        Notice::RedemptionRejected {
+            title: c.item.title.clone(),
+            cost: c.cost,
+            reason: reason.explain().to_owned(),
+        },
     );
     step.save_request(request);
     if reason == Rejection::InvalidCode {
         step.out.attempts.push((c.learner.id.clone(), step.now()));
     }
-    Outcome::Refused(reason.as_str())
+    Outcome::Rejected(reason)
 }
 
 fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Flow {
@@ -1088,27 +1127,25 @@ fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Flow {
     let available = account.available_at(now);
     if manual {
         step.event(
-            "training-credits.redemption.pending",
             Some(&account.id),
-            json!({
-                "request_id": c.request_id,
-                "learner_id": c.learner.id,
-                "item_id": c.item.id,
-                "cost": c.cost,
-                "available": available,
-            }),
+            Event::RedemptionPending {
+                request_id: c.request_id.clone(),
+                learner_id: c.learner.id.clone(),
+                item_id: c.item.id.clone(),
+                cost: c.cost,
+                available,
+            },
         );
         step.email(
             owners_of(&account),
-            "redemption_pending",
-            json!({
-                "request_id": c.request_id,
-                "learner_name": c.learner.name,
-                "learner_email": c.learner.email,
-                "title": c.item.title,
-                "cost": c.cost,
-                "available": available,
-            }),
+            Notice::RedemptionPending {
+                request_id: c.request_id.clone(),
+                learner_name: c.learner.name.clone(),
+                learner_email: c.learner.email.clone(),
+                title: c.item.title.clone(),
+                cost: c.cost,
+                available,
+            },
         );
     } else {
         announce_approval(step, &account, &request, available);
@@ -1120,28 +1157,32 @@ fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Flow {
 
 fn announce_approval(step: &mut Step, account: &Account, request: &Redemption, available: Credits) {
     step.event(
-        "training-credits.redemption.approved",
         Some(&account.id),
-        json!({
-            "request_id": request.request_id,
-            "learner_id": request.learner.id,
-            "item_id": request.item.id,
-            "cost": request.cost,
-            "decided_by": request.decided_by,
-            "available": available,
-        }),
+        Event::RedemptionApproved {
+            request_id: request.request_id.clone(),
+            learner_id: request.learner.id.clone(),
+            item_id: request.item.id.clone(),
+            cost: request.cost,
+            decided_by: request
+                .decided_by
+                .clone()
+                .expect("an approved request names who decided"),
+            available,
+        },
     );
     step.email(
         learner_of(request),
-        "redemption_approved",
-        json!({"title": request.item.title, "cost": request.cost}),
+        Notice::RedemptionApproved {
+            title: request.item.title.clone(),
+            cost: request.cost,
+        },
     );
 }
 
 /// The request an owner decides on, and its account, if the owner may.
 fn decision(
     step: &mut Step,
-    command: &'static str,
+    command: InboundType,
     c: &RedemptionDecided,
 ) -> Result<(Redemption, Account), Outcome> {
     let request = step.known_request(command, &c.request_id)?;
@@ -1160,7 +1201,7 @@ fn decision(
 }
 
 fn approve(step: &mut Step, c: &RedemptionDecided) -> Flow {
-    let (mut request, mut account) = decision(step, APPROVED, c)?;
+    let (mut request, mut account) = decision(step, InboundType::RedemptionApproved, c)?;
     for allocation in &request.allocations {
         let lot = account
             .lot(&allocation.purchase_id)
@@ -1186,7 +1227,7 @@ fn approve(step: &mut Step, c: &RedemptionDecided) -> Flow {
 }
 
 fn deny(step: &mut Step, c: &RedemptionDecided) -> Flow {
-    let (mut request, mut account) = decision(step, DENIED, c)?;
+    let (mut request, mut account) = decision(step, InboundType::RedemptionDenied, c)?;
     step.release_holds(&mut account, &request, c.approver.as_str());
     let reason = c
         .reason
@@ -1198,19 +1239,21 @@ fn deny(step: &mut Step, c: &RedemptionDecided) -> Flow {
     request.decided_at = Some(step.now());
     let available = account.available_at(step.now());
     step.event(
-        "training-credits.redemption.denied",
         Some(&account.id),
-        json!({
-            "request_id": request.request_id,
-            "decided_by": c.approver,
-            "reason": reason,
-            "available": available,
-        }),
+        Event::RedemptionDenied {
+            request_id: request.request_id.clone(),
+            decided_by: c.approver.to_string(),
+            reason: reason.clone(),
+            available,
+        },
     );
     step.email(
         learner_of(&request),
-        "redemption_denied",
-        json!({"title": request.item.title, "cost": request.cost, "reason": reason}),
+        Notice::RedemptionDenied {
+            title: request.item.title.clone(),
+            cost: request.cost,
+            reason,
+        },
     );
     step.save_request(request);
     step.save_account(account);
@@ -1225,9 +1268,11 @@ fn withdraw(step: &mut Step, mut request: Redemption, mut account: Account, acto
     request.decided_at = Some(step.now());
     let available = account.available_at(step.now());
     step.event(
-        "training-credits.redemption.cancelled",
         Some(&account.id),
-        json!({"request_id": request.request_id, "available": available}),
+        Event::RedemptionCancelled {
+            request_id: request.request_id.clone(),
+            available,
+        },
     );
     step.save_request(request);
     step.save_account(account);
@@ -1235,7 +1280,7 @@ fn withdraw(step: &mut Step, mut request: Redemption, mut account: Account, acto
 
 fn request_and_account(
     step: &mut Step,
-    command: &'static str,
+    command: InboundType,
     id: &Id,
 ) -> Result<(Redemption, Account), Outcome> {
     let request = step.known_request(command, id)?;
@@ -1248,19 +1293,29 @@ fn request_and_account(
 }
 
 fn cancel(step: &mut Step, c: &RedemptionCancelled) -> Flow {
-    let (request, account) = request_and_account(step, CANCELLED, &c.request_id)?;
+    let (request, account) =
+        request_and_account(step, InboundType::RedemptionCancelled, &c.request_id)?;
     if request.learner.id != c.learner_id {
-        return Err(step.refuse(CANCELLED, Some(&account.id), Refusal::NotRequester));
+        return Err(step.refuse(
+            InboundType::RedemptionCancelled,
+            Some(&account.id),
+            Refusal::NotRequester,
+        ));
     }
     if request.status != RedemptionStatus::Pending {
-        return Err(step.refuse(CANCELLED, Some(&account.id), Refusal::NotPending));
+        return Err(step.refuse(
+            InboundType::RedemptionCancelled,
+            Some(&account.id),
+            Refusal::NotPending,
+        ));
     }
     withdraw(step, request, account, c.learner_id.as_str());
     Ok(())
 }
 
 fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
-    let (mut request, mut account) = request_and_account(step, UNENROLLED, &c.request_id)?;
+    let (mut request, mut account) =
+        request_and_account(step, InboundType::Unenrolled, &c.request_id)?;
     let actor = request.learner.id.to_string();
     match request.status {
         RedemptionStatus::Pending => {
@@ -1268,7 +1323,13 @@ fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
             return Ok(());
         }
         RedemptionStatus::Approved => {}
-        _ => return Err(step.refuse(UNENROLLED, Some(&account.id), Refusal::NotPending)),
+        _ => {
+            return Err(step.refuse(
+                InboundType::Unenrolled,
+                Some(&account.id),
+                Refusal::NotPending,
+            ));
+        }
     }
     let approved_at = request
         .decided_at
@@ -1276,11 +1337,14 @@ fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
     let window_end = approved_at.plus_days(step.ctx.policy.refund_window_days);
     if c.unenrolled_at > window_end {
         request.status = RedemptionStatus::Unenrolled;
-        request.reason = Some("refund_window_closed".to_owned());
+        let reason = NoRefund::RefundWindowClosed;
+        request.reason = Some(reason.as_str().to_owned());
         step.event(
-            "training-credits.redemption.unenrolled",
             Some(&account.id),
-            json!({"request_id": request.request_id, "reason": "refund_window_closed"}),
+            Event::RedemptionUnenrolled {
+                request_id: request.request_id.clone(),
+                reason,
+            },
         );
     } else {
         let mut expired_on_refund = Credits::ZERO;
@@ -1309,14 +1373,13 @@ fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
         request.refunded = request.allocated();
         let available = account.available_at(step.now());
         step.event(
-            "training-credits.redemption.refunded",
             Some(&account.id),
-            json!({
-                "request_id": request.request_id,
-                "refunded": request.refunded,
-                "expired_on_refund": expired_on_refund,
-                "available": available,
-            }),
+            Event::RedemptionRefunded {
+                request_id: request.request_id.clone(),
+                refunded: request.refunded,
+                expired_on_refund,
+                available,
+            },
         );
     }
     step.save_request(request);
@@ -1338,10 +1401,14 @@ fn request_report(step: &mut Step, c: &ReportRequested) -> Flow {
         Some(id) => {
             let account = step.known_account(id)?;
             if !(step.ctx.staff || account.is_owner(&c.recipient)) {
-                return Err(step.refuse(REPORT, Some(id), Refusal::NotAnOwner));
+                return Err(step.refuse(
+                    InboundType::ReportRequested,
+                    Some(id),
+                    Refusal::NotAnOwner,
+                ));
             }
         }
-        None => step.require_staff(REPORT, None)?,
+        None => step.require_staff(InboundType::ReportRequested, None)?,
     }
     step.out.effects.push(Effect::Report(c.clone()));
     Ok(())
@@ -1375,18 +1442,19 @@ fn sweep(step: &mut Step, account_id: &Id) -> Flow {
         request.decided_at = Some(now);
         let available = account.available_at(now);
         step.event(
-            "training-credits.redemption.expired",
             Some(&account.id),
-            json!({"request_id": request.request_id, "available": available}),
+            Event::RedemptionExpired {
+                request_id: request.request_id.clone(),
+                available,
+            },
         );
         step.email(
             learner_of(&request),
-            "redemption_expired",
-            json!({
-                "title": request.item.title,
-                "cost": request.cost,
-                "reason": format!("the account owners did not answer within {timeout_days} days"),
-            }),
+            Notice::RedemptionExpired {
+                title: request.item.title.clone(),
+                cost: request.cost,
+                reason: format!("the account owners did not answer within {timeout_days} days"),
+            },
         );
         step.save_request(request);
     }
@@ -1409,21 +1477,23 @@ fn sweep(step: &mut Step, account_id: &Id) -> Flow {
             let available = account.available_at(now);
             let purchase_id = account.lots[lot].purchase_id.clone();
             step.event(
-                "training-credits.lot.expired",
                 Some(&account.id),
-                json!({"purchase_id": purchase_id, "expired": unreserved, "available": available}),
+                Event::LotExpired {
+                    purchase_id: purchase_id.clone(),
+                    expired: unreserved,
+                    available,
+                },
             );
             step.email(
                 owners_of(&account),
-                "lot_expired",
-                json!({
-                    "account_id": account.id,
-                    "account_name": account.name,
-                    "purchase_id": purchase_id,
-                    "expired": unreserved,
-                    "expired_on": expires_at.date(),
-                    "available": available,
-                }),
+                Notice::LotExpired {
+                    account_id: account.id.clone(),
+                    account_name: account.name.clone(),
+                    purchase_id,
+                    expired: unreserved,
+                    expired_on: expires_at.date(),
+                    available,
+                },
             );
             continue;
         }
@@ -1448,27 +1518,25 @@ fn sweep(step: &mut Step, account_id: &Id) -> Flow {
         let purchase_id = account.lots[lot].purchase_id.clone();
         let remaining = account.lots[lot].remaining;
         step.event(
-            "training-credits.lot.expiring",
             Some(&account.id),
-            json!({
-                "purchase_id": purchase_id,
-                "expires_at": expires_at,
-                "remaining": remaining,
-                "stage": stage,
-                "days_left": days_left,
-            }),
+            Event::LotExpiring {
+                purchase_id: purchase_id.clone(),
+                expires_at,
+                remaining,
+                stage,
+                days_left,
+            },
         );
         step.email(
             owners_of(&account),
-            "lot_expiring",
-            json!({
-                "account_id": account.id,
-                "account_name": account.name,
-                "purchase_id": purchase_id,
-                "remaining": remaining,
-                "expires_on": expires_at.date(),
-                "days_left": days_left,
-            }),
+            Notice::LotExpiring {
+                account_id: account.id.clone(),
+                account_name: account.name.clone(),
+                purchase_id,
+                remaining,
+                expires_on: expires_at.date(),
+                days_left,
+            },
         );
     }
     if step.out.journal.is_empty() && step.out.effects.is_empty() {

@@ -4,66 +4,47 @@
 
 use minijinja::{Environment, UndefinedBehavior, context};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::domain::ledger::Recipient;
+use crate::domain::notice::Notice;
+
+/// Every email's subject line, plain-text body and HTML body, by template
+/// name. Subjects are kept apart from the bodies so that no value can reach
+/// a header with a line break in it.
+struct Template {
+    name: &'static str,
+    subject: &'static str,
+    text: &'static str,
+    html: &'static str,
+}
 
 macro_rules! templates {
-    ($($name:literal),* $(,)?) => {
-        &[$(
-            (concat!($name, ".txt"), include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/email/", $name, ".txt"))),
-            (concat!($name, ".html"), include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/email/", $name, ".html"))),
-        )*]
+    ($($name:literal => $subject:literal,)*) => {
+        &[$(Template {
+            name: $name,
+            subject: $subject,
+            text: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/email/", $name, ".txt")),
+            html: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/email/", $name, ".html")),
+        },)*]
     };
 }
 
-const TEMPLATES: &[(&str, &str)] = templates!(
-    "redemption_pending",
-    "redemption_approved",
-    "redemption_denied",
-    "redemption_expired",
-    "redemption_rejected",
-    "purchase_recorded",
-    "lot_expiring",
-    "lot_expired",
-    "balance_low",
-    "owner_added",
-    "owner_removed",
-    "code_rotated",
-    "account_closed",
-    "report_ready",
-);
-
-/// Subject lines, kept apart from the bodies so that no value can reach a
-/// header with a line break in it.
-const SUBJECTS: &[(&str, &str)] = &[
-    (
-        "redemption_pending",
-        "Approval needed: {{ learner_name }} asks for {{ title }}",
-    ),
-    ("redemption_approved", "Approved: {{ title }}"),
-    ("redemption_denied", "Not approved: {{ title }}"),
-    ("redemption_expired", "Request expired: {{ title }}"),
-    ("redemption_rejected", "Request not accepted: {{ title }}"),
-    (
-        "purchase_recorded",
-        "{{ credits }} training credits added to {{ account_name }}",
-    ),
-    (
-        "lot_expiring",
-        "{{ remaining }} training credits expire on {{ expires_on }}",
-    ),
-    ("lot_expired", "{{ expired }} training credits expired"),
-    (
-        "balance_low",
-        "Low training credit balance: {{ available }}",
-    ),
-    ("owner_added", "New owner of {{ account_name }}"),
-    ("owner_removed", "Owner removed from {{ account_name }}"),
-    ("code_rotated", "New redemption code for {{ account_name }}"),
-    ("account_closed", "{{ account_name }} was closed"),
-    ("report_ready", "{{ title }}"),
-];
+const TEMPLATES: &[Template] = templates! {
+    "redemption_pending" => "Approval needed: {{ learner_name }} asks for {{ title }}",
+    "redemption_approved" => "Approved: {{ title }}",
+    "redemption_denied" => "Not approved: {{ title }}",
+    "redemption_expired" => "Request expired: {{ title }}",
+    "redemption_rejected" => "Request not accepted: {{ title }}",
+    "purchase_recorded" => "{{ credits }} training credits added to {{ account_name }}",
+    "lot_expiring" => "{{ remaining }} training credits expire on {{ expires_on }}",
+    "lot_expired" => "{{ expired }} training credits expired",
+    "balance_low" => "Low training credit balance: {{ available }}",
+    "owner_added" => "New owner of {{ account_name }}",
+    "owner_removed" => "Owner removed from {{ account_name }}",
+    "code_rotated" => "New redemption code for {{ account_name }}",
+    "account_closed" => "{{ account_name }} was closed",
+    "report_ready" => "{{ title }}",
+};
 
 /// A rendered email, as the outbox keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,13 +92,16 @@ impl Renderer {
             include_str!("../../templates/email/layout.html"),
         )
         .expect("the layout template parses");
-        for (name, source) in TEMPLATES {
-            env.add_template(name, source)
-                .expect("every email template parses");
-        }
-        for (name, source) in SUBJECTS {
-            env.add_template(name, source)
-                .expect("every subject template parses");
+        for template in TEMPLATES {
+            let parts = [
+                (template.name.to_owned(), template.subject),
+                (format!("{}.txt", template.name), template.text),
+                (format!("{}.html", template.name), template.html),
+            ];
+            for (name, source) in parts {
+                env.add_template_owned(name, source)
+                    .expect("every email template parses");
+            }
         }
         Renderer {
             env,
@@ -125,21 +109,21 @@ impl Renderer {
         }
     }
 
-    /// Renders one email of `template` for one recipient.
+    /// Renders `notice` for one recipient.
     pub fn render(
         &self,
-        template: &str,
-        vars: &Value,
+        notice: &Notice,
         to: &Recipient,
         message_id: String,
         causation_id: &str,
     ) -> Result<Email, RenderError> {
+        let template = notice.template();
         let failed = |source| RenderError {
             template: template.to_owned(),
             source,
         };
         let recipient_name = to.name.clone().unwrap_or_else(|| to.email.to_string());
-        let vars = minijinja::Value::from(minijinja::value::Serde(vars));
+        let vars = minijinja::Value::from(minijinja::value::Serde(notice));
         let subject = self
             .env
             .get_template(template)
@@ -192,7 +176,8 @@ pub fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::domain::Credits;
+    use crate::domain::notice::one_of_each;
 
     fn to() -> Recipient {
         Recipient {
@@ -201,18 +186,42 @@ mod tests {
         }
     }
 
+    fn approved(title: &str) -> Notice {
+        Notice::RedemptionApproved {
+            title: title.to_owned(),
+            cost: Credits::from_cents(2_000),
+        }
+    }
+
+    fn render(notice: &Notice) -> Email {
+        Renderer::new("http://portal.test/")
+            .render(notice, &to(), "<x@y>".into(), "ev-1")
+            .unwrap()
+    }
+
+    #[test]
+    fn every_notice_has_its_templates_and_renders() {
+        let renderer = Renderer::new("http://portal.test/");
+        let mut rendered: Vec<&str> = Vec::new();
+        for notice in one_of_each() {
+            let email = renderer
+                .render(&notice, &to(), "<x@y>".into(), "ev-1")
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(!email.subject.is_empty() && email.text.contains("Ann"));
+            rendered.push(notice.template());
+        }
+        let mut templates: Vec<&str> = TEMPLATES.iter().map(|t| t.name).collect();
+        templates.sort_unstable();
+        rendered.sort_unstable();
+        assert_eq!(
+            rendered, templates,
+            "one notice of each kind, one of each template"
+        );
+    }
+
     #[test]
     fn the_approval_email_says_the_contract_sentence() {
-        let renderer = Renderer::new("http://portal.test/");
-        let email = renderer
-            .render(
-                "redemption_approved",
-                &json!({"title": "Rust 101", "cost": "20.00"}),
-                &to(),
-                "<x@y>".into(),
-                "ev-1",
-            )
-            .unwrap();
+        let email = render(&approved("Rust 101"));
         assert!(email.text.contains(
             "Hello Ann, Your request to redeem 20.00 training credits for Rust 101 has been approved."
         ));
@@ -221,32 +230,14 @@ mod tests {
 
     #[test]
     fn line_breaks_never_reach_the_subject() {
-        let renderer = Renderer::new("http://portal.test");
-        let email = renderer
-            .render(
-                "redemption_approved",
-                &json!({"title": "Evil\r\nBcc: x@y.z", "cost": "1.00"}),
-                &to(),
-                "<x@y>".into(),
-                "ev-1",
-            )
-            .unwrap();
+        let email = render(&approved("Evil\r\nBcc: x@y.z"));
         assert!(!email.subject.contains('\n') && !email.subject.contains('\r'));
         assert!(email.html.contains("Evil"));
     }
 
     #[test]
     fn html_bodies_escape_what_learners_type() {
-        let renderer = Renderer::new("http://portal.test");
-        let email = renderer
-            .render(
-                "redemption_approved",
-                &json!({"title": "<script>alert(1)</script>", "cost": "1.00"}),
-                &to(),
-                "<x@y>".into(),
-                "ev-1",
-            )
-            .unwrap();
+        let email = render(&approved("<script>alert(1)</script>"));
         assert!(!email.html.contains("<script>"));
         assert!(email.text.contains("<script>alert(1)</script>"));
     }

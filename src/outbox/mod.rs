@@ -10,18 +10,19 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::decode::EventKey;
+use crate::domain::event::Event;
 use crate::domain::{Id, Ts};
 
 /// Namespace of the ids derived for outbound events and emails: the same
 /// cause always yields the same ids.
 const OUTBOX_NAMESPACE: Uuid = Uuid::from_u128(0x6c1e_5d0a_7b2f_4e8e_9a43_1d2c_3b4a_5f60);
 
-/// What an outbound event is made of, before it becomes a CloudEvent.
+/// An outbound event with what its envelope needs, before it becomes a
+/// CloudEvent.
 pub struct OutboundEvent<'a> {
     pub id: &'a str,
-    pub kind: &'a str,
+    pub event: &'a Event,
     pub account_id: Option<&'a Id>,
-    pub data: &'a Value,
     pub causation_id: &'a str,
     pub time: Ts,
 }
@@ -30,14 +31,14 @@ impl OutboundEvent<'_> {
     /// The complete CloudEvent of SPEC §5.2: `subject` is the account,
     /// `data` carries `account_id` and `causation_id`.
     pub fn to_cloud_event(&self, source: &str) -> Value {
-        let mut data = self.data.clone();
+        let mut data = serde_json::to_value(self.event).expect("an event serialises");
         data["account_id"] = json!(self.account_id);
         data["causation_id"] = json!(self.causation_id);
         let mut event = json!({
             "specversion": "1.0",
             "id": self.id,
             "source": source,
-            "type": self.kind,
+            "type": self.event.type_name(),
             "time": self.time,
             "datacontenttype": "application/json",
             "data": data,
@@ -56,4 +57,47 @@ pub fn derived_uuid(name: &str) -> String {
 
 pub fn derived_id(key: &EventKey, index: usize) -> String {
     derived_uuid(&format!("{}\n{}\n{index}", key.source, key.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Schemas;
+    use crate::domain::event::one_of_each;
+
+    #[test]
+    fn every_outbound_event_is_a_cloud_event_its_schema_accepts() {
+        let schemas = Schemas::load().expect("the schemas compile");
+        let account: Id = "acct-1".parse().expect("an id");
+        let events = one_of_each();
+        for event in &events {
+            let cloud_event = OutboundEvent {
+                id: &derived_uuid("ev-1"),
+                event,
+                account_id: Some(&account),
+                causation_id: "ev-1",
+                time: Ts::now(),
+            }
+            .to_cloud_event("training-credits");
+            schemas
+                .check_outbound(&cloud_event)
+                .unwrap_or_else(|e| panic!("{e}: {cloud_event:#}"));
+        }
+        let mut sampled: Vec<String> = events.iter().map(|e| e.type_name().to_owned()).collect();
+        sampled.sort_unstable();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/out");
+        let mut schema_files: Vec<String> = std::fs::read_dir(dir)
+            .expect("the outbound schemas")
+            .map(|entry| {
+                let name = entry.expect("a schema file").file_name();
+                let name = name.to_string_lossy();
+                name.strip_suffix(".json").unwrap_or(&name).to_owned()
+            })
+            .collect();
+        schema_files.sort_unstable();
+        assert_eq!(
+            sampled, schema_files,
+            "one event of each type, one of each schema"
+        );
+    }
 }

@@ -13,8 +13,8 @@ use crate::support as common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
-use training_credits::domain::Outcome;
 use training_credits::domain::model::{AccountStatus, ApprovalMode};
+use training_credits::domain::{Outcome, Refusal};
 use training_credits::store::Store;
 
 use common::World;
@@ -88,11 +88,11 @@ impl Command {
     }
 
     /// The reason SPEC §5.2 gives when the sender may not run it.
-    fn refusal(self) -> &'static str {
+    fn refusal(self) -> Refusal {
         if self.staff_only() {
-            "not_staff"
+            Refusal::NotStaff
         } else {
-            "not_an_owner"
+            Refusal::NotAnOwner
         }
     }
 
@@ -537,7 +537,11 @@ async fn assert_refused<S: Store>(w: &mut World<S>, db: &Db, command: Command, a
         "{case}: {event:#}"
     );
     let data = &event["data"];
-    assert_eq!(data["reason"], command.refusal(), "{case}: {event:#}");
+    assert_eq!(
+        data["reason"],
+        command.refusal().as_str(),
+        "{case}: {event:#}"
+    );
     assert_eq!(
         data["command_type"],
         command.type_name(),

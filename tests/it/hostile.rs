@@ -43,7 +43,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use training_credits::decode::{DETAIL_CHARS_MAX, MESSAGE_BYTES_MAX, Malformed, Schemas};
-use training_credits::domain::{DeadReason, Outcome, RetryReason};
+use training_credits::domain::{DeadReason, InboundType, Outcome, Refusal, RetryReason};
 use training_credits::store::Store;
 
 // ---------------------------------------------------------------------------
@@ -66,7 +66,7 @@ static SCHEMAS: LazyLock<Schemas> = LazyLock::new(|| Schemas::load().expect("the
 /// Every inbound type the crate knows, in a fixed order (a fuzz input names
 /// one by its index).
 static INBOUND_TYPES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
-    let mut types: Vec<&'static str> = SCHEMAS.inbound_types().collect();
+    let mut types: Vec<&'static str> = InboundType::ALL.iter().map(|k| k.as_str()).collect();
     types.sort_unstable();
     types
 });
@@ -669,7 +669,8 @@ fn judge(result: &Result<Outcome, Malformed>) -> Result<String, TestCaseError> {
             check_detail(detail, "retry")?;
             format!("retry: {reason:?}")
         }
-        Ok(Outcome::Refused(reason)) => format!("refused: {reason}"),
+        Ok(Outcome::Rejected(reason)) => format!("refused: {}", reason.as_str()),
+        Ok(Outcome::Refused(reason)) => format!("refused: {}", reason.as_str()),
         Ok(Outcome::Applied) => "applied".to_owned(),
         Ok(Outcome::Duplicate) => "duplicate".to_owned(),
     })
@@ -724,7 +725,10 @@ fn fuzz<S: Store>(make: impl AsyncFnOnce() -> World<S>) {
         let label = judge(&result)?;
         // Applied or refused, it is recorded: the same bytes again change
         // nothing, however hostile they are.
-        if matches!(result, Ok(Outcome::Applied | Outcome::Refused(_))) {
+        if matches!(
+            result,
+            Ok(Outcome::Applied | Outcome::Rejected(_) | Outcome::Refused(_))
+        ) {
             let again = runtime.block_on(w.deliver(&body));
             prop_assert_eq!(again, Ok(Outcome::Duplicate), "redelivered: {}", label);
         }
@@ -1805,7 +1809,11 @@ async fn only_an_exact_admin_source_is_staff<S: Store>(mut w: World<S>) {
                 json!({"account_id": "acme", "actor": "staff@admin.test"}),
             )
             .await;
-        assert_eq!(outcome, Outcome::Refused("not_staff"), "source {source:?}");
+        assert_eq!(
+            outcome,
+            Outcome::Refused(Refusal::NotStaff),
+            "source {source:?}"
+        );
     }
     assert_eq!(
         w.account("acme").await.status,

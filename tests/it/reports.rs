@@ -13,7 +13,7 @@ use calamine::{Data, Reader, Xlsx};
 use mail_parser::MimeHeaders;
 use serde_json::{Value, json};
 use training_credits::domain::command::{ReportFormat, ReportKind};
-use training_credits::domain::{Credits, Outcome, Ts};
+use training_credits::domain::{Credits, Outcome, Rejection, Ts};
 use training_credits::report::{ReportError, ReportQuery, choose_columns, write};
 use training_credits::store::Store;
 
@@ -139,7 +139,7 @@ async fn build_ledger<S: Store>(w: &mut World<S>) {
     buy(w, "globex", "g2", "300", None, None).await;
     assert_eq!(
         w.request("r5", "NOPE-0000", "l5", "c5", "10").await,
-        Outcome::Refused("invalid_code")
+        Outcome::Rejected(Rejection::InvalidCode)
     );
     let updated = w
         .send(

@@ -6,8 +6,8 @@ use crate::support as common;
 
 use chrono::Duration;
 use serde_json::{Value, json};
-use training_credits::domain::Outcome;
 use training_credits::domain::model::Account;
+use training_credits::domain::{Outcome, Refusal, Rejection};
 use training_credits::notify::Email;
 use training_credits::store::Store;
 
@@ -132,7 +132,7 @@ impl Before {
         w: &World<S>,
         outcome: Outcome,
         command_type: &str,
-        reason: &'static str,
+        reason: Refusal,
         account: Option<&str>,
     ) {
         assert_eq!(outcome, Outcome::Refused(reason));
@@ -145,7 +145,7 @@ impl Before {
         let event = &events[0];
         assert_eq!(event["type"], "training-credits.command.refused");
         let data = &event["data"];
-        assert_eq!(data["reason"], reason);
+        assert_eq!(data["reason"], reason.as_str());
         assert_eq!(data["command_type"], command_type);
         assert_eq!(data["command_id"], w.last_event_id());
         assert_eq!(data["causation_id"], w.last_event_id());
@@ -169,11 +169,11 @@ impl Before {
         &self,
         w: &World<S>,
         outcome: Outcome,
-        reason: &'static str,
+        reason: Rejection,
         request_id: &str,
         account: Option<(&str, &str)>,
     ) {
-        assert_eq!(outcome, Outcome::Refused(reason));
+        assert_eq!(outcome, Outcome::Rejected(reason));
         let request = w
             .find_request(request_id)
             .await
@@ -188,7 +188,7 @@ impl Before {
         let event = &events[0];
         assert_eq!(event["type"], "training-credits.redemption.rejected");
         let data = &event["data"];
-        assert_eq!(data["reason"], reason);
+        assert_eq!(data["reason"], reason.as_str());
         assert_eq!(data["request_id"], request_id);
         assert_eq!(data["learner_id"], request.learner.id.as_str());
         assert_eq!(data["item_id"], request.item.id.as_str());
@@ -218,8 +218,8 @@ impl Before {
             email.text
         );
         assert!(
-            email.text.contains(plain_words(reason)),
-            "the email explains {reason} in plain words: {}",
+            email.text.contains(plain_words(reason.as_str())),
+            "the email explains {reason:?} in plain words: {}",
             email.text
         );
         self.assert_unchanged(w).await;
@@ -234,7 +234,7 @@ async fn a_code_that_matches_no_account_is_rejected_invalid_code<S: Store>(mut w
     acme(&mut w, "manual", "100").await;
     let b = before(&w, &["acme"]).await;
     let outcome = w.request("r1", "ACME-9999", "l1", "c1", "10").await;
-    b.assert_rejected(&w, outcome, "invalid_code", "r1", None)
+    b.assert_rejected(&w, outcome, Rejection::InvalidCode, "r1", None)
         .await;
     // Case, spaces and dashes do not matter, anything else does.
     assert_eq!(
@@ -257,7 +257,7 @@ async fn an_inactive_account_rejects_redemptions_until_it_is_active_again<S: Sto
     b.assert_rejected(
         &w,
         outcome,
-        "account_inactive",
+        Rejection::AccountInactive,
         "r1",
         Some(("acme", "100.00")),
     )
@@ -279,8 +279,14 @@ async fn a_closed_account_rejects_redemptions_account_closed<S: Store>(mut w: Wo
     assert_eq!(w.close("acme").await, Outcome::Applied);
     let b = before(&w, &["acme"]).await;
     let outcome = w.request("r1", CODE, "l1", "c1", "10").await;
-    b.assert_rejected(&w, outcome, "account_closed", "r1", Some(("acme", "0.00")))
-        .await;
+    b.assert_rejected(
+        &w,
+        outcome,
+        Rejection::AccountClosed,
+        "r1",
+        Some(("acme", "0.00")),
+    )
+    .await;
     w.verify_ok().await;
 }
 
@@ -309,8 +315,14 @@ async fn an_item_outside_an_activity_scope_is_rejected_out_of_scope<S: Store>(mu
             "10",
         )
         .await;
-    b.assert_rejected(&w, outcome, "out_of_scope", "r1", Some(("acme", "100.00")))
-        .await;
+    b.assert_rejected(
+        &w,
+        outcome,
+        Rejection::OutOfScope,
+        "r1",
+        Some(("acme", "100.00")),
+    )
+    .await;
     let inside = w
         .request_item(
             "r2",
@@ -336,8 +348,14 @@ async fn an_item_outside_an_activity_scope_is_rejected_out_of_scope<S: Store>(mu
             "10",
         )
         .await;
-    b.assert_rejected(&w, outcome, "out_of_scope", "r3", Some(("acme", "90.00")))
-        .await;
+    b.assert_rejected(
+        &w,
+        outcome,
+        Rejection::OutOfScope,
+        "r3",
+        Some(("acme", "90.00")),
+    )
+    .await;
     let now_inside = w
         .request_item(
             "r4",
@@ -376,8 +394,14 @@ async fn an_item_outside_a_group_scope_is_rejected_out_of_scope<S: Store>(mut w:
             "10",
         )
         .await;
-    b.assert_rejected(&w, outcome, "out_of_scope", "r1", Some(("acme", "100.00")))
-        .await;
+    b.assert_rejected(
+        &w,
+        outcome,
+        Rejection::OutOfScope,
+        "r1",
+        Some(("acme", "100.00")),
+    )
+    .await;
     let b = before(&w, &["acme"]).await;
     let outcome = w
         .request_item(
@@ -388,8 +412,14 @@ async fn an_item_outside_a_group_scope_is_rejected_out_of_scope<S: Store>(mut w:
             "10",
         )
         .await;
-    b.assert_rejected(&w, outcome, "out_of_scope", "r2", Some(("acme", "100.00")))
-        .await;
+    b.assert_rejected(
+        &w,
+        outcome,
+        Rejection::OutOfScope,
+        "r2",
+        Some(("acme", "100.00")),
+    )
+    .await;
     let inside = w
         .request_item(
             "r3",
@@ -416,7 +446,7 @@ async fn a_cost_above_available_is_rejected_without_partial_payment<S: Store>(mu
     b.assert_rejected(
         &w,
         outcome,
-        "insufficient_balance",
+        Rejection::InsufficientBalance,
         "r1",
         Some(("acme", "80.00")),
     )
@@ -443,7 +473,7 @@ async fn two_pending_requests_never_hold_the_same_credits<S: Store>(mut w: World
     b.assert_rejected(
         &w,
         outcome,
-        "insufficient_balance",
+        Rejection::InsufficientBalance,
         "r2",
         Some(("acme", "40.00")),
     )
@@ -473,7 +503,7 @@ async fn a_learner_cannot_redeem_an_item_while_a_pending_or_approved_redemption_
     b.assert_rejected(
         &w,
         outcome,
-        "already_redeemed",
+        Rejection::AlreadyRedeemed,
         "r2",
         Some(("acme", "90.00")),
     )
@@ -484,7 +514,7 @@ async fn a_learner_cannot_redeem_an_item_while_a_pending_or_approved_redemption_
     b.assert_rejected(
         &w,
         outcome,
-        "already_redeemed",
+        Rejection::AlreadyRedeemed,
         "r3",
         Some(("acme", "90.00")),
     )
@@ -539,7 +569,7 @@ async fn five_invalid_codes_within_fifteen_minutes_block_the_learner_until_the_w
         let request = format!("bad{attempt}");
         let b = before(&w, &["acme"]).await;
         let outcome = w.request(&request, "WRONG-0000", "l1", "c1", "10").await;
-        b.assert_rejected(&w, outcome, "invalid_code", &request, None)
+        b.assert_rejected(&w, outcome, Rejection::InvalidCode, &request, None)
             .await;
         w.advance(Duration::minutes(1));
     }
@@ -547,11 +577,11 @@ async fn five_invalid_codes_within_fifteen_minutes_block_the_learner_until_the_w
     // count as an invalid code.
     let b = before(&w, &["acme"]).await;
     let outcome = w.request("r1", CODE, "l1", "c1", "10").await;
-    b.assert_rejected(&w, outcome, "too_many_attempts", "r1", None)
+    b.assert_rejected(&w, outcome, Rejection::TooManyAttempts, "r1", None)
         .await;
     let b = before(&w, &["acme"]).await;
     let outcome = w.request("r2", "WRONG-0000", "l1", "c1", "10").await;
-    b.assert_rejected(&w, outcome, "too_many_attempts", "r2", None)
+    b.assert_rejected(&w, outcome, Rejection::TooManyAttempts, "r2", None)
         .await;
     // Other learners are not blocked.
     assert_eq!(
@@ -573,7 +603,7 @@ async fn four_invalid_codes_do_not_block_the_learner<S: Store>(mut w: World<S>) 
         let outcome = w
             .request(&format!("bad{attempt}"), "WRONG-0000", "l1", "c1", "10")
             .await;
-        assert_eq!(outcome, Outcome::Refused("invalid_code"));
+        assert_eq!(outcome, Outcome::Rejected(Rejection::InvalidCode));
     }
     assert_eq!(
         w.request("r1", CODE, "l1", "c1", "10").await,
@@ -602,7 +632,7 @@ async fn only_an_owner_may_approve_or_deny_a_request<S: Store>(mut w: World<S>) 
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -613,7 +643,7 @@ async fn only_an_owner_may_approve_or_deny_a_request<S: Store>(mut w: World<S>) 
         &w,
         outcome,
         "credits.redemption.denied",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -630,7 +660,7 @@ async fn only_an_owner_may_change_the_account_its_owners_or_its_code<S: Store>(m
         &w,
         outcome,
         "credits.account.updated",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -645,7 +675,7 @@ async fn only_an_owner_may_change_the_account_its_owners_or_its_code<S: Store>(m
         &w,
         outcome,
         "credits.account.owner_added",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -660,7 +690,7 @@ async fn only_an_owner_may_change_the_account_its_owners_or_its_code<S: Store>(m
         &w,
         outcome,
         "credits.account.owner_removed",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -675,7 +705,7 @@ async fn only_an_owner_may_change_the_account_its_owners_or_its_code<S: Store>(m
         &w,
         outcome,
         "credits.account.code_rotated",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -696,7 +726,7 @@ async fn only_an_owner_may_ask_for_the_reports_of_an_account<S: Store>(mut w: Wo
         &w,
         outcome,
         "credits.report.requested",
-        "not_an_owner",
+        Refusal::NotAnOwner,
         Some("acme"),
     )
     .await;
@@ -724,7 +754,7 @@ async fn closing_an_account_needs_a_staff_source<S: Store>(mut w: World<S>) {
         &w,
         outcome,
         "credits.account.closed",
-        "not_staff",
+        Refusal::NotStaff,
         Some("acme"),
     )
     .await;
@@ -746,7 +776,7 @@ async fn extending_a_lot_needs_a_staff_source<S: Store>(mut w: World<S>) {
         &w,
         outcome,
         "credits.lot.extended",
-        "not_staff",
+        Refusal::NotStaff,
         Some("acme"),
     )
     .await;
@@ -762,8 +792,14 @@ async fn an_all_accounts_report_needs_a_staff_source<S: Store>(mut w: World<S>) 
             json!({"report": "balances", "format": "csv", "recipient": BOSS}),
         )
         .await;
-    b.assert_refused(&w, outcome, "credits.report.requested", "not_staff", None)
-        .await;
+    b.assert_refused(
+        &w,
+        outcome,
+        "credits.report.requested",
+        Refusal::NotStaff,
+        None,
+    )
+    .await;
     let outcome = w
         .send_staff(
             "credits.report.requested",
@@ -787,7 +823,7 @@ async fn approving_or_denying_a_decided_request_is_refused_not_pending<S: Store>
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -797,7 +833,7 @@ async fn approving_or_denying_a_decided_request_is_refused_not_pending<S: Store>
         &w,
         outcome,
         "credits.redemption.denied",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -840,7 +876,7 @@ async fn only_the_requesting_learner_may_cancel<S: Store>(mut w: World<S>) {
         &w,
         outcome,
         "credits.redemption.cancelled",
-        "not_requester",
+        Refusal::NotRequester,
         Some("acme"),
     )
     .await;
@@ -867,7 +903,7 @@ async fn the_last_owner_of_an_account_cannot_be_removed<S: Store>(mut w: World<S
         &w,
         outcome,
         "credits.account.owner_removed",
-        "last_owner",
+        Refusal::LastOwner,
         Some("acme"),
     )
     .await;
@@ -896,7 +932,7 @@ async fn the_last_owner_of_an_account_cannot_be_removed<S: Store>(mut w: World<S
         &w,
         outcome,
         "credits.account.owner_removed",
-        "last_owner",
+        Refusal::LastOwner,
         Some("acme"),
     )
     .await;
@@ -930,7 +966,7 @@ async fn an_email_owns_at_most_one_account<S: Store>(mut w: World<S>) {
         &w,
         outcome,
         "credits.account.opened",
-        "owner_of_other_account",
+        Refusal::OwnerOfOtherAccount,
         Some("beta"),
     )
     .await;
@@ -950,7 +986,7 @@ async fn an_email_owns_at_most_one_account<S: Store>(mut w: World<S>) {
         &w,
         outcome,
         "credits.account.owner_added",
-        "owner_of_other_account",
+        Refusal::OwnerOfOtherAccount,
         Some("beta"),
     )
     .await;
@@ -965,7 +1001,7 @@ async fn codes_are_unique_without_regard_to_case_spaces_or_dashes<S: Store>(mut 
         &w,
         outcome,
         "credits.account.opened",
-        "code_taken",
+        Refusal::CodeTaken,
         Some("beta"),
     )
     .await;
@@ -985,7 +1021,7 @@ async fn codes_are_unique_without_regard_to_case_spaces_or_dashes<S: Store>(mut 
         &w,
         outcome,
         "credits.account.code_rotated",
-        "code_taken",
+        Refusal::CodeTaken,
         Some("beta"),
     )
     .await;
@@ -1020,7 +1056,7 @@ async fn opening_an_account_that_exists_is_refused_account_exists<S: Store>(mut 
         &w,
         outcome,
         "credits.account.opened",
-        "account_exists",
+        Refusal::AccountExists,
         Some("acme"),
     )
     .await;
@@ -1036,7 +1072,7 @@ async fn a_closed_account_accepts_no_purchase_and_no_change<S: Store>(mut w: Wor
         &w,
         outcome,
         "credits.purchase.completed",
-        "account_closed",
+        Refusal::AccountClosed,
         Some("acme"),
     )
     .await;
@@ -1046,7 +1082,7 @@ async fn a_closed_account_accepts_no_purchase_and_no_change<S: Store>(mut w: Wor
         &w,
         outcome,
         "credits.account.updated",
-        "account_closed",
+        Refusal::AccountClosed,
         Some("acme"),
     )
     .await;
@@ -1057,7 +1093,7 @@ async fn a_closed_account_accepts_no_purchase_and_no_change<S: Store>(mut w: Wor
         &w,
         outcome,
         "credits.lot.extended",
-        "account_closed",
+        Refusal::AccountClosed,
         Some("acme"),
     )
     .await;
@@ -1067,7 +1103,7 @@ async fn a_closed_account_accepts_no_purchase_and_no_change<S: Store>(mut w: Wor
         &w,
         outcome,
         "credits.account.closed",
-        "account_closed",
+        Refusal::AccountClosed,
         Some("acme"),
     )
     .await;
@@ -1089,7 +1125,7 @@ async fn a_lot_can_only_be_extended_to_a_later_date_in_the_future<S: Store>(mut 
             &w,
             outcome,
             "credits.lot.extended",
-            "not_later",
+            Refusal::NotLater,
             Some("acme"),
         )
         .await;
@@ -1102,7 +1138,7 @@ async fn a_lot_can_only_be_extended_to_a_later_date_in_the_future<S: Store>(mut 
         &w,
         outcome,
         "credits.lot.extended",
-        "not_later",
+        Refusal::NotLater,
         Some("acme"),
     )
     .await;
@@ -1294,7 +1330,7 @@ async fn a_lot_past_its_expiry_cannot_be_spent_even_before_the_sweep<S: Store>(m
     b.assert_rejected(
         &w,
         outcome,
-        "insufficient_balance",
+        Rejection::InsufficientBalance,
         "r1",
         Some(("acme", "30.00")),
     )
@@ -1444,7 +1480,7 @@ async fn an_unenrollment_within_the_refund_window_returns_exactly_what_was_deduc
         &w,
         outcome,
         "credits.enrollment.unenrolled",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1560,7 +1596,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.cancelled",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1576,7 +1612,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1586,7 +1622,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.cancelled",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1596,7 +1632,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.enrollment.unenrolled",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1612,7 +1648,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1622,7 +1658,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.denied",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1636,7 +1672,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.enrollment.unenrolled",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1654,7 +1690,7 @@ async fn a_redemption_moves_only_along_the_allowed_transitions<S: Store>(mut w: 
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
@@ -1669,7 +1705,7 @@ async fn deciding_a_rejected_request_is_refused_and_announced<S: Store>(mut w: W
     acme(&mut w, "manual", "100").await;
     assert_eq!(
         w.request("r1", CODE, "l1", "c1", "500").await,
-        Outcome::Refused("insufficient_balance")
+        Outcome::Rejected(Rejection::InsufficientBalance)
     );
     let b = before(&w, &["acme"]).await;
     let outcome = w.approve("r1", BOSS).await;
@@ -1677,14 +1713,14 @@ async fn deciding_a_rejected_request_is_refused_and_announced<S: Store>(mut w: W
         &w,
         outcome,
         "credits.redemption.approved",
-        "not_pending",
+        Refusal::NotPending,
         Some("acme"),
     )
     .await;
     // A request rejected before any account was found names none.
     assert_eq!(
         w.request("r2", "NOPE-0000", "l1", "c1", "5").await,
-        Outcome::Refused("invalid_code")
+        Outcome::Rejected(Rejection::InvalidCode)
     );
     let b = before(&w, &["acme"]).await;
     let outcome = w.cancel("r2", "l1").await;
@@ -1692,7 +1728,7 @@ async fn deciding_a_rejected_request_is_refused_and_announced<S: Store>(mut w: W
         &w,
         outcome,
         "credits.redemption.cancelled",
-        "not_pending",
+        Refusal::NotPending,
         None,
     )
     .await;
@@ -1872,11 +1908,11 @@ async fn closing_an_account_forfeits_the_remainder_denies_pending_requests_and_k
     // Nothing can be bought or redeemed any more.
     assert_eq!(
         w.purchase("acme", "p3", "10").await,
-        Outcome::Refused("account_closed")
+        Outcome::Refused(Refusal::AccountClosed)
     );
     assert_eq!(
         w.request("r3", CODE, "l3", "c3", "1").await,
-        Outcome::Refused("account_closed")
+        Outcome::Rejected(Rejection::AccountClosed)
     );
     assert_eq!(w.available("acme").await, "0.00");
     w.verify_ok().await;
@@ -2226,7 +2262,7 @@ async fn a_code_is_generated_when_none_is_given<S: Store>(mut w: World<S>) {
     );
     assert_eq!(
         w.request("r2", &codes[0], "l2", "c1", "10").await,
-        Outcome::Refused("invalid_code")
+        Outcome::Rejected(Rejection::InvalidCode)
     );
     assert_eq!(
         w.request("r3", &new_code, "l2", "c1", "10").await,
@@ -2485,7 +2521,7 @@ async fn denied_expired_and_rejected_requests_email_the_learner_the_title_and_re
 
     assert_eq!(
         w.request("r3", CODE, "l3", "c3", "1000").await,
-        Outcome::Refused("insufficient_balance")
+        Outcome::Rejected(Rejection::InsufficientBalance)
     );
     let email = last_email_to(&w, &learner_email("l3")).await;
     assert!(email.text.contains("Course c3"), "{}", email.text);

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use training_credits::apply::Applier;
 use training_credits::config::Config;
 use training_credits::domain::command::{ReportFormat, ReportKind};
-use training_credits::domain::{Outcome, Ts};
+use training_credits::domain::{Outcome, Rejection, Ts};
 use training_credits::report::ReportJob;
 use training_credits::schedule::{Job, ScheduleError, Scheduler};
 use training_credits::store::{OutboxKind, PgStore, Store};
@@ -559,7 +559,7 @@ async fn a_held_part_of_an_expired_lot_waits_for_the_timeout_then_expires_at_onc
     w.now = ts("2026-01-10T09:30:00Z");
     assert_eq!(
         w.request("r2", "ACME-0001", "l2", "c2", "10").await,
-        Outcome::Refused("insufficient_balance"),
+        Outcome::Rejected(Rejection::InsufficientBalance),
         "an expired lot cannot be spent before the sweep"
     );
     assert_eq!(w.events_of(EXPIRED).await, Vec::<Value>::new());
@@ -636,7 +636,7 @@ async fn a_code_lock_out_lasts_its_window_whether_or_not_the_sweep_runs<S: Store
                 "5"
             )
             .await,
-            Outcome::Refused("invalid_code")
+            Outcome::Rejected(Rejection::InvalidCode)
         );
     }
     for at in ["2026-01-01T09:05:00Z", "2026-01-01T09:10:00Z"] {
@@ -645,7 +645,7 @@ async fn a_code_lock_out_lasts_its_window_whether_or_not_the_sweep_runs<S: Store
         assert_eq!(
             w.request(&format!("locked-{at}"), "ACME-0001", "l1", "c9", "5")
                 .await,
-            Outcome::Refused("too_many_attempts"),
+            Outcome::Rejected(Rejection::TooManyAttempts),
             "still locked out at {at}"
         );
     }
