@@ -1,0 +1,461 @@
+//! Accounts and their owners: opening, changes, owners, codes, closing,
+//! and who may ask for an account's reports.
+
+use serde_json::{Value, json};
+
+use super::{Flow, Step, learner_of, owners_of};
+use crate::domain::command::*;
+use crate::domain::event::{Event, FieldChange};
+use crate::domain::ids::{Email, Id};
+use crate::domain::ledger::{Effect, EntryKind};
+use crate::domain::model::*;
+use crate::domain::money::Credits;
+use crate::domain::notice::Notice;
+use crate::domain::outcome::{DeadReason, Outcome, Refusal, Rejection};
+
+pub(super) fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
+    if step.account(&c.account_id).is_some() {
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::AccountExists,
+        ));
+    }
+    let mut owners: Vec<Owner> = Vec::with_capacity(c.owners.len());
+    for owner in &c.owners {
+        if !owners.iter().any(|o| o.email == owner.email) {
+            owners.push(owner.clone());
+        }
+    }
+    if owners
+        .iter()
+        .any(|o| step.owns_other(&o.email, &c.account_id))
+    {
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::OwnerOfOtherAccount,
+        ));
+    }
+    let code = c
+        .code
+        .clone()
+        .unwrap_or_else(|| step.ctx.fresh_code.clone());
+    if step.code_taken(&code, &c.account_id) {
+        return Err(step.refuse(
+            InboundType::AccountOpened,
+            Some(&c.account_id),
+            Refusal::CodeTaken,
+        ));
+    }
+    let name = c.name.clone().unwrap_or_else(|| owners[0].name.clone());
+    let account = Account {
+        id: c.account_id.clone(),
+        name: name.clone(),
+        status: AccountStatus::Active,
+        approval_mode: c.approval_mode,
+        owners,
+        code,
+        scope: c.scope.clone().unwrap_or(Scope::All),
+        low_balance_threshold: c.low_balance_threshold,
+        notes: c.notes.clone(),
+        created_at: step.now(),
+        lots: Vec::new(),
+        owners_dirty: true,
+        row_dirty: true,
+    };
+    step.audit(
+        &account.id,
+        account.owners[0].email.as_str(),
+        "status",
+        Value::Null,
+        json!("active"),
+    );
+    step.event(
+        Some(&account.id),
+        Event::AccountOpened {
+            name,
+            code: account.code.clone(),
+            approval_mode: account.approval_mode,
+            owners: account.owners.clone(),
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
+
+/// Records a field change: audit row and `changes` entry.
+fn change(
+    step: &mut Step,
+    changes: &mut Vec<FieldChange>,
+    account: &Id,
+    actor: &str,
+    field: &'static str,
+    old: Value,
+    new: Value,
+) {
+    if old != new {
+        step.audit(account, actor, field, old.clone(), new.clone());
+        changes.push(FieldChange { field, old, new });
+    }
+}
+
+fn announce_update(step: &mut Step, account: &Id, changes: Vec<FieldChange>) {
+    if !changes.is_empty() {
+        step.event(Some(account), Event::AccountUpdated { changes });
+    }
+}
+
+pub(super) fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
+    let mut account = step.known_account(&c.account_id)?;
+    step.authorize(InboundType::AccountUpdated, &account, &c.actor)?;
+    let actor = c.actor.as_str();
+    let id = account.id.clone();
+    let mut changes = Vec::new();
+    if let Some(name) = &c.name {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "name",
+            json!(account.name),
+            json!(name),
+        );
+        account.name = name.clone();
+    }
+    if let Some(mode) = c.approval_mode {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "approval_mode",
+            json!(account.approval_mode),
+            json!(mode),
+        );
+        account.approval_mode = mode;
+    }
+    if let Some(ids) = &c.scope_ids {
+        // The scope's kind never changes; an account open to everything has
+        // no ids to change.
+        let new_scope = match &account.scope {
+            Scope::All => Scope::All,
+            Scope::Activity { .. } => Scope::Activity { ids: ids.clone() },
+            Scope::Group { .. } => Scope::Group { ids: ids.clone() },
+        };
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "scope",
+            json!(account.scope),
+            json!(new_scope),
+        );
+        account.scope = new_scope;
+    }
+    if let Some(status) = c.status {
+        let status = match status {
+            SettableStatus::Active => AccountStatus::Active,
+            SettableStatus::Inactive => AccountStatus::Inactive,
+        };
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "status",
+            json!(account.status),
+            json!(status),
+        );
+        account.status = status;
+    }
+    if let Some(new) = c.low_balance_threshold.value() {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "low_balance_threshold",
+            json!(account.low_balance_threshold),
+            json!(new),
+        );
+        account.low_balance_threshold = new;
+    }
+    if let Some(new) = c.notes.value() {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "notes",
+            json!(account.notes),
+            json!(new),
+        );
+        account.notes = new;
+    }
+    announce_update(step, &id, changes);
+    step.save_account(account);
+    Ok(())
+}
+
+pub(super) fn add_owner(step: &mut Step, c: &OwnerAdded) -> Flow {
+    let account = step.known_account(&c.account_id)?;
+    step.authorize(InboundType::OwnerAdded, &account, &c.actor)?;
+    if account.is_owner(&c.owner.email) {
+        return Ok(());
+    }
+    if step.owns_other(&c.owner.email, &account.id) {
+        return Err(step.refuse(
+            InboundType::OwnerAdded,
+            Some(&account.id),
+            Refusal::OwnerOfOtherAccount,
+        ));
+    }
+    edit_owners(
+        step,
+        account,
+        &c.actor,
+        |owners| owners.push(c.owner.clone()),
+        |account| Notice::OwnerAdded {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            owner: c.owner.clone(),
+        },
+    );
+    Ok(())
+}
+
+pub(super) fn remove_owner(step: &mut Step, c: &OwnerRemoved) -> Flow {
+    let account = step.known_account(&c.account_id)?;
+    step.authorize(InboundType::OwnerRemoved, &account, &c.actor)?;
+    if !account.is_owner(&c.email) {
+        return Err(step.refuse(
+            InboundType::OwnerRemoved,
+            Some(&account.id),
+            Refusal::NotAnOwner,
+        ));
+    }
+    if account.owners.len() == 1 {
+        return Err(step.refuse(
+            InboundType::OwnerRemoved,
+            Some(&account.id),
+            Refusal::LastOwner,
+        ));
+    }
+    edit_owners(
+        step,
+        account,
+        &c.actor,
+        |owners| owners.retain(|o| o.email != c.email),
+        |account| Notice::OwnerRemoved {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            email: c.email.clone(),
+        },
+    );
+    Ok(())
+}
+
+/// Changes the owner list: audits it, announces `account.updated`, and
+/// emails everyone who is or was an owner (the removed one hears of it too).
+fn edit_owners(
+    step: &mut Step,
+    mut account: Account,
+    actor: &Email,
+    edit: impl FnOnce(&mut Vec<Owner>),
+    notice: impl FnOnce(&Account) -> Notice,
+) {
+    let old = owner_emails(&account);
+    let mut told = owners_of(&account);
+    edit(&mut account.owners);
+    account.owners_dirty = true;
+    for recipient in owners_of(&account) {
+        if !told.contains(&recipient) {
+            told.push(recipient);
+        }
+    }
+    let id = account.id.clone();
+    let mut changes = Vec::new();
+    change(
+        step,
+        &mut changes,
+        &id,
+        actor.as_str(),
+        "owners",
+        old,
+        owner_emails(&account),
+    );
+    announce_update(step, &id, changes);
+    step.email(told, notice(&account));
+    step.save_account(account);
+}
+
+pub(super) fn rotate_code(step: &mut Step, c: &CodeRotated) -> Flow {
+    let mut account = step.known_account(&c.account_id)?;
+    step.authorize(InboundType::CodeRotated, &account, &c.actor)?;
+    let code = c
+        .code
+        .clone()
+        .unwrap_or_else(|| step.ctx.fresh_code.clone());
+    if step.code_taken(&code, &account.id) {
+        return Err(step.refuse(
+            InboundType::CodeRotated,
+            Some(&account.id),
+            Refusal::CodeTaken,
+        ));
+    }
+    let id = account.id.clone();
+    let mut changes = Vec::new();
+    change(
+        step,
+        &mut changes,
+        &id,
+        c.actor.as_str(),
+        "code",
+        json!(account.code),
+        json!(code),
+    );
+    if changes.is_empty() {
+        return Ok(());
+    }
+    account.code = code;
+    announce_update(step, &id, changes);
+    step.email(
+        owners_of(&account),
+        Notice::CodeRotated {
+            account_id: id,
+            account_name: account.name.clone(),
+            actor: c.actor.clone(),
+            code: account.code.clone(),
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
+
+pub(super) fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
+    step.require_staff(InboundType::AccountClosed, Some(&c.account_id))?;
+    let mut account = step.known_account(&c.account_id)?;
+    if account.status == AccountStatus::Closed {
+        return Err(step.refuse(
+            InboundType::AccountClosed,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
+    }
+    let actor = c.actor.as_str();
+    let mut pending: Vec<Redemption> = step
+        .ledger
+        .requests
+        .values()
+        .filter(|r| {
+            r.account_id.as_ref() == Some(&account.id) && r.status == RedemptionStatus::Pending
+        })
+        .cloned()
+        .collect();
+    pending.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    let old_status = account.status;
+    account.status = AccountStatus::Closed;
+    for request in &pending {
+        step.release_holds(&mut account, request, actor);
+    }
+    for lot in 0..account.lots.len() {
+        let rest = account.lots[lot].remaining;
+        if rest.is_positive() {
+            step.post(
+                &mut account,
+                lot,
+                EntryKind::Forfeit,
+                -rest,
+                Credits::ZERO,
+                None,
+                actor,
+            );
+        }
+    }
+    // Announced once everything is forfeited: `available` is what can be
+    // spent now, and a closed account can spend nothing.
+    for mut request in pending {
+        request.status = RedemptionStatus::Denied;
+        request.reason = Some(Rejection::AccountClosed.as_str().to_owned());
+        request.decided_by = Some(actor.to_owned());
+        request.decided_at = Some(step.now());
+        let available = account.available_at(step.now());
+        step.event(
+            Some(&account.id),
+            Event::RedemptionDenied {
+                request_id: request.request_id.clone(),
+                decided_by: actor.to_owned(),
+                reason: Rejection::AccountClosed.as_str().to_owned(),
+                available,
+            },
+        );
+        step.email(
+            learner_of(&request),
+            Notice::RedemptionDenied {
+                title: request.item.title.clone(),
+                cost: request.cost,
+                reason: Rejection::AccountClosed.explain().to_owned(),
+            },
+        );
+        step.save_request(request);
+    }
+    let id = account.id.clone();
+    let mut changes = Vec::new();
+    change(
+        step,
+        &mut changes,
+        &id,
+        actor,
+        "status",
+        json!(old_status),
+        json!(account.status),
+    );
+    announce_update(step, &id, changes);
+    step.email(
+        owners_of(&account),
+        Notice::AccountClosed {
+            account_id: id,
+            account_name: account.name.clone(),
+            actor: actor.to_owned(),
+            reason: c.reason.clone(),
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
+
+pub(super) fn request_report(step: &mut Step, c: &ReportRequested) -> Flow {
+    if let Some(columns) = &c.columns {
+        let known = c.report.columns();
+        if let Some(bad) = columns.iter().find(|col| !known.contains(&col.as_str())) {
+            return Err(Outcome::dead(
+                DeadReason::SchemaViolation,
+                format!("`{bad}` is not a column of the {:?} report", c.report),
+            ));
+        }
+    }
+    match &c.account_id {
+        Some(id) => {
+            let account = step.known_account(id)?;
+            if !(step.ctx.staff || account.is_owner(&c.recipient)) {
+                return Err(step.refuse(
+                    InboundType::ReportRequested,
+                    Some(id),
+                    Refusal::NotAnOwner,
+                ));
+            }
+        }
+        None => step.require_staff(InboundType::ReportRequested, None)?,
+    }
+    step.out.effects.push(Effect::Report(c.clone()));
+    Ok(())
+}
+
+fn owner_emails(account: &Account) -> Value {
+    json!(account.owners.iter().map(|o| &o.email).collect::<Vec<_>>())
+}

@@ -1,0 +1,142 @@
+//! The scheduled jobs for one account: pending requests time out, expired
+//! lots are written off, owners are reminded of what is about to expire.
+
+use super::{Flow, Step, learner_of, owners_of};
+use crate::domain::event::Event;
+use crate::domain::ids::Id;
+use crate::domain::ledger::EntryKind;
+use crate::domain::model::*;
+use crate::domain::money::Credits;
+use crate::domain::notice::Notice;
+
+/// The scheduled jobs for one account as of `now`: pending requests time
+/// out, expired lots are written off, owners are reminded of what expires.
+pub(super) fn sweep(step: &mut Step, account_id: &Id) -> Flow {
+    let Some(mut account) = step.account(account_id) else {
+        return Ok(());
+    };
+    let now = step.now();
+    let timeout_days = step.ctx.policy.pending_timeout_days;
+    let mut overdue: Vec<Redemption> = step
+        .ledger
+        .requests
+        .values()
+        .filter(|r| {
+            r.account_id.as_ref() == Some(account_id)
+                && r.status == RedemptionStatus::Pending
+                && r.created_at.plus_days(timeout_days) <= now
+        })
+        .cloned()
+        .collect();
+    overdue.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    for mut request in overdue {
+        step.release_holds(&mut account, &request, "system");
+        request.status = RedemptionStatus::Expired;
+        request.reason = Some("pending_timeout".to_owned());
+        request.decided_by = Some("system".to_owned());
+        request.decided_at = Some(now);
+        let available = account.available_at(now);
+        step.event(
+            Some(&account.id),
+            Event::RedemptionExpired {
+                request_id: request.request_id.clone(),
+                available,
+            },
+        );
+        step.email(
+            learner_of(&request),
+            Notice::RedemptionExpired {
+                title: request.item.title.clone(),
+                cost: request.cost,
+                reason: format!("the account owners did not answer within {timeout_days} days"),
+            },
+        );
+        step.save_request(request);
+    }
+    for lot in 0..account.lots.len() {
+        let unreserved = account.lots[lot].remaining - account.lots[lot].held;
+        if !unreserved.is_positive() {
+            continue;
+        }
+        let expires_at = account.lots[lot].expires_at;
+        if expires_at <= now {
+            step.post(
+                &mut account,
+                lot,
+                EntryKind::Expire,
+                -unreserved,
+                Credits::ZERO,
+                None,
+                "system",
+            );
+            let available = account.available_at(now);
+            let purchase_id = account.lots[lot].purchase_id.clone();
+            step.event(
+                Some(&account.id),
+                Event::LotExpired {
+                    purchase_id: purchase_id.clone(),
+                    expired: unreserved,
+                    available,
+                },
+            );
+            step.email(
+                owners_of(&account),
+                Notice::LotExpired {
+                    account_id: account.id.clone(),
+                    account_name: account.name.clone(),
+                    purchase_id,
+                    expired: unreserved,
+                    expired_on: expires_at.date(),
+                    available,
+                },
+            );
+            continue;
+        }
+        let days_left = now.whole_days_until(expires_at);
+        let reached = step
+            .ctx
+            .policy
+            .reminder_stages
+            .iter()
+            .copied()
+            .filter(|stage| expires_at.plus_days(-i64::from(*stage)) <= now)
+            .min();
+        let Some(stage) = reached else { continue };
+        if account.lots[lot]
+            .reminded_stage
+            .is_some_and(|sent| sent <= stage)
+        {
+            continue;
+        }
+        account.lots[lot].reminded_stage = Some(stage);
+        account.lots[lot].dirty = true;
+        let purchase_id = account.lots[lot].purchase_id.clone();
+        let remaining = account.lots[lot].remaining;
+        step.event(
+            Some(&account.id),
+            Event::LotExpiring {
+                purchase_id: purchase_id.clone(),
+                expires_at,
+                remaining,
+                stage,
+                days_left,
+            },
+        );
+        step.email(
+            owners_of(&account),
+            Notice::LotExpiring {
+                account_id: account.id.clone(),
+                account_name: account.name.clone(),
+                purchase_id,
+                remaining,
+                expires_on: expires_at.date(),
+                days_left,
+            },
+        );
+    }
+    if step.out.journal.is_empty() && step.out.effects.is_empty() {
+        return Ok(());
+    }
+    step.save_account(account);
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Purchases and their lots: recording a purchase, extending a lot.
+
+use serde_json::json;
+
+use super::{Flow, PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, Step, owners_of, retry};
+use crate::domain::command::*;
+use crate::domain::event::Event;
+use crate::domain::ledger::EntryKind;
+use crate::domain::model::*;
+use crate::domain::money::Credits;
+use crate::domain::notice::Notice;
+use crate::domain::outcome::{DeadReason, Outcome, Refusal, RetryReason};
+
+pub(super) fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
+    let mut account = step.known_account(&c.account_id)?;
+    if let Some(lot) = account.lot(&c.purchase_id) {
+        return Err(if account.lots[lot].fingerprint == step.ctx.fingerprint {
+            Outcome::Duplicate
+        } else {
+            Outcome::dead(
+                DeadReason::IdConflict,
+                format!(
+                    "purchase `{}` was recorded with other fields",
+                    c.purchase_id
+                ),
+            )
+        });
+    }
+    let expires_at = c
+        .expires_at
+        .unwrap_or_else(|| c.purchased_at.plus_one_year());
+    // `decode` refuses these before any account is looked up.
+    assert!((PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&c.credits));
+    assert!(expires_at > c.purchased_at);
+    if account.status == AccountStatus::Closed {
+        return Err(step.refuse(
+            InboundType::PurchaseCompleted,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
+    }
+    account.lots.push(Lot {
+        purchase_id: c.purchase_id.clone(),
+        credits: c.credits,
+        remaining: Credits::ZERO,
+        held: Credits::ZERO,
+        expired: Credits::ZERO,
+        purchased_at: c.purchased_at,
+        expires_at,
+        price_paid: c.price_paid.clone(),
+        channel: c
+            .channel
+            .map(|ch| json!(ch).as_str().unwrap_or_default().to_owned()),
+        reminded_stage: None,
+        fingerprint: step.ctx.fingerprint.to_owned(),
+        dirty: true,
+    });
+    account.sort_lots();
+    let lot = account.lot(&c.purchase_id).expect("the lot was just added");
+    step.post(
+        &mut account,
+        lot,
+        EntryKind::Purchase,
+        c.credits,
+        Credits::ZERO,
+        None,
+        "purchase",
+    );
+    let available = account.available_at(step.now());
+    step.event(
+        Some(&account.id),
+        Event::PurchaseRecorded {
+            purchase_id: c.purchase_id.clone(),
+            credits: c.credits,
+            expires_at,
+            available,
+        },
+    );
+    step.email(
+        owners_of(&account),
+        Notice::PurchaseRecorded {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            purchase_id: c.purchase_id.clone(),
+            credits: c.credits,
+            price_paid: c
+                .price_paid
+                .as_ref()
+                .map(|p| format!("{} {}", p.amount, p.currency)),
+            expires_on: expires_at.date(),
+            available,
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
+
+pub(super) fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
+    step.require_staff(InboundType::LotExtended, Some(&c.account_id))?;
+    let mut account = step.known_account(&c.account_id)?;
+    let Some(lot) = account.lot(&c.purchase_id) else {
+        return Err(retry(
+            RetryReason::UnknownAccount,
+            format!(
+                "account `{}` has no lot `{}` (yet)",
+                c.account_id, c.purchase_id
+            ),
+        ));
+    };
+    if account.status == AccountStatus::Closed {
+        return Err(step.refuse(
+            InboundType::LotExtended,
+            Some(&account.id),
+            Refusal::AccountClosed,
+        ));
+    }
+    if c.expires_at <= step.now() || c.expires_at <= account.lots[lot].expires_at {
+        return Err(step.refuse(
+            InboundType::LotExtended,
+            Some(&account.id),
+            Refusal::NotLater,
+        ));
+    }
+    // What counts again: credits the sweep (or a refund) wrote off, and the
+    // unreserved remainder of a lot past its expiry that the sweep has not
+    // reached yet, which could no longer be spent either (SPEC §6 rule 4).
+    let written_off = account.lots[lot].expired;
+    let unswept = if account.lots[lot].is_expired_at(step.now()) {
+        account.lots[lot].remaining - account.lots[lot].held
+    } else {
+        Credits::ZERO
+    };
+    let reinstated = written_off + unswept;
+    if written_off.is_positive() {
+        step.post(
+            &mut account,
+            lot,
+            EntryKind::Reinstate,
+            written_off,
+            Credits::ZERO,
+            None,
+            c.actor.as_str(),
+        );
+    }
+    let old = account.lots[lot].expires_at;
+    account.lots[lot].expires_at = c.expires_at;
+    account.lots[lot].reminded_stage = None;
+    account.lots[lot].dirty = true;
+    account.sort_lots();
+    step.audit(
+        &account.id,
+        c.actor.as_str(),
+        &format!("lot:{}:expires_at", c.purchase_id),
+        json!(old),
+        json!(c.expires_at),
+    );
+    let available = account.available_at(step.now());
+    step.event(
+        Some(&account.id),
+        Event::LotExtended {
+            purchase_id: c.purchase_id.clone(),
+            expires_at: c.expires_at,
+            reinstated,
+            available,
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
