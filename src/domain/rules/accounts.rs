@@ -459,3 +459,167 @@ pub(super) fn request_report(step: &mut Step, c: &ReportRequested) -> Flow {
 fn owner_emails(account: &Account) -> Value {
     json!(account.owners.iter().map(|o| &o.email).collect::<Vec<_>>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::book::*;
+    use crate::domain::command::*;
+    use crate::domain::event::Event;
+    use crate::domain::ledger::EntryKind;
+    use crate::domain::model::*;
+    use crate::domain::notice::Notice;
+    use crate::domain::{Credits, InboundType, Outcome, Refusal, Rejection};
+
+    fn refusal(ran: &Ran) -> (InboundType, Refusal) {
+        match ran.events()[..] {
+            [
+                Event::CommandRefused {
+                    command_type,
+                    reason,
+                    ..
+                },
+            ] => (*command_type, *reason),
+            ref other => panic!("one command.refused, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_account_opens_once_and_a_second_opening_is_refused() {
+        let mut book = Book::new();
+        let ran = book.open("acme", ApprovalMode::Manual);
+        assert_eq!(ran.outcome, Outcome::Applied);
+        assert!(matches!(
+            ran.events()[..],
+            [Event::AccountOpened {
+                approval_mode: ApprovalMode::Manual,
+                ..
+            }]
+        ));
+        assert_eq!(book.account("acme").status, AccountStatus::Active);
+
+        let ran = book.open("acme", ApprovalMode::Automatic);
+        assert_eq!(ran.outcome, Outcome::Refused(Refusal::AccountExists));
+        assert_eq!(
+            refusal(&ran),
+            (InboundType::AccountOpened, Refusal::AccountExists)
+        );
+        assert_eq!(book.account("acme").approval_mode, ApprovalMode::Manual);
+    }
+
+    #[test]
+    fn owners_change_only_by_an_owner_and_never_to_none() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        let add = |actor: &str| {
+            Command::OwnerAdded(OwnerAdded {
+                account_id: id("acme"),
+                actor: email(actor),
+                owner: Owner {
+                    email: email("bob@example.com"),
+                    name: "Bob".to_owned(),
+                },
+            })
+        };
+        let ran = book.run(add(STRANGER));
+        assert_eq!(
+            refusal(&ran),
+            (InboundType::OwnerAdded, Refusal::NotAnOwner)
+        );
+
+        let ran = book.run(add(OWNER));
+        assert_eq!(ran.outcome, Outcome::Applied);
+        let [(Notice::OwnerAdded { .. }, to)] = &ran.emails()[..] else {
+            panic!("one owner_added email");
+        };
+        assert_eq!(
+            to,
+            &[OWNER, "bob@example.com"],
+            "old and new owners hear of it"
+        );
+
+        let remove = |email_: &str| {
+            Command::OwnerRemoved(OwnerRemoved {
+                account_id: id("acme"),
+                actor: email(OWNER),
+                email: email(email_),
+            })
+        };
+        assert_eq!(
+            book.run(remove("bob@example.com")).outcome,
+            Outcome::Applied
+        );
+        let ran = book.run(remove(OWNER));
+        assert_eq!(
+            refusal(&ran),
+            (InboundType::OwnerRemoved, Refusal::LastOwner)
+        );
+        assert_eq!(book.account("acme").owners.len(), 1);
+    }
+
+    #[test]
+    fn closing_takes_staff_forfeits_the_remainder_and_denies_pending_requests() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "100", 365);
+        book.ask("r1", CODE, "l1", "c1", "30");
+        let close = Command::AccountClosed(AccountClosed {
+            account_id: id("acme"),
+            actor: email("staff@example.com"),
+            reason: None,
+        });
+        let ran = book.run(close.clone());
+        assert_eq!(
+            refusal(&ran),
+            (InboundType::AccountClosed, Refusal::NotStaff)
+        );
+
+        book.staff = true;
+        let ran = book.run(close);
+        assert_eq!(ran.outcome, Outcome::Applied);
+        let forfeited: Credits = ran
+            .changes
+            .journal
+            .iter()
+            .filter(|e| e.kind == EntryKind::Forfeit)
+            .map(|e| -e.amount)
+            .sum();
+        assert_eq!(forfeited, credits("100"), "the hold comes back first");
+        assert!(ran.events().iter().any(|e| matches!(
+            e,
+            Event::RedemptionDenied { reason, available, .. }
+                if reason == Rejection::AccountClosed.as_str() && available.is_zero()
+        )));
+        assert_eq!(book.request("r1").status, RedemptionStatus::Denied);
+        assert_eq!(book.account("acme").status, AccountStatus::Closed);
+        assert_eq!(book.available("acme"), Credits::ZERO);
+    }
+
+    #[test]
+    fn a_code_another_account_holds_is_refused() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.run(Command::AccountOpened(AccountOpened {
+            account_id: id("beta"),
+            name: None,
+            owners: vec![Owner {
+                email: email("bea@example.com"),
+                name: "Bea".to_owned(),
+            }],
+            approval_mode: ApprovalMode::Automatic,
+            code: Some("BETA-CODE-1".parse().expect("a code")),
+            scope: None,
+            low_balance_threshold: None,
+            notes: None,
+        }));
+        let ran = book.run(Command::CodeRotated(CodeRotated {
+            account_id: id("beta"),
+            actor: email("bea@example.com"),
+            code: Some(CODE.to_lowercase().parse().expect("a code")),
+        }));
+        assert_eq!(
+            refusal(&ran),
+            (InboundType::CodeRotated, Refusal::CodeTaken)
+        );
+        assert_eq!(book.account("beta").code.to_string(), "BETA-CODE-1");
+    }
+}

@@ -140,3 +140,88 @@ pub(super) fn sweep(step: &mut Step, account_id: &Id) -> Flow {
     step.save_account(account);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::book::*;
+    use crate::domain::Credits;
+    use crate::domain::event::Event;
+    use crate::domain::model::*;
+    use crate::domain::notice::Notice;
+
+    #[test]
+    fn an_expired_lot_loses_its_unreserved_remainder_once() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "100", 10);
+        book.ask("r1", CODE, "l1", "c1", "30");
+        book.now = book.now.plus_days(10);
+        let ran = book.sweep("acme");
+        assert!(ran.events().iter().any(|e| matches!(
+            e,
+            Event::LotExpired { expired, .. } if *expired == credits("70")
+        )));
+        assert!(
+            ran.emails()
+                .iter()
+                .any(|(notice, to)| matches!(notice, Notice::LotExpired { .. }) && to == &[OWNER])
+        );
+        let lot = &book.account("acme").lots[0];
+        assert_eq!((lot.remaining, lot.held), (credits("30"), credits("30")));
+
+        let again = book.sweep("acme");
+        assert!(again.changes.journal.is_empty() && again.changes.effects.is_empty());
+    }
+
+    #[test]
+    fn owners_are_reminded_once_per_stage_and_only_of_the_nearest_one_passed() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "100", 40);
+        book.now = book.now.plus_days(35);
+        let ran = book.sweep("acme");
+        assert!(matches!(
+            ran.events()[..],
+            [Event::LotExpiring {
+                stage: 7,
+                days_left: 5,
+                ..
+            }]
+        ));
+        assert!(
+            book.sweep("acme").changes.effects.is_empty(),
+            "once per stage"
+        );
+        book.now = book.now.plus_days(4);
+        assert!(matches!(
+            book.sweep("acme").events()[..],
+            [Event::LotExpiring {
+                stage: 1,
+                days_left: 1,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_request_left_pending_too_long_expires_and_gives_its_hold_back() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "100", 365);
+        book.ask("r1", CODE, "l1", "c1", "30");
+        book.now = book.now.plus_days(book.policy.pending_timeout_days - 1);
+        assert!(book.sweep("acme").changes.effects.is_empty());
+        book.now = book.now.plus_days(1);
+        let ran = book.sweep("acme");
+        assert!(matches!(
+            ran.events()[..],
+            [Event::RedemptionExpired { available, .. }] if *available == credits("100")
+        ));
+        assert!(matches!(
+            ran.emails()[..],
+            [(Notice::RedemptionExpired { .. }, ref to)] if to == &["l1@example.com"]
+        ));
+        assert_eq!(book.request("r1").status, RedemptionStatus::Expired);
+        assert_eq!(book.account("acme").lots[0].held, Credits::ZERO);
+    }
+}

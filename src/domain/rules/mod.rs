@@ -98,6 +98,8 @@ pub fn handle(ledger: &Ledger, command: &Command, ctx: &Ctx) -> (Outcome, Change
 }
 
 mod accounts;
+#[cfg(test)]
+mod book;
 mod expiry;
 mod purchases;
 mod redemptions;

@@ -167,3 +167,105 @@ pub(super) fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
     step.save_account(account);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::book::*;
+    use crate::domain::command::*;
+    use crate::domain::event::Event;
+    use crate::domain::ledger::EntryKind;
+    use crate::domain::model::*;
+    use crate::domain::notice::Notice;
+    use crate::domain::{DeadReason, Outcome, Refusal, RetryReason};
+
+    #[test]
+    fn a_purchase_adds_a_lot_journals_it_and_tells_every_owner() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        let ran = book.buy("acme", "p1", "120.50", 365);
+        assert_eq!(ran.outcome, Outcome::Applied);
+        let [entry] = &ran.changes.journal[..] else {
+            panic!("one journal entry");
+        };
+        assert_eq!(
+            (entry.kind, entry.amount, entry.balance_after),
+            (EntryKind::Purchase, credits("120.50"), credits("120.50"))
+        );
+        assert!(matches!(
+            ran.events()[..],
+            [Event::PurchaseRecorded { available, .. }] if *available == credits("120.50")
+        ));
+        let [(Notice::PurchaseRecorded { expires_on, .. }, to)] = &ran.emails()[..] else {
+            panic!("one purchase_recorded email");
+        };
+        assert_eq!(to, &[OWNER]);
+        assert_eq!(expires_on, "2027-03-01");
+    }
+
+    #[test]
+    fn a_purchase_seen_again_is_a_duplicate_and_one_with_other_fields_a_conflict() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "100", 365);
+        let again = book.buy("acme", "p1", "100", 365);
+        assert_eq!(again.outcome, Outcome::Duplicate);
+        assert!(again.changes.journal.is_empty() && again.changes.effects.is_empty());
+        let other = book.buy("acme", "p1", "90", 365);
+        assert!(matches!(
+            other.outcome,
+            Outcome::Dead {
+                reason: DeadReason::IdConflict,
+                ..
+            }
+        ));
+        assert_eq!(book.available("acme"), credits("100"));
+    }
+
+    #[test]
+    fn a_purchase_for_an_account_not_known_yet_waits_and_changes_nothing() {
+        let mut book = Book::new();
+        let ran = book.buy("acme", "p1", "100", 365);
+        assert!(matches!(
+            ran.outcome,
+            Outcome::Retry {
+                reason: RetryReason::UnknownAccount,
+                ..
+            }
+        ));
+        assert!(ran.changes.journal.is_empty() && ran.changes.effects.is_empty());
+    }
+
+    #[test]
+    fn an_extension_must_be_later_and_reinstates_what_expired() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "100", 10);
+        book.now = book.now.plus_days(11);
+        book.sweep("acme");
+        assert_eq!(book.account("acme").lots[0].expired, credits("100"));
+
+        book.staff = true;
+        let extend = |expires_at| {
+            Command::LotExtended(LotExtended {
+                account_id: id("acme"),
+                purchase_id: id("p1"),
+                expires_at,
+                actor: email("staff@example.com"),
+                reason: None,
+            })
+        };
+        let earlier = book.now.plus_days(-1);
+        let ran = book.run(extend(earlier));
+        assert_eq!(ran.outcome, Outcome::Refused(Refusal::NotLater));
+
+        let later = book.now.plus_days(30);
+        let ran = book.run(extend(later));
+        assert_eq!(ran.outcome, Outcome::Applied);
+        assert!(matches!(
+            ran.events()[..],
+            [Event::LotExtended { reinstated, available, .. }]
+                if *reinstated == credits("100") && *available == credits("100")
+        ));
+        assert_eq!(book.account("acme").lots[0].expired, credits("0"));
+    }
+}

@@ -416,3 +416,173 @@ pub(super) fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
     step.save_account(account);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::book::*;
+    use super::super::{INVALID_CODE_ATTEMPTS_MAX, INVALID_CODE_WINDOW_MINUTES};
+    use crate::domain::command::*;
+    use crate::domain::event::Event;
+    use crate::domain::ledger::EntryKind;
+    use crate::domain::model::*;
+    use crate::domain::notice::Notice;
+    use crate::domain::outcome::NoRefund;
+    use crate::domain::{Credits, Outcome, Refusal, Rejection};
+
+    fn decide(request: &str, approver: &str) -> RedemptionDecided {
+        RedemptionDecided {
+            request_id: id(request),
+            approver: email(approver),
+            note: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn automatic_mode_pays_at_once_from_the_lot_that_expires_first() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "late", "50", 300);
+        book.buy("acme", "soon", "20", 30);
+        let ran = book.ask("r1", CODE, "l1", "c1", "30");
+        assert_eq!(ran.outcome, Outcome::Applied);
+        let taken: Vec<(String, Credits)> = ran
+            .changes
+            .journal
+            .iter()
+            .map(|e| {
+                assert_eq!(e.kind, EntryKind::Redeem);
+                (e.purchase_id.to_string(), -e.amount)
+            })
+            .collect();
+        assert_eq!(
+            taken,
+            [
+                ("soon".to_owned(), credits("20")),
+                ("late".to_owned(), credits("10"))
+            ]
+        );
+        assert!(matches!(
+            &ran.events()[..],
+            [Event::RedemptionApproved { decided_by, available, .. }]
+                if decided_by == "system" && *available == credits("40")
+        ));
+        assert!(matches!(
+            ran.emails()[..],
+            [(Notice::RedemptionApproved { .. }, ref to)] if to == &["l1@example.com"]
+        ));
+    }
+
+    #[test]
+    fn manual_mode_holds_until_an_owner_decides() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "100", 365);
+        let ran = book.ask("r1", CODE, "l1", "c1", "30");
+        assert!(matches!(
+            ran.events()[..],
+            [Event::RedemptionPending { .. }]
+        ));
+        assert_eq!(book.account("acme").lots[0].held, credits("30"));
+        assert_eq!(book.available("acme"), credits("70"));
+
+        let ran = book.run(Command::RedemptionApproved(decide("r1", STRANGER)));
+        assert_eq!(ran.outcome, Outcome::Refused(Refusal::NotAnOwner));
+
+        let ran = book.run(Command::RedemptionDenied(decide("r1", OWNER)));
+        assert_eq!(ran.outcome, Outcome::Applied);
+        assert_eq!(book.request("r1").status, RedemptionStatus::Denied);
+        assert_eq!(book.account("acme").lots[0].held, Credits::ZERO);
+        assert_eq!(book.available("acme"), credits("100"));
+
+        let ran = book.run(Command::RedemptionApproved(decide("r1", OWNER)));
+        assert_eq!(ran.outcome, Outcome::Refused(Refusal::NotPending));
+    }
+
+    #[test]
+    fn wrong_codes_are_rejected_and_too_many_block_the_learner_for_a_while() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "100", 365);
+        for n in 0..INVALID_CODE_ATTEMPTS_MAX {
+            let ran = book.ask(&format!("w{n}"), "NOPE", "l1", "c1", "10");
+            assert_eq!(ran.outcome, Outcome::Rejected(Rejection::InvalidCode));
+            assert!(matches!(
+                ran.events()[..],
+                [Event::RedemptionRejected {
+                    available: None,
+                    ..
+                }]
+            ));
+        }
+        let ran = book.ask("r1", CODE, "l1", "c1", "10");
+        assert_eq!(ran.outcome, Outcome::Rejected(Rejection::TooManyAttempts));
+        assert_eq!(
+            book.ask("r2", CODE, "l2", "c1", "10").outcome,
+            Outcome::Applied,
+            "another learner is not blocked"
+        );
+
+        book.now = book
+            .now
+            .plus(chrono::Duration::minutes(INVALID_CODE_WINDOW_MINUTES));
+        assert_eq!(
+            book.ask("r3", CODE, "l1", "c1", "10").outcome,
+            Outcome::Applied
+        );
+    }
+
+    #[test]
+    fn a_request_beyond_the_balance_is_rejected_with_what_is_available() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "25", 365);
+        let ran = book.ask("r1", CODE, "l1", "c1", "30");
+        assert_eq!(
+            ran.outcome,
+            Outcome::Rejected(Rejection::InsufficientBalance)
+        );
+        assert!(matches!(
+            ran.events()[..],
+            [Event::RedemptionRejected { available: Some(available), .. }]
+                if *available == credits("25")
+        ));
+        assert!(ran.changes.journal.is_empty());
+        assert_eq!(book.request("r1").status, RedemptionStatus::Rejected);
+    }
+
+    #[test]
+    fn unenrolling_refunds_within_the_window_and_not_after_it() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Automatic);
+        book.buy("acme", "p1", "100", 365);
+        book.ask("r1", CODE, "l1", "c1", "30");
+        book.ask("r2", CODE, "l1", "c2", "20");
+        let unenroll = |request: &str, at| {
+            Command::Unenrolled(Unenrolled {
+                request_id: id(request),
+                unenrolled_at: at,
+                reason: None,
+            })
+        };
+        let window = book.policy.refund_window_days;
+        let ran = book.run(unenroll("r1", book.now.plus_days(window)));
+        assert!(matches!(
+            ran.events()[..],
+            [Event::RedemptionRefunded { refunded, available, .. }]
+                if *refunded == credits("30") && *available == credits("80")
+        ));
+        assert_eq!(book.request("r1").status, RedemptionStatus::Refunded);
+
+        let ran = book.run(unenroll("r2", book.now.plus_days(window + 1)));
+        assert!(matches!(
+            ran.events()[..],
+            [Event::RedemptionUnenrolled {
+                reason: NoRefund::RefundWindowClosed,
+                ..
+            }]
+        ));
+        assert!(ran.changes.journal.is_empty());
+        assert_eq!(book.available("acme"), credits("80"));
+    }
+}
