@@ -19,7 +19,7 @@ use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
 use crate::outbox::{OutboundEvent, derived_id};
 use crate::report::ReportJob;
-use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes};
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -280,10 +280,10 @@ fn give_back_once_possible<S: Store>(store: S, leases: BTreeSet<Ts>) {
 }
 
 /// Everything `batch` refers to, for one load.
-fn wanted(batch: &[Input], now: Ts) -> Wanted {
-    let mut wanted = Wanted {
+fn wanted(batch: &[Input], now: Ts) -> ToLoad {
+    let mut wanted = ToLoad {
         live_lots: true,
-        ..Wanted::default()
+        ..ToLoad::default()
     };
     for input in batch {
         wanted.keys.push(input.key.clone());

@@ -5,7 +5,7 @@
 //! ([`PgStore`]).
 //!
 //! A batch is one call to [`Books::transact`]: lock and load what the batch
-//! names ([`Wanted`]), let the caller run the rules on that [`Ledger`], write
+//! names ([`ToLoad`]), let the caller run the rules on that [`Ledger`], write
 //! what changed ([`Writes`]) and commit, all in one transaction.
 
 mod postgres;
@@ -77,9 +77,10 @@ impl StoreError {
     }
 }
 
-/// What a batch refers to, so that it can all be loaded (and locked) at once.
+/// What one transaction loads (and, in a batch, locks): everything a batch
+/// or a read-only command refers to, fetched at once.
 #[derive(Clone, Debug, Default)]
-pub struct Wanted {
+pub struct ToLoad {
     pub keys: Vec<EventKey>,
     pub account_ids: Vec<Id>,
     pub code_keys: Vec<CodeKey>,
@@ -261,10 +262,10 @@ impl SentMarks {
 
     /// Takes every id waiting, to be marked by the caller; those it fails to
     /// mark must be given back.
-    pub fn take(&self) -> Taken<'_> {
+    pub fn take(&self) -> MarksInTransaction<'_> {
         let mut waiting = self.waiting();
         waiting.since = None;
-        Taken {
+        MarksInTransaction {
             marks: self,
             ids: std::mem::take(&mut waiting.ids),
         }
@@ -284,23 +285,24 @@ impl SentMarks {
     }
 }
 
-/// Ids taken from [`SentMarks`] to be marked: given back when dropped before
-/// [`Taken::marked`] (the write failed or was abandoned), and then they wait
-/// as if they had just been sent.
+/// The sent marks taken from [`SentMarks`] into one transaction, to be
+/// written with it: given back when dropped before
+/// [`MarksInTransaction::marked`] (the write failed or was abandoned), and
+/// then they wait as if they had just been sent.
 #[derive(Debug)]
-pub struct Taken<'a> {
+pub struct MarksInTransaction<'a> {
     marks: &'a SentMarks,
     pub ids: Vec<String>,
 }
 
-impl Taken<'_> {
+impl MarksInTransaction<'_> {
     /// Their marks are written (committed).
     pub fn marked(mut self) {
         self.ids.clear();
     }
 }
 
-impl Drop for Taken<'_> {
+impl Drop for MarksInTransaction<'_> {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
             self.marks.add(std::mem::take(&mut self.ids));
@@ -325,7 +327,7 @@ pub trait Books: Send + Sync {
     /// written (the marks wait again).
     fn transact<T, F>(
         &self,
-        wanted: &Wanted,
+        wanted: &ToLoad,
         work: F,
     ) -> impl Future<Output = Result<T, StoreError>> + Send
     where
@@ -333,7 +335,7 @@ pub trait Books: Send + Sync {
         F: FnOnce(Loaded) -> (T, Writes) + Send;
 
     /// Loads without locking or writing, for read-only commands.
-    fn snapshot(&self, wanted: &Wanted) -> impl Future<Output = Result<Ledger, StoreError>> + Send;
+    fn snapshot(&self, wanted: &ToLoad) -> impl Future<Output = Result<Ledger, StoreError>> + Send;
 
     /// Accounts with work for the scheduled jobs at `at`: lots to expire or to
     /// remind of, and requests pending since before `pending_before`.

@@ -43,7 +43,7 @@ use super::rows::{
 };
 use super::{
     Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, Outbox, OutboxKind, OutboxRow, Reports,
-    SentMarks, StoreError, Wanted, Writes,
+    SentMarks, StoreError, ToLoad, Writes,
 };
 use crate::decode::EventKey;
 use crate::domain::command::ReportKind;
@@ -527,7 +527,7 @@ where
     /// never deadlock).
     async fn load(
         conn: &mut D::Connection,
-        wanted: &Wanted,
+        wanted: &ToLoad,
         lock: bool,
     ) -> Result<Loaded, StoreError> {
         let statements = D::statements();
@@ -907,7 +907,7 @@ where
     Option<Ts>: Value<D>,
     bool: Value<D>,
 {
-    async fn transact<T, F>(&self, wanted: &Wanted, work: F) -> Result<T, StoreError>
+    async fn transact<T, F>(&self, wanted: &ToLoad, work: F) -> Result<T, StoreError>
     where
         T: Send,
         F: FnOnce(Loaded) -> (T, Writes) + Send,
@@ -924,7 +924,7 @@ where
         Ok(result)
     }
 
-    async fn snapshot(&self, wanted: &Wanted) -> Result<Ledger, StoreError> {
+    async fn snapshot(&self, wanted: &ToLoad) -> Result<Ledger, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Ok(Self::load(&mut conn, wanted, false).await?.ledger)
     }
