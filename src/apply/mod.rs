@@ -19,7 +19,7 @@ use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
 use crate::outbox::{OutboundEvent, derived_id};
 use crate::report::ReportJob;
-use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes};
+use crate::store::{Loaded, LotWrite, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes};
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -116,7 +116,6 @@ impl<S: Store> Applier<S> {
             mut seen,
         } = loaded;
         let mut writes = Writes {
-            reminder_stages: self.settings.policy.reminder_stages.clone(),
             now: Some(now),
             ..Writes::default()
         };
@@ -175,6 +174,23 @@ impl<S: Store> Applier<S> {
             .iter()
             .filter_map(|id| ledger.accounts.get(id).cloned())
             .collect();
+        let stages = &self.settings.policy.reminder_stages;
+        writes.lots = writes
+            .accounts
+            .iter()
+            .flat_map(|a| {
+                a.lots.iter().filter(|l| l.dirty).map(|l| LotWrite {
+                    account_id: a.id.clone(),
+                    lot: l.clone(),
+                    remind_at: l.next_reminder_at(stages),
+                })
+            })
+            .collect();
+        if !writes.attempts.is_empty() {
+            // Old attempts are swept only by a batch that adds some: the
+            // table stays small without a delete in every batch.
+            writes.forget_attempts_until = Some(code_window_start(now));
+        }
         writes.requests = requests
             .iter()
             .filter_map(|id| ledger.requests.get(id).cloned())
@@ -308,11 +324,16 @@ fn wanted(batch: &[Input], now: Ts) -> ToLoad {
                 wanted
                     .learner_items
                     .push((c.learner.id.clone(), c.item.id.clone()));
-                wanted.attempts_since =
-                    Some(now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES)));
+                wanted.attempts_since = Some(code_window_start(now));
             }
             _ => {}
         }
     }
     wanted
+}
+
+/// Where the window of invalid-code attempts that count at `now` starts:
+/// those at or before it no longer count.
+fn code_window_start(now: Ts) -> Ts {
+    now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES))
 }

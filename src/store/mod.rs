@@ -5,8 +5,8 @@
 //! ([`PgStore`]).
 //!
 //! A batch is one call to [`Books::transact`]: lock and load what the batch
-//! names ([`ToLoad`]), let the caller run the rules on that [`Ledger`], write
-//! what changed ([`Writes`]) and commit, all in one transaction.
+//! names ([`ToLoad`]), let the caller apply its messages to that [`Ledger`],
+//! write what changed ([`Writes`]) and commit, all in one transaction.
 
 mod postgres;
 mod rows;
@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 use crate::decode::EventKey;
 use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger};
-use crate::domain::model::{Account, Redemption};
+use crate::domain::model::{Account, Lot, Redemption};
 use crate::domain::{CodeKey, Email, Id, Ts};
 
 /// How long a claimed firing is its worker's: one whose worker died is run
@@ -219,15 +219,27 @@ pub struct Writes {
     /// Changed accounts: their row only when `row_dirty`, their owners only
     /// when `owners_dirty`, of their lots only those marked dirty.
     pub accounts: Vec<Account>,
+    /// The lots of `accounts` to write.
+    pub lots: Vec<LotWrite>,
     pub requests: Vec<Redemption>,
     pub journal: Vec<(JournalEntry, String)>,
     pub audit: Vec<(AuditEntry, String)>,
     pub processed: Vec<(EventKey, String, &'static str)>,
     pub attempts: Vec<(Id, Ts)>,
+    /// Attempts at or before this instant are deleted: they never count
+    /// again.
+    pub forget_attempts_until: Option<Ts>,
     pub outbox: Vec<OutboxRow>,
-    /// Reminder stages, to index each written lot by its next reminder.
-    pub reminder_stages: Vec<u32>,
     pub now: Option<Ts>,
+}
+
+/// One lot to write, with when its next expiry reminder falls due: the
+/// sweep finds the lots to remind of by that instant.
+#[derive(Clone, Debug)]
+pub struct LotWrite {
+    pub account_id: Id,
+    pub lot: Lot,
+    pub remind_at: Option<Ts>,
 }
 
 /// Outbox rows sent (confirmed by the broker, taken by the SMTP server) but

@@ -42,8 +42,8 @@ use super::rows::{
     from_json, from_text, id, opt_id, to_json, to_text,
 };
 use super::{
-    Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, Outbox, OutboxKind, OutboxRow, Reports,
-    SentMarks, StoreError, ToLoad, Writes,
+    Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, LotWrite, Outbox, OutboxKind,
+    OutboxRow, Reports, SentMarks, StoreError, ToLoad, Writes,
 };
 use crate::decode::EventKey;
 use crate::domain::command::ReportKind;
@@ -380,32 +380,34 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
         }
     }
     tables.push(rows);
-    let stages = &writes.reminder_stages;
     let mut rows = Rows::new(
         &LOTS,
-        writes.accounts.len(),
+        writes.lots.len(),
         " ON CONFLICT (account_id, purchase_id) DO UPDATE SET \
          remaining = excluded.remaining, held = excluded.held, expired = excluded.expired, \
          expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
          remind_at = excluded.remind_at",
     );
-    for a in &writes.accounts {
-        for l in a.lots.iter().filter(|l| l.dirty) {
-            rows.text(a.id.to_string())
-                .text(l.purchase_id.to_string())
-                .int(l.credits.cents())
-                .int(l.remaining.cents())
-                .int(l.held.cents())
-                .int(l.expired.cents())
-                .time(l.purchased_at)
-                .time(l.expires_at)
-                .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
-                .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
-                .text(l.channel.clone())
-                .int(l.reminded_stage.map(i64::from))
-                .time(l.next_reminder_at(stages))
-                .text(l.fingerprint.clone());
-        }
+    for LotWrite {
+        account_id,
+        lot: l,
+        remind_at,
+    } in &writes.lots
+    {
+        rows.text(account_id.to_string())
+            .text(l.purchase_id.to_string())
+            .int(l.credits.cents())
+            .int(l.remaining.cents())
+            .int(l.held.cents())
+            .int(l.expired.cents())
+            .time(l.purchased_at)
+            .time(l.expires_at)
+            .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
+            .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
+            .text(l.channel.clone())
+            .int(l.reminded_stage.map(i64::from))
+            .time(*remind_at)
+            .text(l.fingerprint.clone());
     }
     tables.push(rows);
     let mut rows = Rows::new(
@@ -659,13 +661,9 @@ where
             let query = sqlx::query(D::statements().delete_owners.clone());
             D::bind_list(query, &reowned).execute(&mut *conn).await?;
         }
-        if !writes.attempts.is_empty() {
-            // Attempts older than the window never count again.
-            let horizon = now.plus(-chrono::Duration::minutes(
-                crate::domain::rules::INVALID_CODE_WINDOW_MINUTES,
-            ));
+        if let Some(until) = writes.forget_attempts_until {
             sqlx::query("DELETE FROM code_attempts WHERE at <= $1")
-                .bind(horizon)
+                .bind(until)
                 .execute(&mut *conn)
                 .await?;
         }
