@@ -5,7 +5,7 @@
 //! emails) and idempotency records of every message are then written and
 //! committed together. Nothing may be acknowledged before this returns.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Duration;
 
@@ -13,13 +13,16 @@ use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
+use crate::domain::model::Account;
 use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES};
 use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
 use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
 use crate::outbox::{OutboundEvent, derived_id};
 use crate::report::ReportJob;
-use crate::store::{Loaded, LotWrite, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes};
+use crate::store::{
+    AccountWrite, Loaded, LotWrite, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes,
+};
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -119,7 +122,10 @@ impl<S: Store> Applier<S> {
             now: Some(now),
             ..Writes::default()
         };
-        let mut accounts: BTreeSet<Id> = BTreeSet::new();
+        // Each account the batch changes as it was loaded (`None` if the
+        // batch opens it), kept at its first change: what is written of it
+        // is what differs from that.
+        let mut loaded_accounts: BTreeMap<Id, Option<Account>> = BTreeMap::new();
         let mut requests: BTreeSet<Id> = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for input in batch {
@@ -150,8 +156,12 @@ impl<S: Store> Applier<S> {
                 outcomes.push(outcome);
                 continue;
             }
+            for id in changes.accounts.keys() {
+                loaded_accounts
+                    .entry(id.clone())
+                    .or_insert_with(|| ledger.accounts.get(id).cloned());
+            }
             ledger.absorb(&changes);
-            accounts.extend(changes.accounts.into_keys());
             requests.extend(changes.requests.into_keys());
             let cause = &input.causation_id;
             writes
@@ -170,19 +180,22 @@ impl<S: Store> Applier<S> {
             seen.insert(input.key.clone(), input.digest.clone());
             outcomes.push(outcome);
         }
-        writes.accounts = accounts
-            .iter()
-            .filter_map(|id| ledger.accounts.get(id).cloned())
+        writes.accounts = loaded_accounts
+            .into_iter()
+            .filter_map(|(id, before)| {
+                let after = ledger.accounts.remove(&id)?;
+                Some(AccountWrite { before, after })
+            })
             .collect();
         let stages = &self.settings.policy.reminder_stages;
         writes.lots = writes
             .accounts
             .iter()
-            .flat_map(|a| {
-                a.lots.iter().filter(|l| l.dirty).map(|l| LotWrite {
-                    account_id: a.id.clone(),
-                    lot: l.clone(),
-                    remind_at: l.next_reminder_at(stages),
+            .flat_map(|write| {
+                write.changed_lots().map(|lot| LotWrite {
+                    account_id: write.after.id.clone(),
+                    lot: lot.clone(),
+                    remind_at: lot.next_reminder_at(stages),
                 })
             })
             .collect();

@@ -205,7 +205,6 @@ impl<'a> Step<'a> {
         if matches!(kind, EntryKind::Expire | EntryKind::Reinstate) {
             entry_lot.expired -= amount;
         }
-        entry_lot.dirty = true;
         assert!(
             entry_lot.is_consistent(),
             "lot {} of {} broke 0 ≤ held ≤ remaining ≤ credits: {:?}",
@@ -456,8 +455,6 @@ fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         notes: c.notes.clone(),
         created_at: step.now(),
         lots: Vec::new(),
-        owners_dirty: true,
-        row_dirty: true,
     };
     step.audit(
         &account.id,
@@ -654,7 +651,6 @@ fn edit_owners(
     let old = owner_emails(&account);
     let mut told = owners_of(&account);
     edit(&mut account.owners);
-    account.owners_dirty = true;
     for recipient in owners_of(&account) {
         if !told.contains(&recipient) {
             told.push(recipient);
@@ -835,7 +831,6 @@ fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
             .map(|ch| json!(ch).as_str().unwrap_or_default().to_owned()),
         reminded_stage: None,
         fingerprint: step.ctx.fingerprint.to_owned(),
-        dirty: true,
     });
     account.sort_lots();
     let lot = account.lot(&c.purchase_id).expect("the lot was just added");
@@ -918,7 +913,6 @@ fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
     let old = account.lots[lot].expires_at;
     account.lots[lot].expires_at = c.expires_at;
     account.lots[lot].reminded_stage = None;
-    account.lots[lot].dirty = true;
     account.sort_lots();
     step.audit(
         &account.id,
@@ -1444,7 +1438,6 @@ fn sweep(step: &mut Step, account_id: &Id) -> Flow {
             continue;
         }
         account.lots[lot].reminded_stage = Some(stage);
-        account.lots[lot].dirty = true;
         let purchase_id = account.lots[lot].purchase_id.clone();
         let remaining = account.lots[lot].remaining;
         step.event(

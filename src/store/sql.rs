@@ -347,16 +347,21 @@ async fn insert<D: Backend>(
 /// their account, lots before the journal that names them).
 fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
     let mut tables = Vec::with_capacity(9);
-    let dirty: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
+    let changed: Vec<&Account> = writes
+        .accounts
+        .iter()
+        .filter(|w| w.row_changed())
+        .map(|w| &w.after)
+        .collect();
     let mut rows = Rows::new(
         &ACCOUNTS,
-        dirty.len(),
+        changed.len(),
         " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, \
          status = excluded.status, approval_mode = excluded.approval_mode, code = excluded.code, \
          code_key = excluded.code_key, scope = excluded.scope, \
          low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
     );
-    for a in dirty {
+    for a in changed {
         rows.text(a.id.to_string())
             .text(a.name.clone())
             .text(to_text(&a.status))
@@ -369,7 +374,12 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
             .time(a.created_at);
     }
     tables.push(rows);
-    let reowned: Vec<&Account> = writes.accounts.iter().filter(|a| a.owners_dirty).collect();
+    let reowned: Vec<&Account> = writes
+        .accounts
+        .iter()
+        .filter(|w| w.owners_changed())
+        .map(|w| &w.after)
+        .collect();
     let mut rows = Rows::new(&OWNERS, reowned.len(), "");
     for a in reowned {
         for (position, o) in a.owners.iter().enumerate() {
@@ -654,8 +664,8 @@ where
         let reowned: Vec<String> = writes
             .accounts
             .iter()
-            .filter(|a| a.owners_dirty)
-            .map(|a| a.id.to_string())
+            .filter(|w| w.owners_changed())
+            .map(|w| w.after.id.to_string())
             .collect();
         if !reowned.is_empty() {
             let query = sqlx::query(D::statements().delete_owners.clone());
@@ -709,8 +719,6 @@ where
             notes: row.try_get("notes")?,
             created_at: row.try_get("created_at")?,
             lots: Vec::new(),
-            owners_dirty: false,
-            row_dirty: false,
         })
     }
 
@@ -740,7 +748,6 @@ where
                 .map(|s| u32::try_from(s).map_err(StoreError::corrupt))
                 .transpose()?,
             fingerprint: row.try_get("fingerprint")?,
-            dirty: false,
         })
     }
 
