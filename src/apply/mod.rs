@@ -5,7 +5,7 @@
 //! emails) and idempotency records of every message are then written and
 //! committed together. Nothing may be acknowledged before this returns.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Duration;
 
@@ -13,13 +13,16 @@ use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
+use crate::domain::model::Account;
 use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES};
 use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
 use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
 use crate::outbox::{OutboundEvent, derived_id};
 use crate::report::ReportJob;
-use crate::store::{Loaded, OutboxKind, OutboxRow, Store, StoreError, Wanted, Writes};
+use crate::store::{
+    AccountWrite, Loaded, LotWrite, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes,
+};
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -116,11 +119,13 @@ impl<S: Store> Applier<S> {
             mut seen,
         } = loaded;
         let mut writes = Writes {
-            reminder_stages: self.settings.policy.reminder_stages.clone(),
             now: Some(now),
             ..Writes::default()
         };
-        let mut accounts: BTreeSet<Id> = BTreeSet::new();
+        // Each account the batch changes as it was loaded (`None` if the
+        // batch opens it), kept at its first change: what is written of it
+        // is what differs from that.
+        let mut loaded_accounts: BTreeMap<Id, Option<Account>> = BTreeMap::new();
         let mut requests: BTreeSet<Id> = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for input in batch {
@@ -151,8 +156,12 @@ impl<S: Store> Applier<S> {
                 outcomes.push(outcome);
                 continue;
             }
+            for id in changes.accounts.keys() {
+                loaded_accounts
+                    .entry(id.clone())
+                    .or_insert_with(|| ledger.accounts.get(id).cloned());
+            }
             ledger.absorb(&changes);
-            accounts.extend(changes.accounts.into_keys());
             requests.extend(changes.requests.into_keys());
             let cause = &input.causation_id;
             writes
@@ -171,10 +180,30 @@ impl<S: Store> Applier<S> {
             seen.insert(input.key.clone(), input.digest.clone());
             outcomes.push(outcome);
         }
-        writes.accounts = accounts
-            .iter()
-            .filter_map(|id| ledger.accounts.get(id).cloned())
+        writes.accounts = loaded_accounts
+            .into_iter()
+            .filter_map(|(id, before)| {
+                let after = ledger.accounts.remove(&id)?;
+                Some(AccountWrite { before, after })
+            })
             .collect();
+        let stages = &self.settings.policy.reminder_stages;
+        writes.lots = writes
+            .accounts
+            .iter()
+            .flat_map(|write| {
+                write.changed_lots().map(|lot| LotWrite {
+                    account_id: write.after.id.clone(),
+                    lot: lot.clone(),
+                    remind_at: lot.next_reminder_at(stages),
+                })
+            })
+            .collect();
+        if !writes.attempts.is_empty() {
+            // Old attempts are swept only by a batch that adds some: the
+            // table stays small without a delete in every batch.
+            writes.forget_attempts_until = Some(code_window_start(now));
+        }
         writes.requests = requests
             .iter()
             .filter_map(|id| ledger.requests.get(id).cloned())
@@ -274,10 +303,10 @@ fn give_back_once_possible<S: Store>(store: S, leases: BTreeSet<Ts>) {
 }
 
 /// Everything `batch` refers to, for one load.
-fn wanted(batch: &[Input], now: Ts) -> Wanted {
-    let mut wanted = Wanted {
+fn wanted(batch: &[Input], now: Ts) -> ToLoad {
+    let mut wanted = ToLoad {
         live_lots: true,
-        ..Wanted::default()
+        ..ToLoad::default()
     };
     for input in batch {
         wanted.keys.push(input.key.clone());
@@ -302,11 +331,16 @@ fn wanted(batch: &[Input], now: Ts) -> Wanted {
                 wanted
                     .learner_items
                     .push((c.learner.id.clone(), c.item.id.clone()));
-                wanted.attempts_since =
-                    Some(now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES)));
+                wanted.attempts_since = Some(code_window_start(now));
             }
             _ => {}
         }
     }
     wanted
+}
+
+/// Where the window of invalid-code attempts that count at `now` starts:
+/// those at or before it no longer count.
+fn code_window_start(now: Ts) -> Ts {
+    now.plus(-Duration::minutes(INVALID_CODE_WINDOW_MINUTES))
 }

@@ -7,13 +7,13 @@ use serde_json::{Value, json};
 
 use crate::domain::model::Account;
 use crate::domain::{Id, Ts};
-use crate::store::{Books, Wanted};
+use crate::store::{Books, ToLoad};
 
 pub async fn show<S: Books>(store: &S, account_id: &str) -> anyhow::Result<ExitCode> {
     let id: Id = account_id.parse().context("bad account id")?;
-    let wanted = Wanted {
+    let wanted = ToLoad {
         account_ids: vec![id.clone()],
-        ..Wanted::default()
+        ..ToLoad::default()
     };
     let ledger = store.snapshot(&wanted).await?;
     let Some(account) = ledger.accounts.get(&id) else {

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use crate::domain::command::{ReportFormat, ReportKind};
 use crate::domain::{Id, Ts};
 use crate::report::{ReportQuery, choose_columns, write};
-use crate::store::{Store, Wanted};
+use crate::store::{Store, ToLoad};
 
 /// The options of `report`, as the argument parser typed them.
 pub struct Options<'a> {
@@ -25,9 +25,9 @@ pub struct Options<'a> {
 pub async fn run<S: Store>(store: &S, options: Options<'_>) -> anyhow::Result<ExitCode> {
     if let Some(id) = &options.account {
         let ledger = store
-            .snapshot(&Wanted {
+            .snapshot(&ToLoad {
                 account_ids: vec![id.clone()],
-                ..Wanted::default()
+                ..ToLoad::default()
             })
             .await?;
         if !ledger.accounts.contains_key(id) {

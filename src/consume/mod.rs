@@ -110,8 +110,9 @@ impl Batch {
     }
 }
 
-/// What became of one delivery.
-enum Fate {
+/// What is done with one delivery once its batch is applied: acknowledged
+/// with the batch, retried later, or dead-lettered.
+enum Disposition {
     Done,
     Retry { reason: RetryReason, detail: String },
     Dead { reason: DeadReason, detail: String },
@@ -273,7 +274,7 @@ impl<S: Store> Consumer<S> {
                 Some(malformed) => {
                     let type_name = malformed.type_name.as_deref().unwrap_or("unknown");
                     metrics::counter!(metric::MESSAGES, "type" => type_name.to_owned(), "outcome" => "dead_letter").increment(1);
-                    Fate::Dead {
+                    Disposition::Dead {
                         reason: malformed.reason,
                         detail: malformed.detail,
                     }
@@ -286,9 +287,9 @@ impl<S: Store> Consumer<S> {
                         Outcome::Applied
                         | Outcome::Duplicate
                         | Outcome::Rejected(_)
-                        | Outcome::Refused(_) => Fate::Done,
-                        Outcome::Retry { reason, detail } => Fate::Retry { reason, detail },
-                        Outcome::Dead { reason, detail } => Fate::Dead { reason, detail },
+                        | Outcome::Refused(_) => Disposition::Done,
+                        Outcome::Retry { reason, detail } => Disposition::Retry { reason, detail },
+                        Outcome::Dead { reason, detail } => Disposition::Dead { reason, detail },
                     }
                 }
             };
@@ -380,11 +381,11 @@ impl<S: Store> Consumer<S> {
         &self,
         channel: &Channel,
         delivery: &Delivery,
-        fate: Fate,
+        fate: Disposition,
     ) -> Result<Option<PublisherConfirm>, ConsumeError> {
         let (queue, headers) = match fate {
-            Fate::Done => return Ok(None),
-            Fate::Retry { reason, detail } => {
+            Disposition::Done => return Ok(None),
+            Disposition::Retry { reason, detail } => {
                 let count = retry_count(delivery);
                 match self.limits.retry_delays.get(count) {
                     Some(delay) => {
@@ -401,7 +402,7 @@ impl<S: Store> Consumer<S> {
                     None => dead_letter(delivery, reason.exhausted(), &detail),
                 }
             }
-            Fate::Dead { reason, detail } => dead_letter(delivery, reason, &detail),
+            Disposition::Dead { reason, detail } => dead_letter(delivery, reason, &detail),
         };
         let properties = delivery
             .properties

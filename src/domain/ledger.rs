@@ -169,22 +169,17 @@ impl Ledger {
     /// step with it.
     pub fn absorb(&mut self, changes: &Changes) {
         for account in changes.accounts.values() {
-            let mut account = account.clone();
-            match self.accounts.get(&account.id) {
-                Some(old) => {
-                    if old.code != account.code {
-                        self.codes.remove(&old.code.key());
-                    }
-                    for owner in &old.owners {
-                        if !account.is_owner(&owner.email) {
-                            self.owner_of.remove(&owner.email);
-                        }
-                    }
-                    account.row_dirty |= !old.same_row(&account);
+            if let Some(old) = self.accounts.get(&account.id) {
+                if old.code != account.code {
+                    self.codes.remove(&old.code.key());
                 }
-                None => account.row_dirty = true,
+                for owner in &old.owners {
+                    if !account.is_owner(&owner.email) {
+                        self.owner_of.remove(&owner.email);
+                    }
+                }
             }
-            self.insert_account(account);
+            self.insert_account(account.clone());
         }
         for request in changes.requests.values() {
             self.insert_request(request.clone());
@@ -192,73 +187,5 @@ impl Ledger {
         for (learner, at) in &changes.attempts {
             self.attempts.entry(learner.clone()).or_default().push(*at);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::model::{AccountStatus, ApprovalMode, Lot, Scope};
-    use crate::domain::{Code, Credits};
-
-    fn account(id: &str) -> Account {
-        Account {
-            id: id.parse().expect("an id"),
-            name: "Team".to_owned(),
-            status: AccountStatus::Active,
-            approval_mode: ApprovalMode::Automatic,
-            owners: Vec::new(),
-            code: Code::generate(),
-            scope: Scope::All,
-            low_balance_threshold: None,
-            notes: None,
-            created_at: Ts::now(),
-            lots: Vec::new(),
-            owners_dirty: false,
-            row_dirty: false,
-        }
-    }
-
-    fn absorb(ledger: &mut Ledger, account: Account) -> bool {
-        let id = account.id.clone();
-        ledger.absorb(&Changes {
-            accounts: HashMap::from([(id.clone(), account)]),
-            ..Changes::default()
-        });
-        ledger.accounts[&id].row_dirty
-    }
-
-    #[test]
-    fn an_account_row_is_written_only_when_new_or_changed() {
-        let mut ledger = Ledger::default();
-        let loaded = account("acct-1");
-        ledger.insert_account(loaded.clone());
-
-        let mut spent = loaded.clone();
-        spent.lots.push(Lot {
-            purchase_id: "p-1".parse().expect("an id"),
-            credits: Credits::from_cents(100),
-            remaining: Credits::from_cents(50),
-            held: Credits::ZERO,
-            expired: Credits::ZERO,
-            purchased_at: loaded.created_at,
-            expires_at: loaded.created_at,
-            price_paid: None,
-            channel: None,
-            reminded_stage: None,
-            fingerprint: String::new(),
-            dirty: true,
-        });
-        assert!(!absorb(&mut ledger, spent), "only a lot changed");
-
-        let mut renamed = ledger.accounts[&loaded.id].clone();
-        renamed.name = "Team B".to_owned();
-        assert!(absorb(&mut ledger, renamed), "its name changed");
-
-        // Once changed in a batch, later changes of its lots keep it written.
-        let again = ledger.accounts[&loaded.id].clone();
-        assert!(absorb(&mut ledger, again));
-
-        assert!(absorb(&mut ledger, account("acct-2")), "a new account");
     }
 }

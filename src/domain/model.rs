@@ -69,8 +69,6 @@ pub struct Lot {
     /// Fingerprint of the purchase that created the lot, to tell a repeated
     /// purchase from a conflicting one.
     pub fingerprint: String,
-    /// Set when the lot changed in this batch and must be written.
-    pub dirty: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,12 +125,6 @@ pub struct Account {
     /// Soonest-expiring first, then oldest purchase: the order credits are
     /// taken in (SPEC §6 rule 3).
     pub lots: Vec<Lot>,
-    pub owners_dirty: bool,
-    /// The `accounts` row itself must be written: the account is new or one
-    /// of its own fields changed (kept by [`Ledger::absorb`]).
-    ///
-    /// [`Ledger::absorb`]: super::ledger::Ledger::absorb
-    pub row_dirty: bool,
 }
 
 /// The three figures of SPEC §6 rule 2 at one instant.
@@ -160,8 +152,6 @@ impl Account {
             notes,
             created_at,
             lots: _,
-            owners_dirty: _,
-            row_dirty: _,
         } = self;
         *id == other.id
             && *name == other.name

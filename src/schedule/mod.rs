@@ -26,7 +26,7 @@ use crate::domain::command::{Command, ReportFormat, ReportKind, ReportRequested}
 use crate::domain::{Id, Outcome, Ts};
 use crate::outbox::derived_uuid;
 use crate::report::{self, ReportError, ReportJob, ReportQuery, choose_columns};
-use crate::store::{OutboxKind, OutboxRow, Store, StoreError, Wanted};
+use crate::store::{OutboxKind, OutboxRow, Store, StoreError, ToLoad};
 
 /// Accounts per transaction: bounds how long one sweep batch holds its locks.
 pub const SWEEP_ACCOUNTS_PER_BATCH: usize = 200;
@@ -217,9 +217,9 @@ impl<S: Store> Scheduler<S> {
                 break;
             };
             let ledger = store
-                .snapshot(&Wanted {
+                .snapshot(&ToLoad {
                     account_ids: ids,
-                    ..Wanted::default()
+                    ..ToLoad::default()
                 })
                 .await?;
             let mut rows = Vec::new();

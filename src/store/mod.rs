@@ -5,8 +5,8 @@
 //! ([`PgStore`]).
 //!
 //! A batch is one call to [`Books::transact`]: lock and load what the batch
-//! names ([`Wanted`]), let the caller run the rules on that [`Ledger`], write
-//! what changed ([`Writes`]) and commit, all in one transaction.
+//! names ([`ToLoad`]), let the caller apply its messages to that [`Ledger`],
+//! write what changed ([`Writes`]) and commit, all in one transaction.
 
 mod postgres;
 mod rows;
@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 use crate::decode::EventKey;
 use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger};
-use crate::domain::model::{Account, Redemption};
+use crate::domain::model::{Account, Lot, Redemption};
 use crate::domain::{CodeKey, Email, Id, Ts};
 
 /// How long a claimed firing is its worker's: one whose worker died is run
@@ -77,9 +77,10 @@ impl StoreError {
     }
 }
 
-/// What a batch refers to, so that it can all be loaded (and locked) at once.
+/// What one transaction loads (and, in a batch, locks): everything a batch
+/// or a read-only command refers to, fetched at once.
 #[derive(Clone, Debug, Default)]
-pub struct Wanted {
+pub struct ToLoad {
     pub keys: Vec<EventKey>,
     pub account_ids: Vec<Id>,
     pub code_keys: Vec<CodeKey>,
@@ -215,18 +216,71 @@ impl OutboxKind {
 /// Everything a batch writes, in the same transaction as its loads.
 #[derive(Clone, Debug, Default)]
 pub struct Writes {
-    /// Changed accounts: their row only when `row_dirty`, their owners only
-    /// when `owners_dirty`, of their lots only those marked dirty.
-    pub accounts: Vec<Account>,
+    /// The accounts the batch changed, each with how it was loaded: their
+    /// row and their owners are written only where they differ.
+    pub accounts: Vec<AccountWrite>,
+    /// The lots of `accounts` that differ from how they were loaded
+    /// ([`AccountWrite::changed_lots`]).
+    pub lots: Vec<LotWrite>,
     pub requests: Vec<Redemption>,
     pub journal: Vec<(JournalEntry, String)>,
     pub audit: Vec<(AuditEntry, String)>,
     pub processed: Vec<(EventKey, String, &'static str)>,
     pub attempts: Vec<(Id, Ts)>,
+    /// Attempts at or before this instant are deleted: they never count
+    /// again.
+    pub forget_attempts_until: Option<Ts>,
     pub outbox: Vec<OutboxRow>,
-    /// Reminder stages, to index each written lot by its next reminder.
-    pub reminder_stages: Vec<u32>,
     pub now: Option<Ts>,
+}
+
+/// An account a batch changed, as the batch loaded it and as it leaves it:
+/// what is written of it is what differs. A batch that changes an account
+/// more than once compares its last state with the one loaded.
+#[derive(Clone, Debug)]
+pub struct AccountWrite {
+    /// `None` for an account the batch opened.
+    pub before: Option<Account>,
+    pub after: Account,
+}
+
+impl AccountWrite {
+    /// Whether its `accounts` row is written: the account is new or one of
+    /// its own fields changed.
+    pub fn row_changed(&self) -> bool {
+        self.before
+            .as_ref()
+            .is_none_or(|before| !before.same_row(&self.after))
+    }
+
+    /// Whether its owners are written (all of them, in place of those stored).
+    pub fn owners_changed(&self) -> bool {
+        self.before
+            .as_ref()
+            .is_none_or(|before| before.owners != self.after.owners)
+    }
+
+    /// Its lots that are new or differ from the lot loaded for the same
+    /// purchase.
+    pub fn changed_lots(&self) -> impl Iterator<Item = &Lot> {
+        self.after.lots.iter().filter(|lot| {
+            let loaded = self.before.as_ref().and_then(|before| {
+                before
+                    .lot(&lot.purchase_id)
+                    .map(|index| &before.lots[index])
+            });
+            loaded != Some(*lot)
+        })
+    }
+}
+
+/// One lot to write, with when its next expiry reminder falls due: the
+/// sweep finds the lots to remind of by that instant.
+#[derive(Clone, Debug)]
+pub struct LotWrite {
+    pub account_id: Id,
+    pub lot: Lot,
+    pub remind_at: Option<Ts>,
 }
 
 /// Outbox rows sent (confirmed by the broker, taken by the SMTP server) but
@@ -261,10 +315,10 @@ impl SentMarks {
 
     /// Takes every id waiting, to be marked by the caller; those it fails to
     /// mark must be given back.
-    pub fn take(&self) -> Taken<'_> {
+    pub fn take(&self) -> MarksInTransaction<'_> {
         let mut waiting = self.waiting();
         waiting.since = None;
-        Taken {
+        MarksInTransaction {
             marks: self,
             ids: std::mem::take(&mut waiting.ids),
         }
@@ -284,23 +338,24 @@ impl SentMarks {
     }
 }
 
-/// Ids taken from [`SentMarks`] to be marked: given back when dropped before
-/// [`Taken::marked`] (the write failed or was abandoned), and then they wait
-/// as if they had just been sent.
+/// The sent marks taken from [`SentMarks`] into one transaction, to be
+/// written with it: given back when dropped before
+/// [`MarksInTransaction::marked`] (the write failed or was abandoned), and
+/// then they wait as if they had just been sent.
 #[derive(Debug)]
-pub struct Taken<'a> {
+pub struct MarksInTransaction<'a> {
     marks: &'a SentMarks,
     pub ids: Vec<String>,
 }
 
-impl Taken<'_> {
+impl MarksInTransaction<'_> {
     /// Their marks are written (committed).
     pub fn marked(mut self) {
         self.ids.clear();
     }
 }
 
-impl Drop for Taken<'_> {
+impl Drop for MarksInTransaction<'_> {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
             self.marks.add(std::mem::take(&mut self.ids));
@@ -325,7 +380,7 @@ pub trait Books: Send + Sync {
     /// written (the marks wait again).
     fn transact<T, F>(
         &self,
-        wanted: &Wanted,
+        wanted: &ToLoad,
         work: F,
     ) -> impl Future<Output = Result<T, StoreError>> + Send
     where
@@ -333,7 +388,7 @@ pub trait Books: Send + Sync {
         F: FnOnce(Loaded) -> (T, Writes) + Send;
 
     /// Loads without locking or writing, for read-only commands.
-    fn snapshot(&self, wanted: &Wanted) -> impl Future<Output = Result<Ledger, StoreError>> + Send;
+    fn snapshot(&self, wanted: &ToLoad) -> impl Future<Output = Result<Ledger, StoreError>> + Send;
 
     /// Accounts with work for the scheduled jobs at `at`: lots to expire or to
     /// remind of, and requests pending since before `pending_before`.
@@ -494,7 +549,82 @@ pub trait Reports: Send + Sync {
 
 #[cfg(test)]
 mod tests {
-    use super::SentMarks;
+    use super::{AccountWrite, SentMarks};
+    use crate::domain::model::{Account, AccountStatus, ApprovalMode, Lot, Scope};
+    use crate::domain::{Code, Credits, Ts};
+
+    fn account(id: &str) -> Account {
+        Account {
+            id: id.parse().expect("an id"),
+            name: "Team".to_owned(),
+            status: AccountStatus::Active,
+            approval_mode: ApprovalMode::Automatic,
+            owners: Vec::new(),
+            code: Code::generate(),
+            scope: Scope::All,
+            low_balance_threshold: None,
+            notes: None,
+            created_at: Ts::now(),
+            lots: Vec::new(),
+        }
+    }
+
+    fn lot(purchase_id: &str, at: Ts) -> Lot {
+        Lot {
+            purchase_id: purchase_id.parse().expect("an id"),
+            credits: Credits::from_cents(100),
+            remaining: Credits::from_cents(50),
+            held: Credits::ZERO,
+            expired: Credits::ZERO,
+            purchased_at: at,
+            expires_at: at,
+            price_paid: None,
+            channel: None,
+            reminded_stage: None,
+            fingerprint: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_account_row_is_written_only_when_new_or_changed() {
+        let mut loaded = account("acct-1");
+        loaded.lots.push(lot("p-0", loaded.created_at));
+        let write = |after: &Account| AccountWrite {
+            before: Some(loaded.clone()),
+            after: after.clone(),
+        };
+
+        let mut spent = loaded.clone();
+        spent.lots.push(lot("p-1", loaded.created_at));
+        let only_a_lot = write(&spent);
+        assert!(!only_a_lot.row_changed(), "only a lot changed");
+        assert!(!only_a_lot.owners_changed());
+        assert_eq!(
+            only_a_lot.changed_lots().collect::<Vec<_>>(),
+            [&spent.lots[1]],
+            "the new lot is written, the unchanged one not"
+        );
+
+        let mut renamed = spent.clone();
+        renamed.name = "Team B".to_owned();
+        assert!(write(&renamed).row_changed(), "its name changed");
+
+        // Compared with the account as loaded, not as an earlier message of
+        // the batch left it: once changed, later changes of its lots keep
+        // it written.
+        let mut again = renamed.clone();
+        again.lots[0].remaining = Credits::from_cents(40);
+        let again = write(&again);
+        assert!(again.row_changed());
+        assert_eq!(again.changed_lots().count(), 2, "both lots changed");
+
+        let new = AccountWrite {
+            before: None,
+            after: account("acct-2"),
+        };
+        assert!(new.row_changed(), "a new account");
+        assert!(new.owners_changed(), "and its owners");
+    }
 
     #[test]
     fn the_mark_delay_starts_with_the_first_id_waiting_and_ends_once_none_waits() {

@@ -42,8 +42,8 @@ use super::rows::{
     from_json, from_text, id, opt_id, to_json, to_text,
 };
 use super::{
-    Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, Outbox, OutboxKind, OutboxRow, Reports,
-    SentMarks, StoreError, Wanted, Writes,
+    Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, LotWrite, Outbox, OutboxKind,
+    OutboxRow, Reports, SentMarks, StoreError, ToLoad, Writes,
 };
 use crate::decode::EventKey;
 use crate::domain::command::ReportKind;
@@ -347,16 +347,21 @@ async fn insert<D: Backend>(
 /// their account, lots before the journal that names them).
 fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
     let mut tables = Vec::with_capacity(9);
-    let dirty: Vec<&Account> = writes.accounts.iter().filter(|a| a.row_dirty).collect();
+    let changed: Vec<&Account> = writes
+        .accounts
+        .iter()
+        .filter(|w| w.row_changed())
+        .map(|w| &w.after)
+        .collect();
     let mut rows = Rows::new(
         &ACCOUNTS,
-        dirty.len(),
+        changed.len(),
         " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, \
          status = excluded.status, approval_mode = excluded.approval_mode, code = excluded.code, \
          code_key = excluded.code_key, scope = excluded.scope, \
          low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
     );
-    for a in dirty {
+    for a in changed {
         rows.text(a.id.to_string())
             .text(a.name.clone())
             .text(to_text(&a.status))
@@ -369,7 +374,12 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
             .time(a.created_at);
     }
     tables.push(rows);
-    let reowned: Vec<&Account> = writes.accounts.iter().filter(|a| a.owners_dirty).collect();
+    let reowned: Vec<&Account> = writes
+        .accounts
+        .iter()
+        .filter(|w| w.owners_changed())
+        .map(|w| &w.after)
+        .collect();
     let mut rows = Rows::new(&OWNERS, reowned.len(), "");
     for a in reowned {
         for (position, o) in a.owners.iter().enumerate() {
@@ -380,32 +390,34 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
         }
     }
     tables.push(rows);
-    let stages = &writes.reminder_stages;
     let mut rows = Rows::new(
         &LOTS,
-        writes.accounts.len(),
+        writes.lots.len(),
         " ON CONFLICT (account_id, purchase_id) DO UPDATE SET \
          remaining = excluded.remaining, held = excluded.held, expired = excluded.expired, \
          expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
          remind_at = excluded.remind_at",
     );
-    for a in &writes.accounts {
-        for l in a.lots.iter().filter(|l| l.dirty) {
-            rows.text(a.id.to_string())
-                .text(l.purchase_id.to_string())
-                .int(l.credits.cents())
-                .int(l.remaining.cents())
-                .int(l.held.cents())
-                .int(l.expired.cents())
-                .time(l.purchased_at)
-                .time(l.expires_at)
-                .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
-                .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
-                .text(l.channel.clone())
-                .int(l.reminded_stage.map(i64::from))
-                .time(l.next_reminder_at(stages))
-                .text(l.fingerprint.clone());
-        }
+    for LotWrite {
+        account_id,
+        lot: l,
+        remind_at,
+    } in &writes.lots
+    {
+        rows.text(account_id.to_string())
+            .text(l.purchase_id.to_string())
+            .int(l.credits.cents())
+            .int(l.remaining.cents())
+            .int(l.held.cents())
+            .int(l.expired.cents())
+            .time(l.purchased_at)
+            .time(l.expires_at)
+            .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
+            .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
+            .text(l.channel.clone())
+            .int(l.reminded_stage.map(i64::from))
+            .time(*remind_at)
+            .text(l.fingerprint.clone());
     }
     tables.push(rows);
     let mut rows = Rows::new(
@@ -527,7 +539,7 @@ where
     /// never deadlock).
     async fn load(
         conn: &mut D::Connection,
-        wanted: &Wanted,
+        wanted: &ToLoad,
         lock: bool,
     ) -> Result<Loaded, StoreError> {
         let statements = D::statements();
@@ -652,20 +664,16 @@ where
         let reowned: Vec<String> = writes
             .accounts
             .iter()
-            .filter(|a| a.owners_dirty)
-            .map(|a| a.id.to_string())
+            .filter(|w| w.owners_changed())
+            .map(|w| w.after.id.to_string())
             .collect();
         if !reowned.is_empty() {
             let query = sqlx::query(D::statements().delete_owners.clone());
             D::bind_list(query, &reowned).execute(&mut *conn).await?;
         }
-        if !writes.attempts.is_empty() {
-            // Attempts older than the window never count again.
-            let horizon = now.plus(-chrono::Duration::minutes(
-                crate::domain::rules::INVALID_CODE_WINDOW_MINUTES,
-            ));
+        if let Some(until) = writes.forget_attempts_until {
             sqlx::query("DELETE FROM code_attempts WHERE at <= $1")
-                .bind(horizon)
+                .bind(until)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -711,8 +719,6 @@ where
             notes: row.try_get("notes")?,
             created_at: row.try_get("created_at")?,
             lots: Vec::new(),
-            owners_dirty: false,
-            row_dirty: false,
         })
     }
 
@@ -742,7 +748,6 @@ where
                 .map(|s| u32::try_from(s).map_err(StoreError::corrupt))
                 .transpose()?,
             fingerprint: row.try_get("fingerprint")?,
-            dirty: false,
         })
     }
 
@@ -907,7 +912,7 @@ where
     Option<Ts>: Value<D>,
     bool: Value<D>,
 {
-    async fn transact<T, F>(&self, wanted: &Wanted, work: F) -> Result<T, StoreError>
+    async fn transact<T, F>(&self, wanted: &ToLoad, work: F) -> Result<T, StoreError>
     where
         T: Send,
         F: FnOnce(Loaded) -> (T, Writes) + Send,
@@ -924,7 +929,7 @@ where
         Ok(result)
     }
 
-    async fn snapshot(&self, wanted: &Wanted) -> Result<Ledger, StoreError> {
+    async fn snapshot(&self, wanted: &ToLoad) -> Result<Ledger, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Ok(Self::load(&mut conn, wanted, false).await?.ledger)
     }

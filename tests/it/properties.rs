@@ -15,7 +15,7 @@ use training_credits::apply::Input;
 use training_credits::decode::decode;
 use training_credits::domain::model::{AccountStatus, RedemptionStatus};
 use training_credits::domain::{Credits, Ts};
-use training_credits::store::{Store, Wanted};
+use training_credits::store::{Store, ToLoad};
 
 use common::{World, id};
 
@@ -295,11 +295,11 @@ async fn check_invariants<S: Store>(w: &World<S>) {
     w.verify_ok().await;
 }
 
-fn everything() -> Wanted {
-    Wanted {
+fn everything() -> ToLoad {
+    ToLoad {
         account_ids: (0..ACCOUNTS).map(|a| id(&format!("a{a}"))).collect(),
         request_ids: (0..REQUESTS).map(|r| id(&format!("r{r}"))).collect(),
-        ..Wanted::default()
+        ..ToLoad::default()
     }
 }
 

@@ -864,6 +864,49 @@ async fn a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch<S: St
     w.verify_ok().await;
 }
 
+async fn an_account_changed_by_several_messages_of_one_batch_keeps_every_change<S: Store>(
+    mut w: World<S>,
+) {
+    acme(&mut w, "manual", "100").await;
+    // Each change is written though a later message of the batch leaves its
+    // part of the account as it was: what is written is what differs from
+    // the account as the batch loaded it.
+    let now = w.now;
+    let purchase = w.event(
+        "shop",
+        "credits.purchase.completed",
+        json!({"account_id": "acme", "purchase_id": "p2", "credits": "50", "purchased_at": now}),
+    );
+    let rename = w.event(
+        "portal",
+        "credits.account.updated",
+        json!({"account_id": "acme", "actor": BOSS, "name": "Acme Two"}),
+    );
+    let owner = w.event(
+        "portal",
+        "credits.account.owner_added",
+        json!({"account_id": "acme", "actor": BOSS, "owner": {"email": CO, "name": "Cory Co"}}),
+    );
+    let request = w.request_event("r1", CODE, "l1", "c1", "30");
+    assert_eq!(
+        w.deliver_batch(&[purchase, rename, owner, request]).await,
+        [
+            Ok(Outcome::Applied),
+            Ok(Outcome::Applied),
+            Ok(Outcome::Applied),
+            Ok(Outcome::Applied)
+        ]
+    );
+    let account = w.account("acme").await;
+    assert_eq!(account.name, "Acme Two");
+    assert!(account.is_owner(&CO.parse().expect("an email")));
+    assert_eq!(account.lots.len(), 2);
+    assert_eq!(w.lot("acme", "p1").await, ("100.00".into(), "30.00".into()));
+    assert_eq!(w.lot("acme", "p2").await, ("50.00".into(), "0.00".into()));
+    assert_eq!(w.available("acme").await, "120.00");
+    w.verify_ok().await;
+}
+
 async fn only_the_requesting_learner_may_cancel<S: Store>(mut w: World<S>) {
     acme(&mut w, "manual", "100").await;
     assert_eq!(
@@ -2666,6 +2709,7 @@ on_both_backends!(
     approving_or_denying_a_decided_request_is_refused_not_pending,
     only_the_requesting_learner_may_cancel,
     a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch,
+    an_account_changed_by_several_messages_of_one_batch_keeps_every_change,
     the_last_owner_of_an_account_cannot_be_removed,
     an_email_owns_at_most_one_account,
     codes_are_unique_without_regard_to_case_spaces_or_dashes,

@@ -24,7 +24,7 @@ use training_credits::domain::rules::Policy;
 use training_credits::domain::{Id, Outcome, Ts};
 use training_credits::notify::Email;
 use training_credits::schedule::{JobsReport, run_jobs_at};
-use training_credits::store::{OutboxKind, PgStore, SqliteStore, Store, Wanted};
+use training_credits::store::{OutboxKind, PgStore, SqliteStore, Store, ToLoad};
 
 /// Runs each named generic test `async fn NAME<S: Store>(world: World<S>)`
 /// once on SQLite and once on PostgreSQL.
@@ -335,9 +335,9 @@ impl<S: Store> World<S> {
     }
 
     pub async fn find_account(&self, account_id: &str) -> Option<Account> {
-        let wanted = Wanted {
+        let wanted = ToLoad {
             account_ids: vec![id(account_id)],
-            ..Wanted::default()
+            ..ToLoad::default()
         };
         let mut ledger = self.store().snapshot(&wanted).await.expect("a snapshot");
         ledger.accounts.remove(&id(account_id))
@@ -559,9 +559,9 @@ impl<S: Store> World<S> {
         &self,
         request_id: &str,
     ) -> Option<training_credits::domain::model::Redemption> {
-        let wanted = Wanted {
+        let wanted = ToLoad {
             request_ids: vec![id(request_id)],
-            ..Wanted::default()
+            ..ToLoad::default()
         };
         let mut ledger = self.store().snapshot(&wanted).await.expect("a snapshot");
         ledger.requests.remove(&id(request_id))
@@ -751,9 +751,9 @@ pub async fn execute_sql(url: &str, statement: &str) -> u64 {
 /// An account as the ledger in `store` keeps it, if it knows it.
 pub async fn account_in<S: Store>(store: &S, account_id: &str) -> Option<Account> {
     let id = id(account_id);
-    let wanted = Wanted {
+    let wanted = ToLoad {
         account_ids: vec![id.clone()],
-        ..Wanted::default()
+        ..ToLoad::default()
     };
     let mut ledger = store.snapshot(&wanted).await.expect("a snapshot");
     ledger.accounts.remove(&id)

@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 use training_credits::domain::Ts;
-use training_credits::store::{Store, Wanted};
+use training_credits::store::{Store, ToLoad};
 
 /// A deterministic pseudo-random sequence (SplitMix64), so that a seed
 /// printed by a failing test replays the same run.
@@ -388,13 +388,13 @@ impl Stream {
     /// Checks every account's balance, held and available, as the ledger
     /// keeps them, against the model's sums.
     pub async fn check_balances<S: Store>(&self, store: &S) {
-        let wanted = Wanted {
+        let wanted = ToLoad {
             account_ids: self
                 .accounts
                 .keys()
                 .map(|id| id.parse().expect("an account id"))
                 .collect(),
-            ..Wanted::default()
+            ..ToLoad::default()
         };
         let ledger = store.snapshot(&wanted).await.expect("a snapshot");
         let now = Ts::now();

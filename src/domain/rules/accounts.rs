@@ -61,8 +61,6 @@ pub(super) fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         notes: c.notes.clone(),
         created_at: step.now(),
         lots: Vec::new(),
-        owners_dirty: true,
-        row_dirty: true,
     };
     step.audit(
         &account.id,
@@ -272,7 +270,6 @@ fn edit_owners(
     let old = owner_emails(&account);
     let mut told = owners_of(&account);
     edit(&mut account.owners);
-    account.owners_dirty = true;
     for recipient in owners_of(&account) {
         if !told.contains(&recipient) {
             told.push(recipient);

@@ -109,7 +109,6 @@ pub(super) fn sweep(step: &mut Step, account_id: &Id) -> Flow {
             continue;
         }
         account.lots[lot].reminded_stage = Some(stage);
-        account.lots[lot].dirty = true;
         let purchase_id = account.lots[lot].purchase_id.clone();
         let remaining = account.lots[lot].remaining;
         step.event(

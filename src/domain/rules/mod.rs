@@ -207,7 +207,6 @@ impl<'a> Step<'a> {
         if matches!(kind, EntryKind::Expire | EntryKind::Reinstate) {
             entry_lot.expired -= amount;
         }
-        entry_lot.dirty = true;
         assert!(
             entry_lot.is_consistent(),
             "lot {} of {} broke 0 ≤ held ≤ remaining ≤ credits: {:?}",

@@ -53,7 +53,6 @@ pub(super) fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
             .map(|ch| json!(ch).as_str().unwrap_or_default().to_owned()),
         reminded_stage: None,
         fingerprint: step.ctx.fingerprint.to_owned(),
-        dirty: true,
     });
     account.sort_lots();
     let lot = account.lot(&c.purchase_id).expect("the lot was just added");
@@ -145,7 +144,6 @@ pub(super) fn extend_lot(step: &mut Step, c: &LotExtended) -> Flow {
     let old = account.lots[lot].expires_at;
     account.lots[lot].expires_at = c.expires_at;
     account.lots[lot].reminded_stage = None;
-    account.lots[lot].dirty = true;
     account.sort_lots();
     step.audit(
         &account.id,
