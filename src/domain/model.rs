@@ -103,11 +103,19 @@ impl Lot {
 
     /// SPEC §6 rule 2 for one lot.
     pub fn is_consistent(&self) -> bool {
-        Credits::ZERO <= self.held
-            && self.held <= self.remaining
-            && self.remaining <= self.credits
-            && Credits::ZERO <= self.expired
+        lot_figures_hold(self.credits, self.remaining, self.held, self.expired)
     }
+}
+
+/// SPEC §6 rule 2 for one lot's figures: `0 ≤ held ≤ remaining ≤ credits`,
+/// and nothing expired below 0. `verify` holds the stored lots to it too.
+pub fn lot_figures_hold(
+    credits: Credits,
+    remaining: Credits,
+    held: Credits,
+    expired: Credits,
+) -> bool {
+    Credits::ZERO <= held && held <= remaining && remaining <= credits && Credits::ZERO <= expired
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -50,6 +50,7 @@ use crate::domain::command::ReportKind;
 use crate::domain::ledger::{EntryKind, Ledger};
 use crate::domain::model::{
     Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus,
+    lot_figures_hold,
 };
 use crate::domain::report::{Cell, ReportQuery};
 use crate::domain::{CodeKey, Credits, Id, Ts};
@@ -1011,7 +1012,8 @@ where
                     ));
                 }
             }
-            if !(0 <= held && held <= remaining && remaining <= credits && expired >= 0) {
+            let [c, r, h, e] = [credits, remaining, held, expired].map(Credits::from_cents);
+            if !lot_figures_hold(c, r, h, e) {
                 problems.push(format!(
                     "lot {purchase} of {account}: 0 ≤ held ({}) ≤ remaining ({}) ≤ credits ({}) \
                      does not hold",
