@@ -3,7 +3,7 @@
 //! variable, so the worker never starts half-configured. Secrets in URLs are
 //! redacted whenever a setting is shown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -85,6 +85,8 @@ pub struct Config {
     pub reports_dir: PathBuf,
     pub event_source: String,
     pub admin_sources: HashSet<String>,
+    /// Who may claim which `source` (`PUBLISHERS`); `None` trusts everyone.
+    pub publishers: Option<Publishers>,
     pub retry_delays: Vec<Duration>,
     pub policy: Policy,
     pub sweep_cron: String,
@@ -141,6 +143,50 @@ fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
         .filter(|s| !s.is_empty())
         .map(item)
         .collect()
+}
+
+/// SPEC §6 rule 13: the broker user bound to each inbound `source`, and the
+/// users bound to `*`, who may claim any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Publishers {
+    by_source: HashMap<String, HashSet<String>>,
+    any_source: HashSet<String>,
+}
+
+impl Publishers {
+    /// `SOURCE=USER,…`; `*=USER` binds USER to every source.
+    fn parse(text: &str) -> Result<Option<Publishers>, String> {
+        let pairs = list(text, |pair| match pair.split_once('=') {
+            Some((source, user)) if !source.trim().is_empty() && !user.trim().is_empty() => {
+                Ok((source.trim().to_owned(), user.trim().to_owned()))
+            }
+            _ => Err(format!("`{pair}` is not SOURCE=USER")),
+        })?;
+        if pairs.is_empty() {
+            return Ok(None);
+        }
+        let mut publishers = Publishers::default();
+        for (source, user) in pairs {
+            if source == "*" {
+                publishers.any_source.insert(user);
+            } else {
+                publishers.by_source.entry(source).or_default().insert(user);
+            }
+        }
+        Ok(Some(publishers))
+    }
+
+    /// Whether the broker user `user` (the message's verified `user_id`)
+    /// may claim `source`.
+    pub fn trust(&self, source: &str, user: Option<&str>) -> bool {
+        user.is_some_and(|user| {
+            self.any_source.contains(user)
+                || self
+                    .by_source
+                    .get(source)
+                    .is_some_and(|users| users.contains(user))
+        })
+    }
 }
 
 fn within<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> {
@@ -200,6 +246,7 @@ pub const VARIABLES: &[&str] = &[
     "REPORTS_DIR",
     "EVENT_SOURCE",
     "ADMIN_SOURCES",
+    "PUBLISHERS",
     "RETRY_DELAYS",
     "REFUND_WINDOW_DAYS",
     "PENDING_TIMEOUT_DAYS",
@@ -259,6 +306,7 @@ impl Config {
             admin_sources: vars.parse("ADMIN_SOURCES", "admin", |v| {
                 Ok(list(v, |s| Ok(s.to_owned()))?.into_iter().collect())
             })?,
+            publishers: vars.parse("PUBLISHERS", "", Publishers::parse)?,
             retry_delays: vars.parse("RETRY_DELAYS", "1s,10s,60s,300s", |v| {
                 let delays = list(v, duration)?;
                 if delays.is_empty() || delays.len() > 20 {
@@ -405,5 +453,34 @@ mod tests {
     fn reminder_stages_are_kept_largest_first() {
         let config = config(&[("EXPIRY_REMINDER_DAYS", "1, 30,7")]).unwrap();
         assert_eq!(config.policy.reminder_stages, vec![30, 7, 1]);
+    }
+
+    #[test]
+    fn publishers_bind_sources_to_users_and_a_star_to_every_source() {
+        assert_eq!(
+            config(&[]).unwrap().publishers,
+            None,
+            "unset trusts everyone"
+        );
+        let publishers = config(&[("PUBLISHERS", "shop=shop-app, admin=ops,*=replayer")])
+            .unwrap()
+            .publishers
+            .expect("set");
+        assert!(publishers.trust("shop", Some("shop-app")));
+        assert!(publishers.trust("admin", Some("ops")));
+        assert!(publishers.trust("lms", Some("replayer")), "a star user");
+        assert!(
+            !publishers.trust("admin", Some("shop-app")),
+            "another source's user"
+        );
+        assert!(
+            !publishers.trust("lms", Some("shop-app")),
+            "a source not listed"
+        );
+        assert!(!publishers.trust("shop", None), "no user_id");
+        for value in ["shop", "shop=", "=u", "shop=a,b"] {
+            let error = config(&[("PUBLISHERS", value)]).unwrap_err();
+            assert_eq!(error.variable, "PUBLISHERS", "{value}");
+        }
     }
 }

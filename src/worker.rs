@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Applier;
+use crate::broker::broker_user;
 use crate::config::Config;
-use crate::consume::{Consumer, Limits};
+use crate::consume::{Consumer, Limits, Trust};
 use crate::decode::Schemas;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::mail::{MailError, Mailer};
@@ -71,6 +72,10 @@ pub async fn run<S: Store>(
             prefetch: config.prefetch,
             batch_max: config.batch_size,
             retry_delays: config.retry_delays.clone(),
+        },
+        trust: Trust {
+            publishers: config.publishers.clone(),
+            own_user: broker_user(&config.amqp_url),
         },
         health: health.clone(),
     };

@@ -14,7 +14,7 @@ use crate::decode::{Decoded, EventKey};
 use crate::domain::command::Command;
 use crate::domain::ledger::Effect;
 use crate::domain::model::Account;
-use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES};
+use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, LEARNER_LIMIT_DAYS};
 use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
 use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
@@ -171,6 +171,12 @@ impl<S: Store> Applier<S> {
                 .audit
                 .extend(changes.audit.into_iter().map(|e| (e, cause.clone())));
             writes.attempts.extend(changes.attempts);
+            writes.refunds.extend(
+                changes
+                    .refunds
+                    .into_iter()
+                    .map(|refund| (refund, cause.clone())),
+            );
             writes
                 .outbox
                 .extend(self.outbox_rows(input, &changes.effects, now));
@@ -323,6 +329,12 @@ fn wanted(batch: &[Input], now: Ts) -> ToLoad {
             Command::OwnerAdded(c) => wanted.owner_emails.push(c.owner.email.clone()),
             Command::PurchaseCompleted(c) => wanted.purchase_ids.push(c.purchase_id.clone()),
             Command::LotExtended(c) => wanted.purchase_ids.push(c.purchase_id.clone()),
+            Command::PurchaseRefunded(c) => {
+                wanted.purchase_ids.push(c.purchase_id.clone());
+                wanted
+                    .refund_ids
+                    .push((c.account_id.clone(), c.refund_id.clone()));
+            }
             Command::CodeRotated(c) => wanted.code_keys.extend(c.code.as_ref().map(Code::key)),
             Command::AccountClosed(c) => wanted.pending_of.push(c.account_id.clone()),
             Command::Sweep { account_id } => wanted.pending_of.push(account_id.clone()),
@@ -332,6 +344,7 @@ fn wanted(batch: &[Input], now: Ts) -> ToLoad {
                     .learner_items
                     .push((c.learner.id.clone(), c.item.id.clone()));
                 wanted.attempts_since = Some(code_window_start(now));
+                wanted.limited_since = Some(now.plus_days(-LEARNER_LIMIT_DAYS));
             }
             _ => {}
         }

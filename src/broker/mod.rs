@@ -7,18 +7,25 @@
 pub mod topology;
 pub mod upgrade;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use lapin::message::Delivery;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
 use topology::{WORKER_QUEUE, long_string};
 
 /// Header naming the routing key a message was first published with.
 const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+
+/// Header of a message this program publishes again (a retry, a dead
+/// letter, a queue upgrade): the broker user that first published it, `""`
+/// when it named none. RabbitMQ refuses a `user_id` other than the
+/// publishing connection's own, so the message itself then carries ours.
+const FIRST_PUBLISHER: &str = "x-first-publisher";
 
 /// Heartbeat asked of the broker when `AMQP_URL` names none.
 pub const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(10);
@@ -77,6 +84,80 @@ pub fn persistent_cloudevent(message_id: &str) -> BasicProperties {
     } else {
         properties.with_message_id(message_id.into())
     }
+}
+
+/// The broker user an AMQP URL logs in as (`guest` when it names none):
+/// RabbitMQ checks the `user_id` of what that connection publishes against
+/// it.
+pub fn broker_user(amqp_url: &str) -> String {
+    url::Url::parse(amqp_url)
+        .ok()
+        .map(|url| {
+            percent_encoding::percent_decode_str(url.username())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| "guest".to_owned())
+}
+
+/// A header's text, if `table` has it.
+pub fn header_text(table: &FieldTable, name: &str) -> Option<String> {
+    match table.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Who published a message (SPEC §6 rule 13): its `user_id`, which the
+/// broker checked; for one `own_user` published again, the first publisher
+/// its header names. A header from anyone else is ignored: only a connection
+/// of `own_user` can send a message whose `user_id` is `own_user`.
+pub fn first_publisher(properties: &BasicProperties, own_user: &str) -> Option<String> {
+    let user_id = properties.user_id().as_ref().map(|u| u.as_str().to_owned());
+    if user_id.as_deref() == Some(own_user)
+        && let Some(first) = properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| header_text(headers, FIRST_PUBLISHER))
+    {
+        return Some(first).filter(|first| !first.is_empty());
+    }
+    user_id
+}
+
+/// The properties of `delivery` published again by `own_user` with
+/// `headers`: persistent, its first publisher kept in a header.
+pub fn republished(
+    delivery: &Delivery,
+    mut headers: FieldTable,
+    own_user: &str,
+) -> BasicProperties {
+    let first = first_publisher(&delivery.properties, own_user).unwrap_or_default();
+    headers.insert(FIRST_PUBLISHER.into(), long_string(&first));
+    delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_user_id(own_user.into())
+}
+
+/// The properties of `delivery` sent anew by `own_user` as its own (`dlq
+/// replay`): judged by who sends it now, not by who sent it first.
+pub fn resent(delivery: &Delivery, headers: &FieldTable, own_user: &str) -> BasicProperties {
+    let headers: BTreeMap<_, _> = headers
+        .inner()
+        .iter()
+        .filter(|(name, _)| name.as_str() != FIRST_PUBLISHER)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    delivery
+        .properties
+        .clone()
+        .with_headers(FieldTable::from(headers))
+        .with_user_id(own_user.into())
 }
 
 /// Notes the routing key the message was published with, the first time it

@@ -73,7 +73,7 @@ use super::topology::{
     INBOUND_EXCHANGE, WORKER_QUEUE, WorkerQueue, bind_inbound, declare_protected, is_refusal,
     retry_queue,
 };
-use super::{confirm_channel, keep_original_routing_key};
+use super::{confirm_channel, keep_original_routing_key, republished};
 
 /// Holds the messages of the old worker queue and of the retry queues while
 /// the worker queue is replaced.
@@ -106,6 +106,7 @@ pub enum UpgradeError {
 pub async fn ensure(
     connection: &Connection,
     retry_delays: &[Duration],
+    own_user: &str,
 ) -> Result<(), UpgradeError> {
     if declare_protected(connection, WORKER_QUEUE).await? == WorkerQueue::Protected
         && !holding_queues_left(connection).await?
@@ -127,7 +128,7 @@ pub async fn ensure(
         }
         Err(error) => return Err(error.into()),
     }
-    let upgraded = upgrade(connection, retry_delays).await;
+    let upgraded = upgrade(connection, retry_delays, own_user).await;
     // Released at once, failed or not: the connection lives on to consume
     // (or, if it is broken, the broker deletes the lock with it).
     let _ = lock
@@ -143,16 +144,20 @@ async fn holding_queues_left(connection: &Connection) -> Result<bool, lapin::Err
 }
 
 /// Steps 2 to 7, under the lock, from the state the broker holds now.
-async fn upgrade(connection: &Connection, retry_delays: &[Duration]) -> Result<(), UpgradeError> {
+async fn upgrade(
+    connection: &Connection,
+    retry_delays: &[Duration],
+    own_user: &str,
+) -> Result<(), UpgradeError> {
     if declare_protected(connection, WORKER_QUEUE).await? == WorkerQueue::Outdated {
         tracing::info!(
             queue = WORKER_QUEUE,
             "The worker queue predates its delivery limit; replacing it."
         );
-        replace_worker_queue(connection, retry_delays).await?;
+        replace_worker_queue(connection, retry_delays, own_user).await?;
     }
     if holding_queues_left(connection).await? {
-        empty_holding_queues(connection).await?;
+        empty_holding_queues(connection, own_user).await?;
         tracing::info!(
             queue = WORKER_QUEUE,
             "The worker queue has its delivery limit and dead-letter route."
@@ -165,6 +170,7 @@ async fn upgrade(connection: &Connection, retry_delays: &[Duration]) -> Result<(
 async fn replace_worker_queue(
     connection: &Connection,
     retry_delays: &[Duration],
+    own_user: &str,
 ) -> Result<(), UpgradeError> {
     if unused_old_queue(connection).await?.is_none() {
         // Deleted meanwhile: step 0 of the next start declares it.
@@ -179,9 +185,9 @@ async fn replace_worker_queue(
     bind_inbound(&channel, ARRIVALS_QUEUE).await?;
     unbind_inbound(&channel, WORKER_QUEUE).await?;
     loop {
-        move_all(&channel, WORKER_QUEUE, BACKLOG_QUEUE).await?;
+        move_all(&channel, WORKER_QUEUE, BACKLOG_QUEUE, own_user).await?;
         for delay in retry_delays {
-            move_all(&channel, &retry_queue(*delay), BACKLOG_QUEUE).await?;
+            move_all(&channel, &retry_queue(*delay), BACKLOG_QUEUE, own_user).await?;
         }
         match unused_old_queue(connection).await? {
             Some(old) if old.message_count() > 0 => continue,
@@ -199,20 +205,20 @@ async fn replace_worker_queue(
 }
 
 /// Step 7. A holding queue already gone (deleted before a crash) is skipped.
-async fn empty_holding_queues(connection: &Connection) -> Result<(), UpgradeError> {
+async fn empty_holding_queues(connection: &Connection, own_user: &str) -> Result<(), UpgradeError> {
     let backlog = inspect(connection, BACKLOG_QUEUE).await?.is_some();
     let arrivals = inspect(connection, ARRIVALS_QUEUE).await?.is_some();
     let channel = confirm_channel(connection).await?;
     if backlog {
-        move_all(&channel, BACKLOG_QUEUE, WORKER_QUEUE).await?;
+        move_all(&channel, BACKLOG_QUEUE, WORKER_QUEUE, own_user).await?;
     }
     if arrivals {
-        move_all(&channel, ARRIVALS_QUEUE, WORKER_QUEUE).await?;
+        move_all(&channel, ARRIVALS_QUEUE, WORKER_QUEUE, own_user).await?;
     }
     bind_inbound(&channel, WORKER_QUEUE).await?;
     if arrivals {
         unbind_inbound(&channel, ARRIVALS_QUEUE).await?;
-        move_all(&channel, ARRIVALS_QUEUE, WORKER_QUEUE).await?;
+        move_all(&channel, ARRIVALS_QUEUE, WORKER_QUEUE, own_user).await?;
         channel
             .queue_delete(ARRIVALS_QUEUE.into(), QueueDeleteOptions::default())
             .await?;
@@ -270,11 +276,16 @@ async fn inspect(connection: &Connection, queue: &str) -> Result<Option<Queue>, 
 
 /// Moves every message of `from` into `to` through the default exchange,
 /// with its properties and headers; the routing key it was published with
-/// is kept in a header, as for a retry. Each batch is confirmed by the
+/// and its first publisher are kept in headers, as for a retry. Each batch is confirmed by the
 /// broker before it is acknowledged: a crash leaves a message in both
 /// queues, never in neither. `x-delivery-count` is left behind: the queue a
 /// message enters counts its deliveries anew.
-async fn move_all(channel: &Channel, from: &str, to: &'static str) -> Result<(), UpgradeError> {
+async fn move_all(
+    channel: &Channel,
+    from: &str,
+    to: &'static str,
+    own_user: &str,
+) -> Result<(), UpgradeError> {
     loop {
         let mut confirms = Vec::new();
         let mut last_tag = None;
@@ -307,7 +318,7 @@ async fn move_all(channel: &Channel, from: &str, to: &'static str) -> Result<(),
                         to.into(),
                         BasicPublishOptions::default(),
                         &delivery.data,
-                        delivery.properties.clone().with_headers(headers),
+                        republished(&delivery, headers, own_user),
                     )
                     .await?,
             );

@@ -17,25 +17,16 @@ use lapin::{Channel, Connection};
 use serde_json::{Value, json};
 
 use super::DlqFilter;
-use crate::broker::connect;
 use crate::broker::topology::{DEAD_QUEUE, INBOUND_EXCHANGE};
+use crate::broker::{broker_user, connect, header_text, resent};
 use crate::config::Config;
 use crate::domain::Ts;
 
 /// Dead letters read per command, at most: a bound on memory and time.
 const DEAD_LETTERS_MAX: u32 = 100_000;
 
-/// The text of a header, whatever AMQP type the publisher gave it.
-fn text(table: &FieldTable, name: &str) -> Option<String> {
-    match table.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
 fn header(delivery: &Delivery, name: &str) -> Option<String> {
-    text(delivery.properties.headers().as_ref()?, name)
+    header_text(delivery.properties.headers().as_ref()?, name)
 }
 
 /// The broker's record of the letter's latest death, for a letter the
@@ -57,8 +48,8 @@ fn last_death(delivery: &Delivery) -> Option<&FieldTable> {
 /// limit itself is a queue argument, which AMQP cannot read back and the
 /// broker does not copy into the letter, so the detail names the queue.
 fn death_detail(death: &FieldTable) -> String {
-    let reason = text(death, "reason").unwrap_or_default();
-    let queue = text(death, "queue").unwrap_or_default();
+    let reason = header_text(death, "reason").unwrap_or_default();
+    let queue = header_text(death, "queue").unwrap_or_default();
     if reason == "delivery_limit" {
         format!("redelivered more than the delivery limit of {queue}")
     } else {
@@ -98,7 +89,7 @@ pub fn describe(delivery: &Delivery) -> Value {
         "id": id,
         "type": field("type").or_else(|| header(delivery, "x-original-routing-key")),
         "x-error-reason": header(delivery, "x-error-reason")
-            .or_else(|| death.and_then(|d| text(d, "reason"))),
+            .or_else(|| death.and_then(|d| header_text(d, "reason"))),
         "x-error-detail": header(delivery, "x-error-detail")
             .or_else(|| death.map(death_detail)),
         "when": header(delivery, "x-dead-lettered-at").or_else(|| death.and_then(death_time)),
@@ -159,6 +150,8 @@ struct DeadLetters {
     to_read: u32,
     read: u32,
     kept: u32,
+    /// The broker user this command publishes as.
+    user: String,
     last_kept: Option<DeliveryTag>,
 }
 
@@ -185,6 +178,7 @@ impl DeadLetters {
             read: 0,
             kept: 0,
             last_kept: None,
+            user: broker_user(&config.amqp_url),
         })
     }
 
@@ -299,7 +293,7 @@ pub async fn replay(
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 &delivery.data,
-                delivery.properties.clone().with_headers(headers),
+                resent(&delivery, &headers, &letters.user),
             )
             .await?
             .await?;

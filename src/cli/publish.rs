@@ -9,7 +9,7 @@ use lapin::options::BasicPublishOptions;
 use serde_json::Value;
 
 use crate::broker::topology::INBOUND_EXCHANGE;
-use crate::broker::{connect, persistent_cloudevent};
+use crate::broker::{broker_user, connect, persistent_cloudevent};
 use crate::config::Config;
 
 /// Publishes at most this many events before waiting for their confirms.
@@ -36,6 +36,8 @@ pub async fn run(config: &Config, file: &std::path::Path) -> anyhow::Result<Exit
     let (connection, channel) = connect(&config.amqp_url, &config.retry_delays)
         .await
         .context("cannot reach the broker")?;
+    // Sent as this command's broker user, which `PUBLISHERS` judges.
+    let user = broker_user(&config.amqp_url);
     let progress = super::progress(events.len(), "publishing");
     for chunk in events.chunks(IN_FLIGHT_MAX) {
         let mut confirms = Vec::with_capacity(chunk.len());
@@ -50,7 +52,7 @@ pub async fn run(config: &Config, file: &std::path::Path) -> anyhow::Result<Exit
                         type_name.into(),
                         BasicPublishOptions::default(),
                         &body,
-                        persistent_cloudevent(id),
+                        persistent_cloudevent(id).with_user_id(user.as_str().into()),
                     )
                     .await?,
             );

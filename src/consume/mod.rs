@@ -19,15 +19,15 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, PublisherConfirm};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Input};
 use crate::broker::topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
 use crate::broker::upgrade::{self, UpgradeError};
-use crate::broker::{connect, keep_original_routing_key};
-use crate::config::redact;
-use crate::decode::{Malformed, Schemas, decode};
+use crate::broker::{connect, first_publisher, keep_original_routing_key, republished};
+use crate::config::{Publishers, redact};
+use crate::decode::{Decoded, Malformed, Schemas, decode};
 use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
@@ -70,7 +70,40 @@ pub struct Consumer<S> {
     pub applier: Arc<Applier<S>>,
     pub schemas: Arc<Schemas>,
     pub limits: Limits,
+    pub trust: Trust,
     pub health: Arc<Health>,
+}
+
+/// SPEC §6 rule 13 as this worker applies it.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    /// Who may claim which `source`; `None` trusts every publisher.
+    pub publishers: Option<Publishers>,
+    /// The broker user this worker connects as: the `user_id` of what it
+    /// publishes again (retries, dead letters).
+    pub own_user: String,
+}
+
+impl Trust {
+    /// Why `decoded`, delivered with `properties`, may not be applied, if
+    /// its publisher may not claim its `source`.
+    fn refuse(&self, decoded: &Decoded, properties: &BasicProperties) -> Option<Malformed> {
+        let publishers = self.publishers.as_ref()?;
+        let publisher = first_publisher(properties, &self.own_user);
+        if publishers.trust(&decoded.key.source, publisher.as_deref()) {
+            return None;
+        }
+        let who = publisher.map_or_else(
+            || "a publisher with no user_id".to_owned(),
+            |user| format!("broker user `{user}`"),
+        );
+        Some(Malformed {
+            reason: DeadReason::UntrustedSource,
+            detail: format!("{who} may not claim source `{}`", decoded.key.source),
+            key: Some(decoded.key.clone()),
+            type_name: Some(decoded.kind.as_str().to_owned()),
+        })
+    }
 }
 
 /// The waits between attempts to reach the broker or the database: doubling
@@ -98,8 +131,14 @@ impl Batch {
         self.deliveries.len()
     }
 
-    fn push(&mut self, schemas: &Schemas, delivery: Delivery) {
-        match decode(schemas, &delivery.data) {
+    fn push(&mut self, schemas: &Schemas, trust: &Trust, delivery: Delivery) {
+        let decoded = decode(schemas, &delivery.data).and_then(|decoded| {
+            match trust.refuse(&decoded, &delivery.properties) {
+                Some(untrusted) => Err(untrusted),
+                None => Ok(decoded),
+            }
+        });
+        match decoded {
             Ok(decoded) => {
                 self.inputs.push(Input::from(decoded));
                 self.malformed.push(None);
@@ -163,7 +202,7 @@ impl<S: Store> Consumer<S> {
         cancel: &CancellationToken,
     ) -> Result<(), ConsumeError> {
         let (connection, channel) = connect(amqp_url, &self.limits.retry_delays).await?;
-        upgrade::ensure(&connection, &self.limits.retry_delays).await?;
+        upgrade::ensure(&connection, &self.limits.retry_delays, &self.trust.own_user).await?;
         channel
             .basic_qos(self.limits.prefetch, BasicQosOptions::default())
             .await?;
@@ -212,7 +251,7 @@ impl<S: Store> Consumer<S> {
                         .chain(std::iter::from_fn(|| deliveries.next().now_or_never().flatten().map(Ok)));
                     for taken in arrived {
                         match taken.and_then(|taken| taken.map_err(ConsumeError::from)) {
-                            Ok(taken) => next.push(&self.schemas, taken),
+                            Ok(taken) => next.push(&self.schemas, &self.trust, taken),
                             Err(error) => {
                                 failure = Some(error);
                                 stopping = true;
@@ -404,11 +443,7 @@ impl<S: Store> Consumer<S> {
             }
             Disposition::Dead { reason, detail } => dead_letter(delivery, reason, &detail),
         };
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
+        let properties = republished(delivery, headers, &self.trust.own_user);
         let confirm = channel
             .basic_publish(
                 "".into(),

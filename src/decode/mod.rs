@@ -11,7 +11,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::domain::DeadReason;
-use crate::domain::command::{Command, InboundType};
+use crate::domain::command::{Command, InboundType, PurchaseRefunded};
 use crate::domain::rules::{
     PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, REDEMPTION_COST_MAX, REDEMPTION_COST_MIN,
 };
@@ -216,6 +216,12 @@ fn check_ranges(command: &Command) -> Result<(), String> {
                 _ => Ok(()),
             }
         }
+        Command::PurchaseRefunded(PurchaseRefunded {
+            credits: Some(asked),
+            ..
+        }) if !(PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(asked) => Err(format!(
+            "credits {asked} outside {PURCHASE_CREDITS_MIN} … {PURCHASE_CREDITS_MAX} at `/data/credits`"
+        )),
         Command::RedemptionRequested(c)
             if !(REDEMPTION_COST_MIN..=REDEMPTION_COST_MAX).contains(&c.cost) =>
         {

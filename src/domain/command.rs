@@ -76,6 +76,7 @@ inbound_types! {
     CodeRotated => "credits.account.code_rotated" (CodeRotated),
     AccountClosed => "credits.account.closed" (AccountClosed),
     PurchaseCompleted => "credits.purchase.completed" (PurchaseCompleted),
+    PurchaseRefunded => "credits.purchase.refunded" (PurchaseRefunded),
     LotExtended => "credits.lot.extended" (LotExtended),
     RedemptionRequested => "credits.redemption.requested" (RedemptionRequested),
     RedemptionApproved => "credits.redemption.approved" (RedemptionDecided),
@@ -103,6 +104,7 @@ impl Command {
             Command::CodeRotated(c) => Some(&c.account_id),
             Command::AccountClosed(c) => Some(&c.account_id),
             Command::PurchaseCompleted(c) => Some(&c.account_id),
+            Command::PurchaseRefunded(c) => Some(&c.account_id),
             Command::LotExtended(c) => Some(&c.account_id),
             Command::ReportRequested(c) => c.account_id.as_ref(),
             Command::Sweep { account_id } => Some(account_id),
@@ -131,6 +133,7 @@ pub struct AccountOpened {
     pub code: Option<Code>,
     pub scope: Option<Scope>,
     pub low_balance_threshold: Option<Credits>,
+    pub learner_limit: Option<Credits>,
     pub notes: Option<String>,
 }
 
@@ -181,6 +184,8 @@ pub struct AccountUpdated {
     #[serde(default)]
     pub low_balance_threshold: Patch<Credits>,
     #[serde(default)]
+    pub learner_limit: Patch<Credits>,
+    #[serde(default)]
     pub notes: Patch<String>,
 }
 
@@ -230,6 +235,19 @@ pub struct PurchaseCompleted {
     pub channel: Option<Channel>,
     pub purchased_at: Ts,
     pub expires_at: Option<Ts>,
+}
+
+/// SPEC §6 rule 11: a payment refunded or charged back takes credits out of
+/// its lot.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct PurchaseRefunded {
+    pub account_id: Id,
+    pub purchase_id: Id,
+    pub refund_id: Id,
+    /// Default: everything of the purchase not refunded before.
+    pub credits: Option<Credits>,
+    pub reason: Option<String>,
+    pub refunded_at: Ts,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

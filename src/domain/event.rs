@@ -31,6 +31,13 @@ pub enum Event {
         expires_at: Ts,
         available: Credits,
     },
+    PurchaseRefunded {
+        purchase_id: Id,
+        refund_id: Id,
+        refunded: Credits,
+        shortfall: Credits,
+        available: Credits,
+    },
     LotExtended {
         purchase_id: Id,
         expires_at: Ts,
@@ -121,6 +128,7 @@ impl Event {
             Event::AccountOpened { .. } => "training-credits.account.opened",
             Event::AccountUpdated { .. } => "training-credits.account.updated",
             Event::PurchaseRecorded { .. } => "training-credits.purchase.recorded",
+            Event::PurchaseRefunded { .. } => "training-credits.purchase.refunded",
             Event::LotExtended { .. } => "training-credits.lot.extended",
             Event::RedemptionPending { .. } => "training-credits.redemption.pending",
             Event::RedemptionApproved { .. } => "training-credits.redemption.approved",
@@ -175,6 +183,13 @@ pub(crate) fn one_of_each() -> Vec<Event> {
             credits: c(10_000),
             expires_at: at,
             available: c(10_000),
+        },
+        Event::PurchaseRefunded {
+            purchase_id: id("p-1"),
+            refund_id: id("rf-1"),
+            refunded: c(7_000),
+            shortfall: c(3_000),
+            available: c(100),
         },
         Event::LotExtended {
             purchase_id: id("p-1"),

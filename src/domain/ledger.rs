@@ -36,10 +36,12 @@ pub enum EntryKind {
     Reinstate,
     /// Closing an account writes off its remainder.
     Forfeit,
+    /// A refunded payment takes credits out of its lot.
+    PurchaseRefund,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 8] = [
+    pub const ALL: [EntryKind; 9] = [
         EntryKind::Purchase,
         EntryKind::Hold,
         EntryKind::Release,
@@ -48,6 +50,7 @@ impl EntryKind {
         EntryKind::Expire,
         EntryKind::Reinstate,
         EntryKind::Forfeit,
+        EntryKind::PurchaseRefund,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl EntryKind {
             EntryKind::Expire => "expire",
             EntryKind::Reinstate => "reinstate",
             EntryKind::Forfeit => "forfeit",
+            EntryKind::PurchaseRefund => "purchase_refund",
         }
     }
 
@@ -118,6 +122,21 @@ pub enum Effect {
     Report(ReportRequested),
 }
 
+/// A purchase refund as recorded: each `refund_id` of an account is applied
+/// once (SPEC §6 rule 11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PurchaseRefund {
+    pub account_id: Id,
+    pub refund_id: Id,
+    pub purchase_id: Id,
+    pub refunded: Credits,
+    pub shortfall: Credits,
+    pub reason: Option<String>,
+    pub refunded_at: Ts,
+    /// Fingerprint of the message, to tell a repeat from a conflict.
+    pub fingerprint: String,
+}
+
 /// Everything one message changed, kept apart until the message succeeds.
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
@@ -125,6 +144,7 @@ pub struct Changes {
     pub requests: HashMap<Id, Redemption>,
     /// `invalid_code` rejections, per learner.
     pub attempts: Vec<(Id, Ts)>,
+    pub refunds: Vec<PurchaseRefund>,
     pub journal: Vec<JournalEntry>,
     pub audit: Vec<AuditEntry>,
     pub effects: Vec<Effect>,
@@ -143,6 +163,8 @@ pub struct Ledger {
     pub active: HashMap<(Id, Id), Id>,
     /// Recent `invalid_code` rejections per learner.
     pub attempts: HashMap<Id, Vec<Ts>>,
+    /// Purchase refunds already applied, by account and `refund_id`.
+    pub refunds: HashMap<(Id, Id), PurchaseRefund>,
 }
 
 impl Ledger {
@@ -186,6 +208,12 @@ impl Ledger {
         }
         for (learner, at) in &changes.attempts {
             self.attempts.entry(learner.clone()).or_default().push(*at);
+        }
+        for refund in &changes.refunds {
+            self.refunds.insert(
+                (refund.account_id.clone(), refund.refund_id.clone()),
+                refund.clone(),
+            );
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct Lot {
     pub expires_at: Ts,
     pub price_paid: Option<Price>,
     pub channel: Option<String>,
+    /// Credits taken out by purchase refunds (SPEC §6 rule 11).
+    pub refunded: Credits,
     /// The nearest reminder stage (days before expiry) already sent.
     pub reminded_stage: Option<u32>,
     /// Fingerprint of the purchase that created the lot, to tell a repeated
@@ -128,6 +130,8 @@ pub struct Account {
     pub code: Code,
     pub scope: Scope,
     pub low_balance_threshold: Option<Credits>,
+    /// The most one learner may spend within any 365 days (SPEC §6 rule 12).
+    pub learner_limit: Option<Credits>,
     pub notes: Option<String>,
     pub created_at: Ts,
     /// Soonest-expiring first, then oldest purchase: the order credits are
@@ -157,6 +161,7 @@ impl Account {
             code,
             scope,
             low_balance_threshold,
+            learner_limit,
             notes,
             created_at,
             lots: _,
@@ -168,6 +173,7 @@ impl Account {
             && *code == other.code
             && *scope == other.scope
             && *low_balance_threshold == other.low_balance_threshold
+            && *learner_limit == other.learner_limit
             && *notes == other.notes
             && *created_at == other.created_at
     }

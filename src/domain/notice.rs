@@ -49,6 +49,14 @@ pub enum Notice {
         expires_on: String,
         available: Credits,
     },
+    PurchaseRefunded {
+        account_id: Id,
+        account_name: String,
+        purchase_id: Id,
+        refunded: Credits,
+        shortfall: Credits,
+        available: Credits,
+    },
     LotExpiring {
         account_id: Id,
         account_name: String,
@@ -113,6 +121,7 @@ impl Notice {
             Notice::RedemptionExpired { .. } => "redemption_expired",
             Notice::RedemptionRejected { .. } => "redemption_rejected",
             Notice::PurchaseRecorded { .. } => "purchase_recorded",
+            Notice::PurchaseRefunded { .. } => "purchase_refunded",
             Notice::LotExpiring { .. } => "lot_expiring",
             Notice::LotExpired { .. } => "lot_expired",
             Notice::BalanceLow { .. } => "balance_low",
@@ -169,6 +178,14 @@ pub(crate) fn one_of_each() -> Vec<Notice> {
             price_paid: None,
             expires_on: "2027-12-07".to_owned(),
             available: c(10_000),
+        },
+        Notice::PurchaseRefunded {
+            account_id: account().0,
+            account_name: account().1,
+            purchase_id: id("p-1"),
+            refunded: c(7_000),
+            shortfall: c(3_000),
+            available: c(100),
         },
         Notice::LotExpiring {
             account_id: account().0,

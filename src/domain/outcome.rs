@@ -16,10 +16,12 @@ pub enum DeadReason {
     RetriesExhausted,
     UnknownAccount,
     UnknownRequest,
+    UnknownPurchase,
+    UntrustedSource,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 9] = [
+    pub const ALL: [DeadReason; 11] = [
         DeadReason::TooLarge,
         DeadReason::InvalidJson,
         DeadReason::InvalidEnvelope,
@@ -29,6 +31,8 @@ impl DeadReason {
         DeadReason::RetriesExhausted,
         DeadReason::UnknownAccount,
         DeadReason::UnknownRequest,
+        DeadReason::UnknownPurchase,
+        DeadReason::UntrustedSource,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,8 @@ impl DeadReason {
             DeadReason::RetriesExhausted => "retries_exhausted",
             DeadReason::UnknownAccount => "unknown_account",
             DeadReason::UnknownRequest => "unknown_request",
+            DeadReason::UnknownPurchase => "unknown_purchase",
+            DeadReason::UntrustedSource => "untrusted_source",
         }
     }
 }
@@ -52,14 +58,15 @@ impl fmt::Display for DeadReason {
     }
 }
 
-/// Why a message should be tried again later. `UnknownAccount` and
-/// `UnknownRequest` may resolve themselves when an overtaken predecessor
+/// Why a message should be tried again later. `UnknownAccount`,
+/// `UnknownRequest` and `UnknownPurchase` may resolve themselves when an overtaken predecessor
 /// arrives; once the retries are spent they become dead letters of the same
 /// name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RetryReason {
     UnknownAccount,
     UnknownRequest,
+    UnknownPurchase,
     /// The message's own transaction failed (a conflict, a constraint the
     /// rules did not foresee): worth another try, dead-lettered
     /// `retries_exhausted` if it keeps failing.
@@ -72,6 +79,7 @@ impl RetryReason {
         match self {
             RetryReason::UnknownAccount => DeadReason::UnknownAccount,
             RetryReason::UnknownRequest => DeadReason::UnknownRequest,
+            RetryReason::UnknownPurchase => DeadReason::UnknownPurchase,
             RetryReason::Transient => DeadReason::RetriesExhausted,
         }
     }
@@ -87,6 +95,7 @@ pub enum Rejection {
     InsufficientBalance,
     AlreadyRedeemed,
     TooManyAttempts,
+    LearnerLimit,
 }
 
 impl Rejection {
@@ -99,6 +108,7 @@ impl Rejection {
             Rejection::InsufficientBalance => "insufficient_balance",
             Rejection::AlreadyRedeemed => "already_redeemed",
             Rejection::TooManyAttempts => "too_many_attempts",
+            Rejection::LearnerLimit => "learner_limit",
         }
     }
 
@@ -121,6 +131,9 @@ impl Rejection {
             }
             Rejection::TooManyAttempts => {
                 "too many invalid codes were entered; please wait 15 minutes before trying again"
+            }
+            Rejection::LearnerLimit => {
+                "this item would take you past what one learner may spend on this account within a year"
             }
         }
     }

@@ -36,6 +36,7 @@ const TEMPLATES: &[Template] = templates! {
     "redemption_expired" => "Request expired: {{ title }}",
     "redemption_rejected" => "Request not accepted: {{ title }}",
     "purchase_recorded" => "{{ credits }} training credits added to {{ account_name }}",
+    "purchase_refunded" => "{{ refunded }} training credits taken back from {{ account_name }}",
     "lot_expiring" => "{{ remaining }} training credits expire on {{ expires_on }}",
     "lot_expired" => "{{ expired }} training credits expired",
     "balance_low" => "Low training credit balance: {{ available }}",

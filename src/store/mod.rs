@@ -22,7 +22,7 @@ pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 use crate::decode::EventKey;
-use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger};
+use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger, PurchaseRefund};
 use crate::domain::model::{Account, Lot, Redemption};
 use crate::domain::{CodeKey, Email, Id, Ts};
 
@@ -93,6 +93,12 @@ pub struct ToLoad {
     pub pending_of: Vec<Id>,
     /// Invalid-code attempts after this instant count.
     pub attempts_since: Option<Ts>,
+    /// The pending and approved requests made after this instant by the
+    /// learners of `learner_items`, on accounts with a learner limit (SPEC
+    /// §6 rule 12).
+    pub limited_since: Option<Ts>,
+    /// Purchase refunds already applied, by account and `refund_id`.
+    pub refund_ids: Vec<(Id, Id)>,
     /// Load of the accounts' lots only those with credits in them or held,
     /// and the lots of `purchase_ids` and of the loaded requests'
     /// allocations: a spent lot changes only through those (a repeated
@@ -227,6 +233,8 @@ pub struct Writes {
     pub audit: Vec<(AuditEntry, String)>,
     pub processed: Vec<(EventKey, String, &'static str)>,
     pub attempts: Vec<(Id, Ts)>,
+    /// Purchase refunds applied, with the cause of each.
+    pub refunds: Vec<(PurchaseRefund, String)>,
     /// Attempts at or before this instant are deleted: they never count
     /// again.
     pub forget_attempts_until: Option<Ts>,
@@ -563,6 +571,7 @@ mod tests {
             code: Code::generate(),
             scope: Scope::All,
             low_balance_threshold: None,
+            learner_limit: None,
             notes: None,
             created_at: Ts::now(),
             lots: Vec::new(),
@@ -580,6 +589,7 @@ mod tests {
             expires_at: at,
             price_paid: None,
             channel: None,
+            refunded: Credits::ZERO,
             reminded_stage: None,
             fingerprint: String::new(),
         }

@@ -133,6 +133,7 @@ pub const ACCOUNTS: Table = Table {
         ("code_key", Text),
         ("scope", Text),
         ("low_balance_threshold", Int),
+        ("learner_limit", Int),
         ("notes", Text),
         ("created_at", Time),
     ],
@@ -162,6 +163,7 @@ pub const LOTS: Table = Table {
         ("price_amount", Int),
         ("price_currency", Text),
         ("channel", Text),
+        ("refunded", Int),
         ("reminded_stage", Int),
         ("remind_at", Time),
         ("fingerprint", Text),
@@ -230,6 +232,21 @@ pub const PROCESSED: Table = Table {
         ("digest", Text),
         ("outcome", Text),
         ("processed_at", Time),
+    ],
+};
+
+pub const PURCHASE_REFUNDS: Table = Table {
+    name: "purchase_refunds",
+    columns: &[
+        ("account_id", Text),
+        ("refund_id", Text),
+        ("purchase_id", Text),
+        ("refunded", Int),
+        ("shortfall", Int),
+        ("reason", Text),
+        ("refunded_at", Time),
+        ("fingerprint", Text),
+        ("causation_id", Text),
     ],
 };
 

@@ -38,8 +38,8 @@ use sqlx::{
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::rows::{
-    ACCOUNTS, AUDIT, CODE_ATTEMPTS, JOURNAL, LOTS, OUTBOX, OWNERS, PROCESSED, REDEMPTIONS, Rows,
-    from_json, from_text, id, opt_id, to_json, to_text,
+    ACCOUNTS, AUDIT, CODE_ATTEMPTS, JOURNAL, LOTS, OUTBOX, OWNERS, PROCESSED, PURCHASE_REFUNDS,
+    REDEMPTIONS, Rows, from_json, from_text, id, opt_id, to_json, to_text,
 };
 use super::{
     Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, LotWrite, Outbox, OutboxKind,
@@ -47,7 +47,7 @@ use super::{
 };
 use crate::decode::EventKey;
 use crate::domain::command::ReportKind;
-use crate::domain::ledger::{EntryKind, Ledger};
+use crate::domain::ledger::{EntryKind, Ledger, PurchaseRefund};
 use crate::domain::model::{
     Account, Allocation, Item, Learner, Lot, Owner, Price, Redemption, RedemptionStatus,
     lot_figures_hold,
@@ -172,8 +172,8 @@ impl<D: Database> SqlStore<D> {
 }
 
 const LOT_COLUMNS: &str = "SELECT account_id, purchase_id, credits, remaining, held, expired, \
-    purchased_at, expires_at, price_amount, price_currency, channel, reminded_stage, fingerprint \
-    FROM lots WHERE";
+    purchased_at, expires_at, price_amount, price_currency, channel, refunded, reminded_stage, \
+    fingerprint FROM lots WHERE";
 const REQUEST_COLUMNS: &str = "SELECT request_id, account_id, learner_id, learner_email, \
     learner_name, item_id, item_kind, item_title, item_group_ids, cost, status, reason, \
     requested_at, created_at, decided_by, decided_at, allocations, refunded, fingerprint \
@@ -192,6 +192,8 @@ pub struct Statements {
     live_lots: SqlStr,
     spent_lots: SqlStr,
     active_requests: SqlStr,
+    limited_requests: SqlStr,
+    refunds: SqlStr,
     code_attempts: SqlStr,
     processed: SqlStr,
     delete_owners: SqlStr,
@@ -209,7 +211,8 @@ impl Statements {
         // An account's row with its owners, the column compared then follows.
         let accounts = format!(
             "SELECT account_id, name, status, approval_mode, code, scope, \
-             low_balance_threshold, notes, created_at, {} AS owners FROM accounts WHERE account_id",
+             low_balance_threshold, learner_limit, notes, created_at, {} AS owners FROM accounts \
+             WHERE account_id",
             D::OWNERS_JSON
         );
         // An account's owners' emails, in order, joined by `; `, in a select
@@ -245,6 +248,15 @@ impl Statements {
             active_requests: text(format!(
                 "SELECT learner_id, item_id, request_id FROM redemptions \
                  WHERE status IN ('pending', 'approved') AND (learner_id, item_id){}",
+                D::PAIRS_IN
+            )),
+            limited_requests: text(format!(
+                "{REQUEST_COLUMNS} status IN ('pending', 'approved') AND created_at > $2 \
+                 AND learner_id{in_list}"
+            )),
+            refunds: text(format!(
+                "SELECT account_id, refund_id, purchase_id, refunded, shortfall, reason, \
+                 refunded_at, fingerprint FROM purchase_refunds WHERE (account_id, refund_id){}",
                 D::PAIRS_IN
             )),
             code_attempts: text(format!(
@@ -360,7 +372,8 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
         " ON CONFLICT (account_id) DO UPDATE SET name = excluded.name, \
          status = excluded.status, approval_mode = excluded.approval_mode, code = excluded.code, \
          code_key = excluded.code_key, scope = excluded.scope, \
-         low_balance_threshold = excluded.low_balance_threshold, notes = excluded.notes",
+         low_balance_threshold = excluded.low_balance_threshold, \
+         learner_limit = excluded.learner_limit, notes = excluded.notes",
     );
     for a in changed {
         rows.text(a.id.to_string())
@@ -371,6 +384,7 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
             .text(a.code.key().as_str().to_owned())
             .text(to_json(&a.scope))
             .int(a.low_balance_threshold.map(Credits::cents))
+            .int(a.learner_limit.map(Credits::cents))
             .text(a.notes.clone())
             .time(a.created_at);
     }
@@ -396,7 +410,7 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
         writes.lots.len(),
         " ON CONFLICT (account_id, purchase_id) DO UPDATE SET \
          remaining = excluded.remaining, held = excluded.held, expired = excluded.expired, \
-         expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
+         refunded = excluded.refunded, expires_at = excluded.expires_at, reminded_stage = excluded.reminded_stage, \
          remind_at = excluded.remind_at",
     );
     for LotWrite {
@@ -416,6 +430,7 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
             .int(l.price_paid.as_ref().map(|p| p.amount.cents()))
             .text(l.price_paid.as_ref().map(|p| p.currency.clone()))
             .text(l.channel.clone())
+            .int(l.refunded.cents())
             .int(l.reminded_stage.map(i64::from))
             .time(*remind_at)
             .text(l.fingerprint.clone());
@@ -482,6 +497,19 @@ fn rows_of(writes: &Writes, now: Ts) -> Vec<Rows> {
             .text(digest.clone())
             .text((*outcome).to_owned())
             .time(now);
+    }
+    tables.push(rows);
+    let mut rows = Rows::new(&PURCHASE_REFUNDS, writes.refunds.len(), "");
+    for (r, cause) in &writes.refunds {
+        rows.text(r.account_id.to_string())
+            .text(r.refund_id.to_string())
+            .text(r.purchase_id.to_string())
+            .int(r.refunded.cents())
+            .int(r.shortfall.cents())
+            .text(r.reason.clone())
+            .time(r.refunded_at)
+            .text(r.fingerprint.clone())
+            .text(cause.clone());
     }
     tables.push(rows);
     let mut rows = Rows::new(&CODE_ATTEMPTS, writes.attempts.len(), "");
@@ -629,8 +657,58 @@ where
                 );
             }
         }
+        // Rule 12: the learners' recent requests on accounts with a limit.
+        let limited: HashSet<&Id> = loaded
+            .ledger
+            .accounts
+            .values()
+            .filter(|a| a.learner_limit.is_some())
+            .map(|a| &a.id)
+            .collect();
+        if let Some(since) = wanted.limited_since.filter(|_| !limited.is_empty()) {
+            let learners = strings(wanted.learner_items.iter().map(|(learner, _)| learner));
+            let query = sqlx::query(statements.limited_requests.clone());
+            let rows = D::bind_list(query, &learners)
+                .bind(since)
+                .fetch_all(&mut *conn)
+                .await?;
+            for row in rows {
+                let request = Self::request_from(&row)?;
+                if request
+                    .account_id
+                    .as_ref()
+                    .is_some_and(|account| limited.contains(account))
+                {
+                    requests.push(request);
+                }
+            }
+        }
         for request in requests {
             loaded.ledger.insert_request(request);
+        }
+        let pairs: BTreeSet<[&str; 2]> = wanted
+            .refund_ids
+            .iter()
+            .map(|(account, refund)| [account.as_str(), refund.as_str()])
+            .collect();
+        if !pairs.is_empty() {
+            let query = sqlx::query(statements.refunds.clone());
+            for row in D::bind_pairs(query, &pairs).fetch_all(&mut *conn).await? {
+                let refund = PurchaseRefund {
+                    account_id: id(row.try_get("account_id")?)?,
+                    refund_id: id(row.try_get("refund_id")?)?,
+                    purchase_id: id(row.try_get("purchase_id")?)?,
+                    refunded: credits(row.try_get("refunded")?),
+                    shortfall: credits(row.try_get("shortfall")?),
+                    reason: row.try_get("reason")?,
+                    refunded_at: row.try_get("refunded_at")?,
+                    fingerprint: row.try_get("fingerprint")?,
+                };
+                loaded.ledger.refunds.insert(
+                    (refund.account_id.clone(), refund.refund_id.clone()),
+                    refund,
+                );
+            }
         }
         if let Some(since) = wanted.attempts_since {
             let learners = strings(wanted.learner_items.iter().map(|(learner, _)| learner));
@@ -717,6 +795,7 @@ where
             low_balance_threshold: row
                 .try_get::<Option<i64>, _>("low_balance_threshold")?
                 .map(credits),
+            learner_limit: row.try_get::<Option<i64>, _>("learner_limit")?.map(credits),
             notes: row.try_get("notes")?,
             created_at: row.try_get("created_at")?,
             lots: Vec::new(),
@@ -744,6 +823,7 @@ where
             expires_at: row.try_get("expires_at")?,
             price_paid,
             channel: row.try_get("channel")?,
+            refunded: credits(row.try_get("refunded")?),
             reminded_stage: row
                 .try_get::<Option<i64>, _>("reminded_stage")?
                 .map(|s| u32::try_from(s).map_err(StoreError::corrupt))
@@ -970,15 +1050,18 @@ where
         let mut conn = self.pool.acquire().await?;
         let sums = sqlx::query(
             "SELECT l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired, \
-             CAST(COALESCE(SUM(j.amount), 0) AS BIGINT) AS journal_remaining, \
+             l.refunded, CAST(COALESCE(SUM(j.amount), 0) AS BIGINT) AS journal_remaining, \
              CAST(COALESCE(SUM(j.held_delta), 0) AS BIGINT) AS journal_held, \
              CAST(COALESCE(SUM(CASE WHEN j.entry = 'purchase' THEN j.amount ELSE 0 END), 0) \
              AS BIGINT) AS journal_credits, \
              CAST(COALESCE(SUM(CASE WHEN j.entry IN ('expire', 'reinstate') THEN -j.amount \
-             ELSE 0 END), 0) AS BIGINT) AS journal_expired \
+             ELSE 0 END), 0) AS BIGINT) AS journal_expired, \
+             CAST(COALESCE(SUM(CASE WHEN j.entry = 'purchase_refund' THEN -j.amount \
+             ELSE 0 END), 0) AS BIGINT) AS journal_refunded \
              FROM lots l LEFT JOIN journal j \
              ON j.account_id = l.account_id AND j.purchase_id = l.purchase_id \
-             GROUP BY l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired",
+             GROUP BY l.account_id, l.purchase_id, l.credits, l.remaining, l.held, l.expired, \
+             l.refunded",
         )
         .fetch_all(&mut *conn)
         .await?;
@@ -986,23 +1069,26 @@ where
         for row in sums {
             let account: String = row.try_get("account_id")?;
             let purchase: String = row.try_get("purchase_id")?;
-            let [credits, remaining, held, expired]: [i64; 4] = [
+            let [credits, remaining, held, expired, refunded]: [i64; 5] = [
                 row.try_get("credits")?,
                 row.try_get("remaining")?,
                 row.try_get("held")?,
                 row.try_get("expired")?,
+                row.try_get("refunded")?,
             ];
-            let journal: [i64; 4] = [
+            let journal: [i64; 5] = [
                 row.try_get("journal_credits")?,
                 row.try_get("journal_remaining")?,
                 row.try_get("journal_held")?,
                 row.try_get("journal_expired")?,
+                row.try_get("journal_refunded")?,
             ];
             for (name, kept, from_journal) in [
                 ("credits", credits, journal[0]),
                 ("remaining", remaining, journal[1]),
                 ("held", held, journal[2]),
                 ("expired", expired, journal[3]),
+                ("refunded", refunded, journal[4]),
             ] {
                 if kept != from_journal {
                     problems.push(format!(

@@ -29,7 +29,7 @@ const DECODE_REASONS: [DeadReason; 5] = [
 ];
 
 /// Every inbound type of SPEC §5.1 with the fields it requires there.
-const INBOUND: [(&str, &[&str]); 14] = [
+const INBOUND: [(&str, &[&str]); 15] = [
     (
         "credits.account.opened",
         &["account_id", "owners", "approval_mode"],
@@ -48,6 +48,10 @@ const INBOUND: [(&str, &[&str]); 14] = [
     (
         "credits.purchase.completed",
         &["account_id", "purchase_id", "credits", "purchased_at"],
+    ),
+    (
+        "credits.purchase.refunded",
+        &["account_id", "purchase_id", "refund_id", "refunded_at"],
     ),
     (
         "credits.lot.extended",
@@ -106,6 +110,12 @@ fn valid_data(type_name: &str) -> Value {
             "purchase_id": "p1",
             "credits": "100",
             "purchased_at": "2026-01-01T09:00:00Z",
+        }),
+        "credits.purchase.refunded" => json!({
+            "account_id": "acme",
+            "purchase_id": "p1",
+            "refund_id": "rf1",
+            "refunded_at": "2026-01-02T00:00:00Z",
         }),
         "credits.lot.extended" => json!({
             "account_id": "acme",
@@ -672,8 +682,11 @@ fn an_account_update_that_changes_nothing_is_a_schema_violation() {
 }
 
 /// Every amount field, with the data around it that makes it valid.
-const AMOUNTS: [(&str, &str); 5] = [
+const AMOUNTS: [(&str, &str); 8] = [
     ("credits.purchase.completed", "/credits"),
+    ("credits.purchase.refunded", "/credits"),
+    ("credits.account.opened", "/learner_limit"),
+    ("credits.account.updated", "/learner_limit"),
     ("credits.purchase.completed", "/price_paid/amount"),
     ("credits.redemption.requested", "/cost"),
     ("credits.account.opened", "/low_balance_threshold"),
@@ -762,8 +775,9 @@ fn amounts_as_strings_or_plain_numbers_with_up_to_two_decimals_decode() {
 }
 
 /// Every instant field of the inbound types.
-const INSTANTS: [(&str, &str); 7] = [
+const INSTANTS: [(&str, &str); 8] = [
     ("credits.purchase.completed", "/purchased_at"),
+    ("credits.purchase.refunded", "/refunded_at"),
     ("credits.purchase.completed", "/expires_at"),
     ("credits.lot.extended", "/expires_at"),
     ("credits.redemption.requested", "/requested_at"),

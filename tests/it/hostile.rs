@@ -135,6 +135,16 @@ fn base_event(type_name: &str, n: u64, fresh: bool) -> Value {
                 "purchased_at": NOW,
             }),
         ),
+        "credits.purchase.refunded" => (
+            "shop",
+            json!({
+                "account_id": "acme",
+                "purchase_id": "p1",
+                "refund_id": pick("rf", "rf1"),
+                "credits": "1",
+                "refunded_at": NOW,
+            }),
+        ),
         "credits.lot.extended" => (
             STAFF,
             json!({
@@ -935,6 +945,7 @@ fn full_data(type_name: &str) -> Value {
             "code": "ACME-1234",
             "scope": {"kind": "group", "ids": ["g1"]},
             "low_balance_threshold": "10",
+            "learner_limit": "500",
             "notes": "notes",
         }),
         "credits.account.updated" => json!({
@@ -945,6 +956,7 @@ fn full_data(type_name: &str) -> Value {
             "scope_ids": ["g2"],
             "status": "active",
             "low_balance_threshold": "5",
+            "learner_limit": "400",
             "notes": "more notes",
         }),
         "credits.account.owner_added" => json!({
@@ -969,6 +981,14 @@ fn full_data(type_name: &str) -> Value {
             "channel": "card",
             "purchased_at": NOW,
             "expires_at": "2027-01-01T00:00:00Z",
+        }),
+        "credits.purchase.refunded" => json!({
+            "account_id": "acme",
+            "purchase_id": "p1",
+            "refund_id": "rf1",
+            "credits": "1",
+            "reason": "chargeback",
+            "refunded_at": NOW,
         }),
         "credits.lot.extended" => json!({
             "account_id": "acme",
@@ -1021,6 +1041,7 @@ const FREE_TEXT: &[(&str, &str)] = &[
     ("credits.account.owner_added", "/owner/name"),
     ("credits.account.closed", "/reason"),
     ("credits.lot.extended", "/reason"),
+    ("credits.purchase.refunded", "/reason"),
     ("credits.redemption.requested", "/learner/name"),
     ("credits.redemption.requested", "/item/title"),
     ("credits.redemption.approved", "/note"),

@@ -23,6 +23,8 @@ mod faults_smtp;
 mod hostile;
 mod layers;
 mod properties;
+mod publishers;
+mod refunds;
 mod reports;
 mod rules;
 mod schedule;

@@ -28,6 +28,18 @@ enum Op {
         account: usize,
         manual: bool,
         threshold: Option<u32>,
+        limit: Option<u32>,
+    },
+    /// Sets (or lifts) the account's learner limit.
+    Limit {
+        account: usize,
+        limit: Option<u32>,
+    },
+    RefundPurchase {
+        account: usize,
+        lot: usize,
+        refund: usize,
+        credits: Option<u32>,
     },
     Purchase {
         account: usize,
@@ -78,8 +90,12 @@ fn op() -> impl Strategy<Value = Op> {
     let account = 0..ACCOUNTS;
     let request = 0..REQUESTS;
     prop_oneof![
-        2 => (account.clone(), any::<bool>(), proptest::option::of(1..300_u32))
-            .prop_map(|(account, manual, threshold)| Op::Open { account, manual, threshold }),
+        2 => (account.clone(), any::<bool>(), proptest::option::of(1..300_u32), proptest::option::of(1..40_000_u32))
+            .prop_map(|(account, manual, threshold, limit)| Op::Open { account, manual, threshold, limit }),
+        1 => (account.clone(), proptest::option::of(1..40_000_u32))
+            .prop_map(|(account, limit)| Op::Limit { account, limit }),
+        1 => (account.clone(), 0..4_usize, 0..4_usize, proptest::option::of(1..50_000_u32))
+            .prop_map(|(account, lot, refund, credits)| Op::RefundPurchase { account, lot, refund, credits }),
         3 => (account.clone(), 0..4_usize, 1..50_000_u32, 1..400_i64)
             .prop_map(|(account, lot, credits, days)| Op::Purchase { account, lot, credits, days }),
         5 => (request.clone(), account.clone(), 0..4_usize, 0..3_usize, 1..20_000_u32)
@@ -130,6 +146,7 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                 account,
                 manual,
                 threshold,
+                limit,
             } => {
                 let mut data = json!({
                     "account_id": format!("a{account}"),
@@ -140,7 +157,33 @@ fn script(ops: &[Op], start: Ts) -> Vec<Step> {
                 if let Some(t) = threshold {
                     data["low_balance_threshold"] = json!(t.to_string());
                 }
+                if let Some(limit) = limit {
+                    data["learner_limit"] = json!(Credits::from_cents(i64::from(*limit)));
+                }
                 Some(event("portal", "credits.account.opened", data))
+            }
+            Op::Limit { account, limit } => Some(event(
+                "portal",
+                "credits.account.updated",
+                json!({
+                    "account_id": format!("a{account}"), "actor": owner(*account),
+                    "learner_limit": limit.map(|l| Credits::from_cents(i64::from(l))),
+                }),
+            )),
+            Op::RefundPurchase {
+                account,
+                lot,
+                refund,
+                credits,
+            } => {
+                let mut data = json!({
+                    "account_id": format!("a{account}"), "purchase_id": format!("p{account}-{lot}"),
+                    "refund_id": format!("rf{refund}"), "refunded_at": now,
+                });
+                if let Some(credits) = credits {
+                    data["credits"] = json!(Credits::from_cents(i64::from(*credits)));
+                }
+                Some(event("shop", "credits.purchase.refunded", data))
             }
             Op::Purchase {
                 account,
@@ -267,7 +310,12 @@ async fn check_invariants<S: Store>(w: &World<S>) {
         let mut purchased = Credits::ZERO;
         let mut left = Credits::ZERO;
         let mut expired = Credits::ZERO;
+        let mut refunded = Credits::ZERO;
         for lot in &account.lots {
+            assert!(
+                lot.refunded <= lot.credits,
+                "lot {lot:?} refunded more than bought"
+            );
             assert!(lot.is_consistent(), "lot {:?}", lot);
             assert_eq!(
                 lot.held,
@@ -279,14 +327,16 @@ async fn check_invariants<S: Store>(w: &World<S>) {
             purchased += lot.credits;
             left += lot.remaining;
             expired += lot.expired;
+            refunded += lot.refunded;
         }
         if account.status == AccountStatus::Closed {
             assert_eq!(left, Credits::ZERO, "a closed account keeps nothing");
         } else {
-            // Conservation: what was bought is still there, was spent, or expired.
+            // Conservation: what was bought is still there, was spent,
+            // expired or taken back by a purchase refund.
             assert_eq!(
                 purchased,
-                left + spent + expired,
+                left + spent + expired + refunded,
                 "credits of {} leaked",
                 account.id
             );

@@ -386,13 +386,13 @@ fn csv_expected(kind: ReportKind, columns: &[&str], rows: &[Vec<&str>]) -> Vec<V
 // ---------------------------------------------------------------------------
 // Writing and reading reports.
 
-struct Filter<'a> {
+pub(crate) struct Filter<'a> {
     account: Option<&'a str>,
     from: Option<&'a str>,
     to: Option<&'a str>,
 }
 
-const EVERYTHING: Filter<'static> = Filter {
+pub(crate) const EVERYTHING: Filter<'static> = Filter {
     account: None,
     from: None,
     to: None,
@@ -459,7 +459,7 @@ fn csv_records(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-async fn csv_report<S: Store>(
+pub(crate) async fn csv_report<S: Store>(
     w: &World<S>,
     dir: &Path,
     kind: ReportKind,

@@ -58,6 +58,7 @@ pub(super) fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
         code,
         scope: c.scope.clone().unwrap_or(Scope::All),
         low_balance_threshold: c.low_balance_threshold,
+        learner_limit: c.learner_limit,
         notes: c.notes.clone(),
         created_at: step.now(),
         lots: Vec::new(),
@@ -180,6 +181,18 @@ pub(super) fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
             json!(new),
         );
         account.low_balance_threshold = new;
+    }
+    if let Some(new) = c.learner_limit.value() {
+        change(
+            step,
+            &mut changes,
+            &id,
+            actor,
+            "learner_limit",
+            json!(account.learner_limit),
+            json!(new),
+        );
+        account.learner_limit = new;
     }
     if let Some(new) = c.notes.value() {
         change(
@@ -606,6 +619,7 @@ mod tests {
             code: Some("BETA-CODE-1".parse().expect("a code")),
             scope: None,
             low_balance_threshold: None,
+            learner_limit: None,
             notes: None,
         }));
         let ran = book.run(Command::CodeRotated(CodeRotated {

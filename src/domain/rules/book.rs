@@ -124,6 +124,7 @@ impl Book {
             code: Some(CODE.parse().expect("a code")),
             scope: None,
             low_balance_threshold: None,
+            learner_limit: None,
             notes: None,
         }))
     }

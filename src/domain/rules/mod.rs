@@ -23,6 +23,8 @@ pub const REDEMPTION_COST_MAX: Credits = Credits::from_cents(100_000_000);
 /// block a learner until the window has passed.
 pub const INVALID_CODE_ATTEMPTS_MAX: usize = 5;
 pub const INVALID_CODE_WINDOW_MINUTES: i64 = 15;
+/// SPEC §6 rule 12: a learner limit counts the requests of this many days.
+pub const LEARNER_LIMIT_DAYS: i64 = 365;
 
 /// The configurable parts of the rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +78,7 @@ pub fn handle(ledger: &Ledger, command: &Command, ctx: &Ctx) -> (Outcome, Change
         Command::CodeRotated(c) => accounts::rotate_code(&mut step, c),
         Command::AccountClosed(c) => accounts::close_account(&mut step, c),
         Command::PurchaseCompleted(c) => purchases::record_purchase(&mut step, c),
+        Command::PurchaseRefunded(c) => purchases::refund_purchase(&mut step, c),
         Command::LotExtended(c) => purchases::extend_lot(&mut step, c),
         Command::RedemptionRequested(c) => redemptions::request_redemption(&mut step, c),
         Command::RedemptionApproved(c) => redemptions::approve(&mut step, c),

@@ -5,7 +5,7 @@ use serde_json::json;
 use super::{Flow, PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, Step, owners_of, retry};
 use crate::domain::command::*;
 use crate::domain::event::Event;
-use crate::domain::ledger::EntryKind;
+use crate::domain::ledger::{EntryKind, PurchaseRefund};
 use crate::domain::model::*;
 use crate::domain::money::Credits;
 use crate::domain::notice::Notice;
@@ -51,6 +51,7 @@ pub(super) fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
         channel: c
             .channel
             .map(|ch| json!(ch).as_str().unwrap_or_default().to_owned()),
+        refunded: Credits::ZERO,
         reminded_stage: None,
         fingerprint: step.ctx.fingerprint.to_owned(),
     });
@@ -87,6 +88,99 @@ pub(super) fn record_purchase(step: &mut Step, c: &PurchaseCompleted) -> Flow {
                 .as_ref()
                 .map(|p| format!("{} {}", p.amount, p.currency)),
             expires_on: expires_at.date(),
+            available,
+        },
+    );
+    step.save_account(account);
+    Ok(())
+}
+
+/// SPEC §6 rule 11: takes out of the lot what it can still give, up to what
+/// the refund asks (by default everything of the purchase not refunded
+/// before); the rest is the `shortfall`.
+pub(super) fn refund_purchase(step: &mut Step, c: &PurchaseRefunded) -> Flow {
+    let mut account = step.known_account(&c.account_id)?;
+    let key = (c.account_id.clone(), c.refund_id.clone());
+    let done = step
+        .out
+        .refunds
+        .iter()
+        .find(|r| r.account_id == key.0 && r.refund_id == key.1)
+        .or_else(|| step.ledger.refunds.get(&key));
+    if let Some(done) = done {
+        return Err(if done.fingerprint == step.ctx.fingerprint {
+            Outcome::Duplicate
+        } else {
+            Outcome::dead(
+                DeadReason::IdConflict,
+                format!(
+                    "refund `{}` of account `{}` was recorded with other fields",
+                    c.refund_id, c.account_id
+                ),
+            )
+        });
+    }
+    let Some(lot) = account.lot(&c.purchase_id) else {
+        return Err(retry(
+            RetryReason::UnknownPurchase,
+            format!(
+                "account `{}` has no purchase `{}` (yet)",
+                c.account_id, c.purchase_id
+            ),
+        ));
+    };
+    // `decode` refuses an amount out of range before any account is looked up.
+    assert!(
+        c.credits
+            .is_none_or(|asked| (PURCHASE_CREDITS_MIN..=PURCHASE_CREDITS_MAX).contains(&asked))
+    );
+    let now = step.now();
+    let asked = c
+        .credits
+        .unwrap_or(account.lots[lot].credits - account.lots[lot].refunded);
+    let refunded = asked.min(account.lots[lot].free_at(now));
+    let shortfall = asked - refunded;
+    if refunded.is_positive() {
+        step.post(
+            &mut account,
+            lot,
+            EntryKind::PurchaseRefund,
+            -refunded,
+            Credits::ZERO,
+            None,
+            "refund",
+        );
+        account.lots[lot].refunded += refunded;
+    }
+    step.out.refunds.push(PurchaseRefund {
+        account_id: account.id.clone(),
+        refund_id: c.refund_id.clone(),
+        purchase_id: c.purchase_id.clone(),
+        refunded,
+        shortfall,
+        reason: c.reason.clone(),
+        refunded_at: c.refunded_at,
+        fingerprint: step.ctx.fingerprint.to_owned(),
+    });
+    let available = account.available_at(now);
+    step.event(
+        Some(&account.id),
+        Event::PurchaseRefunded {
+            purchase_id: c.purchase_id.clone(),
+            refund_id: c.refund_id.clone(),
+            refunded,
+            shortfall,
+            available,
+        },
+    );
+    step.email(
+        owners_of(&account),
+        Notice::PurchaseRefunded {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            purchase_id: c.purchase_id.clone(),
+            refunded,
+            shortfall,
             available,
         },
     );

@@ -4,8 +4,8 @@
 use chrono::Duration;
 
 use super::{
-    Flow, INVALID_CODE_ATTEMPTS_MAX, INVALID_CODE_WINDOW_MINUTES, REDEMPTION_COST_MAX,
-    REDEMPTION_COST_MIN, Step, learner_of, owners_of,
+    Flow, INVALID_CODE_ATTEMPTS_MAX, INVALID_CODE_WINDOW_MINUTES, LEARNER_LIMIT_DAYS,
+    REDEMPTION_COST_MAX, REDEMPTION_COST_MIN, Step, learner_of, owners_of,
 };
 use crate::domain::command::*;
 use crate::domain::event::Event;
@@ -110,6 +110,12 @@ pub(super) fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Fl
     if let Some(reason) = refusal {
         return Err(reject(step, c, Some(&account), reason));
     }
+    if account
+        .learner_limit
+        .is_some_and(|limit| spent_by(step, &c.learner.id, &account.id) + c.cost > limit)
+    {
+        return Err(reject(step, c, Some(&account), Rejection::LearnerLimit));
+    }
     let Some(allocations) = account.allocate(c.cost, now) else {
         return Err(reject(
             step,
@@ -187,6 +193,28 @@ pub(super) fn request_redemption(step: &mut Step, c: &RedemptionRequested) -> Fl
     step.save_request(request);
     step.save_account(account);
     Ok(())
+}
+
+/// SPEC §6 rule 12: what a learner's pending and approved requests on an
+/// account, recorded within the last [`LEARNER_LIMIT_DAYS`], add up to.
+fn spent_by(step: &Step, learner: &Id, account: &Id) -> Credits {
+    let since = step.now().plus_days(-LEARNER_LIMIT_DAYS);
+    let changed = step.out.requests.values();
+    let unchanged = step
+        .ledger
+        .requests
+        .values()
+        .filter(|r| !step.out.requests.contains_key(&r.request_id));
+    changed
+        .chain(unchanged)
+        .filter(|r| {
+            r.learner.id == *learner
+                && r.account_id.as_ref() == Some(account)
+                && r.status.is_active()
+                && r.created_at > since
+        })
+        .map(|r| r.cost)
+        .sum()
 }
 
 fn announce_approval(step: &mut Step, account: &Account, request: &Redemption, available: Credits) {
