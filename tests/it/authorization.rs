@@ -170,7 +170,7 @@ impl Command {
 /// Inbound types that need neither an owner nor staff, and why. With
 /// [`Command::ALL`] they must name every schema under `schemas/in`, so a new
 /// command cannot slip past this suite unclassified.
-const OPEN_COMMANDS: [(&str, &str); 5] = [
+const OPEN_COMMANDS: [(&str, &str); 6] = [
     (
         "credits.account.opened",
         "anyone the portal lets sign up; an existing account is refused account_exists",
@@ -178,6 +178,10 @@ const OPEN_COMMANDS: [(&str, &str); 5] = [
     (
         "credits.purchase.completed",
         "the e-commerce system records what was paid",
+    ),
+    (
+        "credits.purchase.refunded",
+        "the e-commerce system reports a refunded payment; PUBLISHERS binds who may claim its source",
     ),
     (
         "credits.redemption.requested",

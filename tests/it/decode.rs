@@ -536,7 +536,7 @@ fn an_invalid_envelope_keeps_the_key_and_type_it_has_for_the_dead_letter_queue()
 #[test]
 fn a_type_that_is_not_an_inbound_type_is_unknown() {
     for type_name in [
-        "credits.purchase.refunded",
+        "credits.purchase.cancelled",
         "training-credits.purchase.recorded",
         "CREDITS.PURCHASE.COMPLETED",
         "credits.purchase.completed ",
@@ -2198,7 +2198,7 @@ async fn a_batch_reports_each_bad_message_and_applies_every_good_one<S: Store>(m
     old_spec["specversion"] = json!("0.3");
     let unknown_type = w.event(
         "shop",
-        "credits.purchase.refunded",
+        "credits.purchase.cancelled",
         json!({"account_id": "acme"}),
     );
     let bad_credits_text = w.event(

@@ -6,82 +6,41 @@ use crate::support as common;
 
 use std::time::Duration;
 
-use common::broker::{Client, TestWorker, Vhost, config, eventually, rabbitmqctl};
+use common::broker::{BrokerUser, Client, TestWorker, Vhost, config, eventually, publish_in};
 use common::events::event;
 use serde_json::{Value, json};
-use training_credits::broker::{connect, persistent_cloudevent};
+use training_credits::broker::persistent_cloudevent;
 use training_credits::config::Config;
 use training_credits::store::Store;
 
-/// A broker user of the test's own, with every permission on its vhost,
-/// deleted when dropped.
-struct BrokerUser {
-    name: String,
-    vhost: String,
-}
-
-impl BrokerUser {
-    const PASSWORD: &str = "secret-of-the-test";
-
-    fn create(vhost: &Vhost, role: &str) -> BrokerUser {
-        let name = format!("{}_{role}", vhost.name);
-        rabbitmqctl(&["add_user", &name, Self::PASSWORD]);
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &vhost.name,
-            &name,
-            ".*",
-            ".*",
-            ".*",
-        ]);
-        BrokerUser {
-            name,
-            vhost: vhost.name.clone(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "amqp://{}:{}@127.0.0.1:5672/{}",
-            self.name,
-            Self::PASSWORD,
-            self.vhost
-        )
-    }
-
-    /// Publishes `event` as this user, with `user_id` set to `claimed` (the
-    /// broker refuses any other than the user's own name) or none.
-    async fn publish(&self, event: &Value, user_id: Option<&str>) {
-        let (connection, channel) = connect(&self.url(), &[Duration::from_millis(200)])
+/// Publishes `event` as `user` (publisher permissions: no declaring), with
+/// `user_id` set (the broker refuses any but the user's own name) or none.
+async fn publish_as(user: &BrokerUser, event: &Value, with_user_id: bool) {
+    let connection =
+        lapin::Connection::connect(&user.url(), lapin::ConnectionProperties::default())
             .await
             .expect("the user connects");
-        let mut properties = persistent_cloudevent(event["id"].as_str().unwrap_or_default());
-        if let Some(user_id) = user_id {
-            properties = properties.with_user_id(user_id.into());
-        }
-        let confirm = channel
-            .basic_publish(
-                training_credits::broker::topology::INBOUND_EXCHANGE.into(),
-                event["type"].as_str().unwrap_or_default().into(),
-                lapin::options::BasicPublishOptions::default(),
-                event.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .expect("published")
-            .await
-            .expect("confirmed");
-        assert!(confirm.is_ack());
-        let _ = connection.close(200, "done".into()).await;
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut properties = persistent_cloudevent(event["id"].as_str().unwrap_or_default());
+    if with_user_id {
+        properties = properties.with_user_id(user.name.as_str().into());
     }
+    let routing_key = event["type"].as_str().unwrap_or_default();
+    publish_in(
+        &channel,
+        routing_key,
+        event.to_string().as_bytes(),
+        properties,
+    )
+    .await;
+    let _ = connection.close(200, "done".into()).await;
 }
 
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = common::broker::try_rabbitmqctl(&["delete_user", &self.name]);
-    }
-}
+const PASSWORD: &str = "secret-of-the-test";
 
 fn purchase(source: &str, account: &str, purchase_id: &str) -> Value {
     event(
@@ -161,9 +120,12 @@ async fn dead_letters(amqp_url: &str, database_url: &str) -> Vec<(String, String
 
 async fn only_the_users_bound_to_a_source_may_claim_it<S: Store>(store: S, url: String) {
     let vhost = Vhost::new();
-    let shop = BrokerUser::create(&vhost, "shop");
-    let other = BrokerUser::create(&vhost, "other");
-    let star = BrokerUser::create(&vhost, "star");
+    // The permissions SECURITY.md recommends: a publisher writes to the
+    // inbound exchange only; an operator may also replay, and the one bound
+    // to `*` is trusted whatever it replays.
+    let shop = BrokerUser::with(&vhost, "shop", PASSWORD, BrokerUser::PUBLISHER);
+    let other = BrokerUser::with(&vhost, "other", PASSWORD, BrokerUser::OPERATOR);
+    let star = BrokerUser::with(&vhost, "operator", PASSWORD, BrokerUser::OPERATOR);
     let client = Client::new(&vhost).await;
     let mail_dir = tempfile::tempdir().expect("a folder");
     let bindings = format!("shop={},portal=guest,*={}", shop.name, star.name);
@@ -196,19 +158,19 @@ async fn only_the_users_bound_to_a_source_may_claim_it<S: Store>(store: S, url: 
         .await;
 
     let bound = purchase("shop", "acme", "p-bound");
-    shop.publish(&bound, Some(&shop.name)).await;
+    publish_as(&shop, &bound, true).await;
     let another_user = purchase("shop", "acme", "p-other");
-    other.publish(&another_user, Some(&other.name)).await;
+    publish_as(&other, &another_user, true).await;
     let no_user_id = purchase("shop", "acme", "p-none");
-    shop.publish(&no_user_id, None).await;
+    publish_as(&shop, &no_user_id, false).await;
     let unlisted = purchase("lms", "acme", "p-unlisted");
-    shop.publish(&unlisted, Some(&shop.name)).await;
+    publish_as(&shop, &unlisted, true).await;
     let starred = purchase("shop", "acme", "p-star");
-    star.publish(&starred, Some(&star.name)).await;
+    publish_as(&star, &starred, true).await;
     // Overtakes its account: retried by the worker (as guest), still the
     // shop's when it comes back.
     let early = purchase("shop", "beta", "p-early");
-    shop.publish(&early, Some(&shop.name)).await;
+    publish_as(&shop, &early, true).await;
     let recorded = client
         .await_outbound("training-credits.purchase.recorded", 2)
         .await;
@@ -257,10 +219,11 @@ async fn only_the_users_bound_to_a_source_may_claim_it<S: Store>(store: S, url: 
         "the retried purchase kept its publisher"
     );
 
-    // `publish` sends as its own broker user: the shop's may claim `shop`.
+    // `publish` sends as its own broker user (without its `user_id` the
+    // operator could not claim `shop`).
     let file = mail_dir.path().join("events.jsonl");
     std::fs::write(&file, format!("{}\n", purchase("shop", "acme", "p-cli"))).expect("written");
-    let (ok, out) = binary(&shop.url(), &url, &["publish", &file.display().to_string()]).await;
+    let (ok, out) = binary(&star.url(), &url, &["publish", &file.display().to_string()]).await;
     assert!(ok, "publish: {out}");
     client
         .await_outbound("training-credits.purchase.recorded", 4)

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::broker::{Client, Vhost, eventually, http_get, rabbitmqctl};
+use common::broker::{BrokerUser, Client, Vhost, eventually, http_get};
 use common::events::event;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -302,52 +302,6 @@ impl RefusingSmtp {
 }
 
 // ---------------------------------------------------------------------------
-// RabbitMQ users of the test's own.
-
-/// A RabbitMQ user with a password, deleted when the test ends.
-struct BrokerUser {
-    name: String,
-}
-
-impl BrokerUser {
-    /// A user of `vhost` with the worker's permissions of SECURITY.md.
-    fn worker(vhost: &Vhost, password: &str) -> BrokerUser {
-        let name = format!("tc_worker_{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_user", &name, password]);
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &vhost.name,
-            &name,
-            "^training-credits\\.",
-            "^(training-credits\\.(out|worker|dead|retry\\..+|upgrade\\..+)|amq\\.default)$",
-            "^training-credits\\.(in|worker|dead|retry\\..+|upgrade\\..+)$",
-        ]);
-        BrokerUser { name }
-    }
-
-    /// A user of `vhost` with `permissions` (configure, write, read).
-    fn with(vhost: &Vhost, role: &str, password: &str, permissions: [&str; 3]) -> BrokerUser {
-        let name = format!("tc_{role}_{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_user", &name, password]);
-        let mut args = vec!["set_permissions", "-p", &vhost.name, &name];
-        args.extend(permissions);
-        rabbitmqctl(&args);
-        BrokerUser { name }
-    }
-}
-
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Running the binary.
 
 /// A free local address for `HTTP_ADDR`.
@@ -496,7 +450,7 @@ impl Worker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_with_passwords_everywhere_never_shows_one_in_logs_or_endpoints() {
     let vhost = Vhost::new();
-    let user = BrokerUser::worker(&vhost, AMQP_PASSWORD);
+    let user = BrokerUser::with(&vhost, "worker", AMQP_PASSWORD, BrokerUser::WORKER);
     let (pg_url, _keep) = common::empty_pg_url().await;
     // Trust authentication ignores the password, but it is in the URL the
     // worker parses, keeps and connects with.
@@ -506,10 +460,7 @@ async fn the_worker_with_passwords_everywhere_never_shows_one_in_logs_or_endpoin
         1,
     );
     assert!(database_url.contains(PG_PASSWORD));
-    let amqp_url = format!(
-        "amqp://{}:{AMQP_PASSWORD}@127.0.0.1:5672/{}",
-        user.name, vhost.name
-    );
+    let amqp_url = user.url();
     let smtp = RefusingSmtp::start().await;
     let smtp_url = format!("smtp://mailer:{SMTP_PASSWORD}@127.0.0.1:{}", smtp.port);
     let worker = Worker::start(&[
@@ -849,16 +800,8 @@ async fn a_publisher_may_publish_to_the_inbound_exchange_and_nowhere_else() {
     let vhost = Vhost::new();
     // The topology exists (the worker declares it).
     let _client = Client::new(&vhost).await;
-    let shop = BrokerUser::with(
-        &vhost,
-        "shop",
-        AMQP_PASSWORD,
-        ["^$", "^training-credits\\.in$", "^$"],
-    );
-    let url = format!(
-        "amqp://{}:{AMQP_PASSWORD}@127.0.0.1:5672/{}",
-        shop.name, vhost.name
-    );
+    let shop = BrokerUser::with(&vhost, "shop", AMQP_PASSWORD, BrokerUser::PUBLISHER);
+    let url = shop.url();
     let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
         .await
         .expect("the publisher connects");
@@ -914,20 +857,8 @@ async fn a_publisher_may_publish_to_the_inbound_exchange_and_nowhere_else() {
 async fn an_operator_may_list_and_replay_dead_letters() {
     let vhost = Vhost::new();
     let _client = Client::new(&vhost).await;
-    let operator = BrokerUser::with(
-        &vhost,
-        "operator",
-        AMQP_PASSWORD,
-        [
-            "^training-credits\\.",
-            "^(training-credits\\..+|amq\\.default)$",
-            "^training-credits\\.",
-        ],
-    );
-    let url = format!(
-        "amqp://{}:{AMQP_PASSWORD}@127.0.0.1:5672/{}",
-        operator.name, vhost.name
-    );
+    let operator = BrokerUser::with(&vhost, "operator", AMQP_PASSWORD, BrokerUser::OPERATOR);
+    let url = operator.url();
     let folder = tempfile::tempdir().expect("a folder");
     let database_url = format!("sqlite://{}", folder.path().join("ledger.db").display());
     for args in [vec!["dlq", "list"], vec!["dlq", "replay", "--all"]] {

@@ -105,6 +105,80 @@ impl Drop for Vhost {
     }
 }
 
+/// A RabbitMQ user of a test's vhost, with a password, deleted when dropped.
+pub struct BrokerUser {
+    pub name: String,
+    password: String,
+    vhost: String,
+}
+
+impl BrokerUser {
+    /// The permissions SECURITY.md gives each kind of user (configure,
+    /// write, read).
+    pub const WORKER: [&str; 3] = [
+        "^training-credits\\.",
+        "^(training-credits\\.(out|worker|dead|retry\\..+|upgrade\\..+)|amq\\.default)$",
+        "^training-credits\\.(in|worker|dead|retry\\..+|upgrade\\..+)$",
+    ];
+    pub const PUBLISHER: [&str; 3] = ["^$", "^training-credits\\.in$", "^$"];
+    pub const OPERATOR: [&str; 3] = [
+        "^training-credits\\.",
+        "^(training-credits\\..+|amq\\.default)$",
+        "^training-credits\\.",
+    ];
+
+    /// A new user named after `role` with `permissions` on `vhost`.
+    pub fn with(vhost: &Vhost, role: &str, password: &str, permissions: [&str; 3]) -> BrokerUser {
+        let name = format!("tc_{role}_{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_user", &name, password]);
+        let mut args = vec!["set_permissions", "-p", &vhost.name, &name];
+        args.extend(permissions);
+        rabbitmqctl(&args);
+        BrokerUser {
+            name,
+            password: password.to_owned(),
+            vhost: vhost.name.clone(),
+        }
+    }
+
+    /// The broker's URL for this user, on its vhost.
+    pub fn url(&self) -> String {
+        format!(
+            "amqp://{}:{}@127.0.0.1:5672/{}",
+            self.name, self.password, self.vhost
+        )
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = try_rabbitmqctl(&["delete_user", &self.name]);
+    }
+}
+
+/// Publishes `body` to the inbound exchange on `channel` (with publisher
+/// confirms on), and waits for the broker to take it.
+pub async fn publish_in(
+    channel: &Channel,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let confirm = channel
+        .basic_publish(
+            INBOUND_EXCHANGE.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    assert!(confirm.is_ack());
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
@@ -249,20 +323,7 @@ impl Client {
     }
 
     pub async fn publish_bytes(&self, routing_key: &str, body: &[u8]) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                INBOUND_EXCHANGE.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                persistent_cloudevent(""),
-            )
-            .await
-            .expect("published")
-            .await
-            .expect("confirmed");
-        assert!(confirm.is_ack());
+        publish_in(&self.channel, routing_key, body, persistent_cloudevent("")).await;
     }
 
     pub async fn publish(&self, event: &Value) {
@@ -733,20 +794,7 @@ impl Client {
         body: &[u8],
         properties: lapin::BasicProperties,
     ) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                INBOUND_EXCHANGE.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .expect("published")
-            .await
-            .expect("confirmed");
-        assert!(confirm.is_ack());
+        publish_in(&self.channel, routing_key, body, properties).await;
     }
 
     /// Takes every dead letter off the dead-letter queue, whole (properties

@@ -1,6 +1,7 @@
 //! Accounts and their owners: opening, changes, owners, codes, closing,
 //! and who may ask for an account's reports.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Flow, Step, learner_of, owners_of};
@@ -83,130 +84,91 @@ pub(super) fn open_account(step: &mut Step, c: &AccountOpened) -> Flow {
     Ok(())
 }
 
-/// Records a field change: audit row and `changes` entry.
-fn change(
-    step: &mut Step,
-    changes: &mut Vec<FieldChange>,
-    account: &Id,
-    actor: &str,
-    field: &'static str,
-    old: Value,
-    new: Value,
-) {
-    if old != new {
-        step.audit(account, actor, field, old.clone(), new.clone());
-        changes.push(FieldChange { field, old, new });
-    }
+/// What one command changes of an account's own fields: each change is
+/// audited, and together they are announced by one `account.updated`.
+struct Edits {
+    account: Id,
+    actor: String,
+    changes: Vec<FieldChange>,
 }
 
-fn announce_update(step: &mut Step, account: &Id, changes: Vec<FieldChange>) {
-    if !changes.is_empty() {
-        step.event(Some(account), Event::AccountUpdated { changes });
+impl Edits {
+    fn of(account: &Account, actor: &str) -> Edits {
+        Edits {
+            account: account.id.clone(),
+            actor: actor.to_owned(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// Records `field` going from `old` to `new`, if it does.
+    fn record(&mut self, step: &mut Step, field: &'static str, old: Value, new: Value) {
+        if old != new {
+            step.audit(&self.account, &self.actor, field, old.clone(), new.clone());
+            self.changes.push(FieldChange { field, old, new });
+        }
+    }
+
+    /// Sets `slot` to `new`, recording the change.
+    fn set<T: Serialize>(&mut self, step: &mut Step, field: &'static str, slot: &mut T, new: T) {
+        self.record(step, field, json!(slot), json!(new));
+        *slot = new;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn announce(self, step: &mut Step) {
+        if !self.changes.is_empty() {
+            step.event(
+                Some(&self.account),
+                Event::AccountUpdated {
+                    changes: self.changes,
+                },
+            );
+        }
     }
 }
 
 pub(super) fn update_account(step: &mut Step, c: &AccountUpdated) -> Flow {
     let mut account = step.known_account(&c.account_id)?;
     step.authorize(InboundType::AccountUpdated, &account, &c.actor)?;
-    let actor = c.actor.as_str();
-    let id = account.id.clone();
-    let mut changes = Vec::new();
+    let mut edits = Edits::of(&account, c.actor.as_str());
     if let Some(name) = &c.name {
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "name",
-            json!(account.name),
-            json!(name),
-        );
-        account.name = name.clone();
+        edits.set(step, "name", &mut account.name, name.clone());
     }
     if let Some(mode) = c.approval_mode {
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "approval_mode",
-            json!(account.approval_mode),
-            json!(mode),
-        );
-        account.approval_mode = mode;
+        edits.set(step, "approval_mode", &mut account.approval_mode, mode);
     }
     if let Some(ids) = &c.scope_ids {
         // The scope's kind never changes; an account open to everything has
         // no ids to change.
-        let new_scope = match &account.scope {
+        let scope = match &account.scope {
             Scope::All => Scope::All,
             Scope::Activity { .. } => Scope::Activity { ids: ids.clone() },
             Scope::Group { .. } => Scope::Group { ids: ids.clone() },
         };
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "scope",
-            json!(account.scope),
-            json!(new_scope),
-        );
-        account.scope = new_scope;
+        edits.set(step, "scope", &mut account.scope, scope);
     }
     if let Some(status) = c.status {
         let status = match status {
             SettableStatus::Active => AccountStatus::Active,
             SettableStatus::Inactive => AccountStatus::Inactive,
         };
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "status",
-            json!(account.status),
-            json!(status),
-        );
-        account.status = status;
+        edits.set(step, "status", &mut account.status, status);
     }
-    if let Some(new) = c.low_balance_threshold.value() {
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "low_balance_threshold",
-            json!(account.low_balance_threshold),
-            json!(new),
-        );
-        account.low_balance_threshold = new;
+    if let Some(threshold) = c.low_balance_threshold.value() {
+        let slot = &mut account.low_balance_threshold;
+        edits.set(step, "low_balance_threshold", slot, threshold);
     }
-    if let Some(new) = c.learner_limit.value() {
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "learner_limit",
-            json!(account.learner_limit),
-            json!(new),
-        );
-        account.learner_limit = new;
+    if let Some(limit) = c.learner_limit.value() {
+        edits.set(step, "learner_limit", &mut account.learner_limit, limit);
     }
-    if let Some(new) = c.notes.value() {
-        change(
-            step,
-            &mut changes,
-            &id,
-            actor,
-            "notes",
-            json!(account.notes),
-            json!(new),
-        );
-        account.notes = new;
+    if let Some(notes) = c.notes.value() {
+        edits.set(step, "notes", &mut account.notes, notes);
     }
-    announce_update(step, &id, changes);
+    edits.announce(step);
     step.save_account(account);
     Ok(())
 }
@@ -288,18 +250,9 @@ fn edit_owners(
             told.push(recipient);
         }
     }
-    let id = account.id.clone();
-    let mut changes = Vec::new();
-    change(
-        step,
-        &mut changes,
-        &id,
-        actor.as_str(),
-        "owners",
-        old,
-        owner_emails(&account),
-    );
-    announce_update(step, &id, changes);
+    let mut edits = Edits::of(&account, actor.as_str());
+    edits.record(step, "owners", old, owner_emails(&account));
+    edits.announce(step);
     step.email(told, notice(&account));
     step.save_account(account);
 }
@@ -319,21 +272,12 @@ pub(super) fn rotate_code(step: &mut Step, c: &CodeRotated) -> Flow {
         ));
     }
     let id = account.id.clone();
-    let mut changes = Vec::new();
-    change(
-        step,
-        &mut changes,
-        &id,
-        c.actor.as_str(),
-        "code",
-        json!(account.code),
-        json!(code),
-    );
-    if changes.is_empty() {
+    let mut edits = Edits::of(&account, c.actor.as_str());
+    edits.set(step, "code", &mut account.code, code);
+    if edits.is_empty() {
         return Ok(());
     }
-    account.code = code;
-    announce_update(step, &id, changes);
+    edits.announce(step);
     step.email(
         owners_of(&account),
         Notice::CodeRotated {
@@ -415,17 +359,9 @@ pub(super) fn close_account(step: &mut Step, c: &AccountClosed) -> Flow {
         step.save_request(request);
     }
     let id = account.id.clone();
-    let mut changes = Vec::new();
-    change(
-        step,
-        &mut changes,
-        &id,
-        actor,
-        "status",
-        json!(old_status),
-        json!(account.status),
-    );
-    announce_update(step, &id, changes);
+    let mut edits = Edits::of(&account, actor);
+    edits.record(step, "status", json!(old_status), json!(account.status));
+    edits.announce(step);
     step.email(
         owners_of(&account),
         Notice::AccountClosed {
