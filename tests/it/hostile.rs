@@ -672,7 +672,9 @@ fn judge(result: &Result<Outcome, Malformed>) -> Result<String, TestCaseError> {
             prop_assert!(
                 matches!(
                     reason,
-                    RetryReason::UnknownAccount | RetryReason::UnknownRequest
+                    RetryReason::UnknownAccount
+                        | RetryReason::UnknownRequest
+                        | RetryReason::UnknownPurchase
                 ),
                 "retried for {reason:?}: {detail}"
             );

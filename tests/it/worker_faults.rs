@@ -294,6 +294,38 @@ async fn a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown
     assert_verified(&store).await;
 }
 
+async fn a_refund_of_a_purchase_never_recorded_is_retried_then_dead_lettered_unknown_purchase<
+    S: Store,
+>(
+    store: S,
+    url: String,
+) {
+    let rig = rig(&store, &url, None).await;
+    rig.client
+        .publish(&opened("r-open", "shop1", &["boss@shop1.test"]))
+        .await;
+    rig.client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    let refund = event(
+        "r-refund",
+        "shop",
+        "credits.purchase.refunded",
+        json!({
+            "account_id": "shop1", "purchase_id": "never", "refund_id": "rf1",
+            "refunded_at": Ts::now(),
+        }),
+    );
+    assert_retried_then_dead(&rig.client, &refund, "unknown_purchase").await;
+    assert!(
+        rig.client
+            .outbound_of("training-credits.purchase.refunded")
+            .is_empty()
+    );
+    rig.worker.stop().await;
+    assert_verified(&store).await;
+}
+
 async fn an_approval_of_an_unknown_request_is_retried_then_dead_lettered_unknown_request<
     S: Store,
 >(
@@ -1332,6 +1364,7 @@ async fn health_readiness_and_metrics_are_served_over_http<S: Store>(store: S, u
 on_both_stores!(
     malformed_messages_are_dead_lettered_at_once_with_their_reason_and_kept_whole,
     a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown_account,
+    a_refund_of_a_purchase_never_recorded_is_retried_then_dead_lettered_unknown_purchase,
     an_approval_of_an_unknown_request_is_retried_then_dead_lettered_unknown_request,
     a_purchase_that_overtakes_its_account_opening_is_applied_after_a_retry,
     a_message_delivered_twice_yields_one_event_and_one_email,

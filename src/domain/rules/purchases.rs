@@ -268,7 +268,7 @@ mod tests {
     use crate::domain::ledger::EntryKind;
     use crate::domain::model::*;
     use crate::domain::notice::Notice;
-    use crate::domain::{DeadReason, Outcome, Refusal, RetryReason};
+    use crate::domain::{DeadReason, Outcome, Refusal, RetryReason, Ts};
 
     #[test]
     fn a_purchase_adds_a_lot_journals_it_and_tells_every_owner() {
@@ -359,5 +359,51 @@ mod tests {
                 if *reinstated == credits("100") && *available == credits("100")
         ));
         assert_eq!(book.account("acme").lots[0].expired, credits("0"));
+    }
+
+    #[test]
+    fn a_refund_takes_what_the_lot_can_still_give_and_reports_the_rest() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "100", 365);
+        book.ask("r1", CODE, "l1", "c1", "30");
+        let refund = |refund_id: &str, asked: Option<&str>| {
+            Command::PurchaseRefunded(PurchaseRefunded {
+                account_id: id("acme"),
+                purchase_id: id("p1"),
+                refund_id: id(refund_id),
+                credits: asked.map(credits),
+                reason: None,
+                refunded_at: Ts::parse("2026-03-01T09:00:00Z").expect("an instant"),
+            })
+        };
+        let ran = book.run(refund("rf1", Some("50")));
+        assert!(matches!(
+            ran.events()[..],
+            [Event::PurchaseRefunded { refunded, shortfall, available, .. }]
+                if *refunded == credits("50") && shortfall.is_zero() && *available == credits("20")
+        ));
+        let ran = book.run(refund("rf2", None));
+        assert!(
+            matches!(
+                ran.events()[..],
+                [Event::PurchaseRefunded { refunded, shortfall, .. }]
+                    if *refunded == credits("20") && *shortfall == credits("30")
+            ),
+            "the rest of the purchase is asked for; the held 30 stay"
+        );
+        let lot = &book.account("acme").lots[0];
+        assert_eq!(
+            (lot.remaining, lot.held, lot.refunded),
+            (credits("30"), credits("30"), credits("70"))
+        );
+        assert_eq!(book.run(refund("rf2", None)).outcome, Outcome::Duplicate);
+        assert!(matches!(
+            book.run(refund("rf2", Some("1"))).outcome,
+            Outcome::Dead {
+                reason: DeadReason::IdConflict,
+                ..
+            }
+        ));
     }
 }

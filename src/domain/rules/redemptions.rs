@@ -448,7 +448,9 @@ pub(super) fn unenroll(step: &mut Step, c: &Unenrolled) -> Flow {
 #[cfg(test)]
 mod tests {
     use super::super::book::*;
-    use super::super::{INVALID_CODE_ATTEMPTS_MAX, INVALID_CODE_WINDOW_MINUTES};
+    use super::super::{
+        INVALID_CODE_ATTEMPTS_MAX, INVALID_CODE_WINDOW_MINUTES, LEARNER_LIMIT_DAYS,
+    };
     use crate::domain::command::*;
     use crate::domain::event::Event;
     use crate::domain::ledger::EntryKind;
@@ -612,5 +614,48 @@ mod tests {
         ));
         assert!(ran.changes.journal.is_empty());
         assert_eq!(book.available("acme"), credits("80"));
+    }
+
+    #[test]
+    fn a_learner_limit_counts_the_year_s_pending_and_approved_requests() {
+        let mut book = Book::new();
+        book.open("acme", ApprovalMode::Manual);
+        book.buy("acme", "p1", "1000", 900);
+        book.run(Command::AccountUpdated(AccountUpdated {
+            account_id: id("acme"),
+            actor: email(OWNER),
+            name: None,
+            approval_mode: None,
+            scope_ids: None,
+            status: None,
+            low_balance_threshold: Patch::Keep,
+            learner_limit: Patch::Set(credits("50")),
+            notes: Patch::Keep,
+        }));
+        assert_eq!(
+            book.ask("r1", CODE, "l1", "c1", "30").outcome,
+            Outcome::Applied
+        );
+        assert_eq!(
+            book.ask("r2", CODE, "l1", "c2", "20.01").outcome,
+            Outcome::Rejected(Rejection::LearnerLimit)
+        );
+        assert_eq!(
+            book.ask("r3", CODE, "l1", "c3", "20").outcome,
+            Outcome::Applied,
+            "up to the limit"
+        );
+        assert_eq!(
+            book.ask("r4", CODE, "l2", "c1", "50").outcome,
+            Outcome::Applied,
+            "per learner"
+        );
+        book.now = book.now.plus_days(LEARNER_LIMIT_DAYS);
+        book.buy("acme", "p2", "1000", 900);
+        assert_eq!(
+            book.ask("r5", CODE, "l1", "c4", "50").outcome,
+            Outcome::Applied,
+            "a year on"
+        );
     }
 }
