@@ -65,11 +65,9 @@ async fn a_full_refund_takes_everything_the_lot_still_gives_and_tells_the_owners
     let email = emails.last().expect("the owners are told");
     assert!(email.subject.contains("100.00"), "{}", email.subject);
     assert!(email.text.contains("p1"), "{}", email.text);
-    assert!(
-        email.text.contains("Available balance: 50.00"),
-        "{}",
-        email.text
-    );
+    for said in ["Available balance: 50.00", "Shortfall: 0.00"] {
+        assert!(email.text.contains(said), "{said}: {}", email.text);
+    }
     w.verify_ok().await;
 }
 
@@ -132,6 +130,9 @@ async fn what_was_spent_held_or_expired_is_the_shortfall_and_the_held_request_ca
     // p1: 30 spent, 10 held, 60 can go.
     assert_eq!(refund(&mut w, "rf2", "p1", None).await, Outcome::Applied);
     assert_eq!(amounts(&refunded(&w).await), ("60.00", "40.00", "0.00"));
+    let emails = w.emails_to(BOSS).await;
+    let email = emails.last().expect("the owners are told");
+    assert!(email.text.contains("Shortfall: 40.00"), "{}", email.text);
 
     assert_eq!(w.approve("r1", BOSS).await, Outcome::Applied);
     assert_eq!(w.status_of("r1").await, "approved");
