@@ -87,6 +87,8 @@ pub struct Config {
     pub admin_sources: HashSet<String>,
     /// Who may claim which `source` (`PUBLISHERS`); `None` trusts everyone.
     pub publishers: Option<Publishers>,
+    /// The read API's bearer tokens (`API_TOKENS`); `None` turns it off.
+    pub api_tokens: Option<ApiTokens>,
     pub retry_delays: Vec<Duration>,
     pub policy: Policy,
     pub sweep_cron: String,
@@ -143,6 +145,30 @@ fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
         .filter(|s| !s.is_empty())
         .map(item)
         .collect()
+}
+
+/// The bearer tokens of the read API (SPEC §9). Never shown: `Debug` gives
+/// only how many there are.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiTokens(HashSet<String>);
+
+impl ApiTokens {
+    fn parse(text: &str) -> Result<Option<ApiTokens>, String> {
+        let tokens: HashSet<String> = list(text, |token| Ok(token.to_owned()))?
+            .into_iter()
+            .collect();
+        Ok((!tokens.is_empty()).then_some(ApiTokens(tokens)))
+    }
+
+    pub fn accepts(&self, token: &str) -> bool {
+        self.0.contains(token)
+    }
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiTokens({} tokens)", self.0.len())
+    }
 }
 
 /// SPEC §6 rule 13: the broker user bound to each inbound `source`, and the
@@ -247,6 +273,7 @@ pub const VARIABLES: &[&str] = &[
     "EVENT_SOURCE",
     "ADMIN_SOURCES",
     "PUBLISHERS",
+    "API_TOKENS",
     "RETRY_DELAYS",
     "REFUND_WINDOW_DAYS",
     "PENDING_TIMEOUT_DAYS",
@@ -307,6 +334,7 @@ impl Config {
                 Ok(list(v, |s| Ok(s.to_owned()))?.into_iter().collect())
             })?,
             publishers: vars.parse("PUBLISHERS", "", Publishers::parse)?,
+            api_tokens: vars.parse("API_TOKENS", "", ApiTokens::parse)?,
             retry_delays: vars.parse("RETRY_DELAYS", "1s,10s,60s,300s", |v| {
                 let delays = list(v, duration)?;
                 if delays.is_empty() || delays.len() > 20 {

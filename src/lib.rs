@@ -14,7 +14,7 @@
 //!
 //! Beside that path: [`schedule`] runs the scheduled jobs through the same
 //! [`apply`], [`report`] writes CSV and XLSX reports, [`ops`] serves health
-//! and metrics. [`store`] keeps the ledger (SQLite or PostgreSQL), [`broker`]
+//! and metrics, [`api`] the read API of SPEC §9. [`store`] keeps the ledger (SQLite or PostgreSQL), [`broker`]
 //! holds what every AMQP user shares (connections, topology), [`config`]
 //! reads the environment, [`worker`] ties the pieces together for `run`, and
 //! [`cli`] holds one file per command.
@@ -28,11 +28,12 @@
 //! | 6 | [`worker`] |
 //! | 5 | [`consume`], [`dispatch`], [`schedule`] |
 //! | 4 | [`apply`] |
-//! | 3 | [`outbox`], [`report`], [`ops`] |
+//! | 3 | [`outbox`], [`report`], [`ops`], [`api`] |
 //! | 2 | [`store`] |
 //! | 1 | [`config`], [`decode`], [`notify`], [`broker`] |
 //! | 0 | [`domain`] |
 
+pub mod api;
 pub mod apply;
 pub mod broker;
 pub mod cli;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api;
 use crate::apply::Applier;
 use crate::broker::broker_user;
 use crate::config::Config;
@@ -93,7 +94,9 @@ pub async fn run<S: Store>(
     let dispatcher_stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let store_for_release = store.clone();
-    let http = tokio::spawn(ops::serve(listener, store, health, http_stop.clone()));
+    let routes =
+        ops::router(store.clone(), health).merge(api::router(store, config.api_tokens.clone()));
+    let http = tokio::spawn(ops::serve(listener, routes, http_stop.clone()));
     let dispatcher = Arc::new(dispatcher);
     let mut dispatching: Vec<_> = [(Lane::Events, events_inbox), (Lane::Mail, mail_inbox)]
         .into_iter()

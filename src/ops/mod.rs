@@ -128,14 +128,14 @@ pub fn router<S: Books + Outbox + Clone + 'static>(store: S, health: Arc<Health>
         .with_state(Ops { store, health })
 }
 
-/// Serves the ops endpoints on an already bound listener until `cancel`.
-pub async fn serve<S: Books + Outbox + Clone + 'static>(
+/// Serves `routes` (the ops endpoints of [`router`], and the read API) on
+/// an already bound listener until `cancel`.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    store: S,
-    health: Arc<Health>,
+    routes: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(store, health))
+    axum::serve(listener, routes)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
 }

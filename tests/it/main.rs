@@ -11,6 +11,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api;
 mod authorization;
 mod cli;
 mod concurrency;
