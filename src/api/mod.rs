@@ -3,7 +3,9 @@
 //! on every request, and every error an RFC 9457 problem. It reads the
 //! ledger through [`Books`] and changes nothing.
 
-use axum::extract::{Path, Request, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -12,9 +14,15 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::config::ApiTokens;
-use crate::domain::model::{Account, Redemption};
+use crate::domain::command::ReportKind;
+use crate::domain::model::{Account, Redemption, RedemptionStatus};
+use crate::domain::report::Cell;
 use crate::domain::{Id, Ts};
-use crate::store::{Books, ToLoad};
+use crate::store::{Books, Reports, ToLoad};
+
+/// Items per page: SPEC §9's default and most.
+const LIMIT_DEFAULT: u32 = 100;
+const LIMIT_MAX: u32 = 1000;
 
 /// An RFC 9457 problem: what went wrong, as `application/problem+json`.
 #[derive(Debug)]
@@ -57,12 +65,17 @@ struct Api<S> {
 
 /// The `/v1` routes, each behind a token of `tokens`; none at all when no
 /// token is configured (every `/v1` path is then unknown).
-pub fn router<S: Books + Clone + 'static>(store: S, tokens: Option<ApiTokens>) -> Router {
+pub fn router<S: Books + Reports + Clone + 'static>(store: S, tokens: Option<ApiTokens>) -> Router {
     let Some(tokens) = tokens else {
         return Router::new();
     };
     Router::new()
         .route("/v1/accounts/{account_id}", get(account::<S>))
+        .route(
+            "/v1/accounts/{account_id}/redemptions",
+            get(account_requests::<S>),
+        )
+        .route("/v1/accounts/{account_id}/journal", get(journal::<S>))
         .route("/v1/redemptions/{request_id}", get(redemption::<S>))
         .route_layer(middleware::from_fn_with_state(tokens, authorized))
         .with_state(Api { store })
@@ -103,6 +116,141 @@ fn unavailable(error: impl std::fmt::Display) -> Problem {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the ledger cannot be read now: {error}"),
     )
+}
+
+fn bad_request(detail: String) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, detail)
+}
+
+/// Where a page starts and how long it is, from `limit` and `cursor`. A
+/// cursor is the position of the last item of the page before: new items
+/// come after every position given out, so pages neither repeat nor skip.
+struct PageRequest {
+    after: i64,
+    limit: u32,
+}
+
+impl PageRequest {
+    fn of(query: &HashMap<String, String>) -> Result<PageRequest, Problem> {
+        let limit = match query.get("limit") {
+            None => LIMIT_DEFAULT,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|n| (1..=LIMIT_MAX).contains(n))
+                .ok_or_else(|| {
+                    bad_request(format!(
+                        "limit `{text}` is not a number from 1 to {LIMIT_MAX}"
+                    ))
+                })?,
+        };
+        let after =
+            match query.get("cursor") {
+                None => 0,
+                Some(text) => text.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                    bad_request(format!("cursor `{text}` is not one this API gave"))
+                })?,
+            };
+        Ok(PageRequest { after, limit })
+    }
+
+    /// The page of the first `limit` of `rows` (one more was fetched to
+    /// tell whether another page follows).
+    fn page<T>(&self, mut rows: Vec<(i64, T)>, show: impl Fn(T) -> Value) -> Json<Value> {
+        let more = rows.len() > self.limit as usize;
+        rows.truncate(self.limit as usize);
+        let next = more.then(|| rows.last().map(|(position, _)| position.to_string()));
+        let items: Vec<Value> = rows.into_iter().map(|(_, item)| show(item)).collect();
+        Json(json!({"items": items, "next_cursor": next.flatten()}))
+    }
+}
+
+fn instant(query: &HashMap<String, String>, name: &str) -> Result<Option<Ts>, Problem> {
+    query
+        .get(name)
+        .map(|text| {
+            Ts::parse(text).map_err(|e| {
+                bad_request(format!("{name} `{text}` is not an RFC 3339 instant: {e}"))
+            })
+        })
+        .transpose()
+}
+
+/// 404 unless `id` is an account of the ledger.
+async fn known_account<S: Books>(store: &S, id: &Id) -> Result<(), Problem> {
+    let ledger = store
+        .snapshot(&ToLoad {
+            account_ids: vec![id.clone()],
+            live_lots: true,
+            ..ToLoad::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    if ledger.accounts.contains_key(id) {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("account `{id}` is not known"),
+        ))
+    }
+}
+
+async fn account_requests<S: Books + Reports>(
+    State(api): State<Api<S>>,
+    Path(account_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    let id = parse_id(&account_id, "account id")?;
+    let page = PageRequest::of(&query)?;
+    let status = query
+        .get("status")
+        .map(|text| {
+            RedemptionStatus::parse(text)
+                .ok_or_else(|| bad_request(format!("status `{text}` is not a request status")))
+        })
+        .transpose()?;
+    known_account(&api.store, &id).await?;
+    let rows = api
+        .store
+        .requests_page(&id, status, page.after, page.limit + 1)
+        .await
+        .map_err(unavailable)?;
+    Ok(page.page(rows, |request| describe_request(&request)))
+}
+
+async fn journal<S: Books + Reports>(
+    State(api): State<Api<S>>,
+    Path(account_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    let id = parse_id(&account_id, "account id")?;
+    let page = PageRequest::of(&query)?;
+    let (from, to) = (instant(&query, "from")?, instant(&query, "to")?);
+    known_account(&api.store, &id).await?;
+    let rows = api
+        .store
+        .journal_page(&id, from, to, page.after, page.limit + 1)
+        .await
+        .map_err(unavailable)?;
+    Ok(page.page(rows, |cells| {
+        let columns = ReportKind::Transactions.columns();
+        let entry: serde_json::Map<String, Value> = columns
+            .iter()
+            .zip(cells)
+            .map(|(name, cell)| ((*name).to_owned(), cell_json(cell)))
+            .collect();
+        Value::Object(entry)
+    }))
+}
+
+fn cell_json(cell: Cell) -> Value {
+    match cell {
+        Cell::Text(text) => json!(text),
+        Cell::Amount(amount) => json!(amount),
+        Cell::Instant(at) => json!(at),
+        Cell::Empty => Value::Null,
+    }
 }
 
 async fn account<S: Books>(

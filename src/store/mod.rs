@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 use crate::decode::EventKey;
 use crate::domain::ledger::{AuditEntry, JournalEntry, Ledger, PurchaseRefund};
-use crate::domain::model::{Account, Lot, Redemption};
+use crate::domain::model::{Account, Lot, Redemption, RedemptionStatus};
 use crate::domain::{CodeKey, Email, Id, Ts};
 
 /// How long a claimed firing is its worker's: one whose worker died is run
@@ -553,6 +553,29 @@ pub trait Reports: Send + Sync {
         &'a self,
         query: &'a crate::domain::report::ReportQuery,
     ) -> futures_util::stream::BoxStream<'a, Result<Vec<crate::domain::report::Cell>, StoreError>>;
+
+    /// Up to `limit` of `account`'s redemption requests (of `status`, if
+    /// given) written after position `after`, in the order they were
+    /// written, each with its position.
+    fn requests_page(
+        &self,
+        account: &Id,
+        status: Option<RedemptionStatus>,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(i64, Redemption)>, StoreError>> + Send;
+
+    /// Up to `limit` of `account`'s journal entries at instants in
+    /// `[from, to)` written after position `after`, oldest first, each with
+    /// its position and the `transactions` report's columns.
+    fn journal_page(
+        &self,
+        account: &Id,
+        from: Option<Ts>,
+        to: Option<Ts>,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(i64, Vec<crate::domain::report::Cell>)>, StoreError>> + Send;
 }
 
 #[cfg(test)]

@@ -130,6 +130,7 @@ impl Backend for Postgres {
     /// held it ended with its worker. Taking it for this transaction keeps a
     /// holder from coming back under the same id meanwhile.
     const HOLDER_DEAD: &'static str = "pg_try_advisory_xact_lock(holder)";
+    const REQUEST_SEQ: &'static str = "seq";
     const AGG: &'static str = "string_agg";
     const IN_LIST: &'static str = " = ANY($1)";
     const PAIRS_IN: &'static str = " IN (SELECT * FROM UNNEST($1::text[], $2::text[]))";

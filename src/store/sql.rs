@@ -72,6 +72,8 @@ pub trait Backend: Database<Arguments: IntoArguments<Self>, Connection: Migrate>
     const SKIP_LOCKED: &'static str;
     /// Whether the lease holder `holder` is gone, as an SQL condition.
     const HOLDER_DEAD: &'static str;
+    /// A redemption request's position in the order requests were written.
+    const REQUEST_SEQ: &'static str;
     /// The string aggregate, `name(value, separator)`.
     const AGG: &'static str;
     /// Follows a column: it is one of the list bound as `$1`
@@ -174,6 +176,11 @@ impl<D: Database> SqlStore<D> {
 const LOT_COLUMNS: &str = "SELECT account_id, purchase_id, credits, remaining, held, expired, \
     purchased_at, expires_at, price_amount, price_currency, channel, refunded, reminded_stage, \
     fingerprint FROM lots WHERE";
+/// The `transactions` report's columns (SPEC §8) and their position; the
+/// conditions follow.
+const TRANSACTIONS: &str = "SELECT j.seq AS position, j.at, j.account_id, j.entry, j.amount, \
+    j.balance_after, j.purchase_id, j.request_id, r.learner_email, r.item_title, j.actor \
+    FROM journal j LEFT JOIN redemptions r ON r.request_id = j.request_id WHERE";
 const REQUEST_COLUMNS: &str = "SELECT request_id, account_id, learner_id, learner_email, \
     learner_name, item_id, item_kind, item_title, item_group_ids, cost, status, reason, \
     requested_at, created_at, decided_by, decided_at, allocations, refunded, fingerprint \
@@ -203,6 +210,9 @@ pub struct Statements {
     credits_report: SqlStr,
     balances_report: SqlStr,
     verify_requests: SqlStr,
+    requests_page: SqlStr,
+    transactions_report: SqlStr,
+    journal_page: SqlStr,
 }
 
 impl Statements {
@@ -304,6 +314,22 @@ impl Statements {
             )),
             verify_requests: text(format!(
                 "{REQUEST_COLUMNS} status IN ('pending', 'approved', 'refunded', 'unenrolled')"
+            )),
+            requests_page: text(format!(
+                "{}, {seq} AS position FROM redemptions WHERE account_id = $1 \
+                 AND ($2 IS NULL OR status = $2) AND {seq} > $3 ORDER BY {seq} LIMIT $4",
+                REQUEST_COLUMNS
+                    .strip_suffix(" FROM redemptions WHERE")
+                    .expect("the request columns end with their table"),
+                seq = D::REQUEST_SEQ,
+            )),
+            transactions_report: text(format!(
+                "{TRANSACTIONS} ($1 IS NULL OR j.account_id = $1) AND ($2 IS NULL OR j.at >= $2) \
+                 AND ($3 IS NULL OR j.at < $3) ORDER BY j.seq"
+            )),
+            journal_page: text(format!(
+                "{TRANSACTIONS} j.account_id = $1 AND ($2 IS NULL OR j.at >= $2) \
+                 AND ($3 IS NULL OR j.at < $3) AND j.seq > $4 ORDER BY j.seq LIMIT $5"
             )),
         }
     }
@@ -1461,17 +1487,11 @@ where
         let (kind, now) = (query.kind, query.now);
         let statements = D::statements();
         let rows = match kind {
-            ReportKind::Transactions => sqlx::query(
-                "SELECT j.at, j.account_id, j.entry, j.amount, j.balance_after, j.purchase_id, \
-                 j.request_id, r.learner_email, r.item_title, j.actor FROM journal j \
-                 LEFT JOIN redemptions r ON r.request_id = j.request_id \
-                 WHERE ($1 IS NULL OR j.account_id = $1) AND ($2 IS NULL OR j.at >= $2) \
-                 AND ($3 IS NULL OR j.at < $3) ORDER BY j.seq",
-            )
-            .bind(account)
-            .bind(query.from)
-            .bind(query.to)
-            .fetch(&self.pool),
+            ReportKind::Transactions => sqlx::query(statements.transactions_report.clone())
+                .bind(account)
+                .bind(query.from)
+                .bind(query.to)
+                .fetch(&self.pool),
             ReportKind::Credits => sqlx::query(statements.credits_report.clone())
                 .bind(account)
                 .bind(query.from)
@@ -1504,5 +1524,48 @@ where
         };
         rows.map(move |row| Self::report_row(kind, &row?, now))
             .boxed()
+    }
+
+    async fn requests_page(
+        &self,
+        account: &Id,
+        status: Option<RedemptionStatus>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Redemption)>, StoreError> {
+        let rows = sqlx::query(D::statements().requests_page.clone())
+            .bind(account.to_string())
+            .bind(status.map(|s| s.as_str().to_owned()))
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("position")?, Self::request_from(row)?)))
+            .collect()
+    }
+
+    async fn journal_page(
+        &self,
+        account: &Id,
+        from: Option<Ts>,
+        to: Option<Ts>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Vec<Cell>)>, StoreError> {
+        let rows = sqlx::query(D::statements().journal_page.clone())
+            .bind(account.to_string())
+            .bind(from)
+            .bind(to)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let cells = Self::report_row(ReportKind::Transactions, row, Ts::now())?;
+                Ok((row.try_get("position")?, cells))
+            })
+            .collect()
     }
 }

@@ -130,6 +130,7 @@ impl Backend for Sqlite {
     const SKIP_LOCKED: &'static str = "";
     /// One worker owns the file: every holder but the caller is gone.
     const HOLDER_DEAD: &'static str = "TRUE";
+    const REQUEST_SEQ: &'static str = "rowid";
     const AGG: &'static str = "group_concat";
     const IN_LIST: &'static str = " IN (SELECT value FROM json_each($1))";
     const PAIRS_IN: &'static str = " IN (SELECT value ->> 0, value ->> 1 FROM json_each($1))";

@@ -177,8 +177,176 @@ async fn a_request_is_shown_with_its_account_and_a_rejected_one_without<S: Store
     );
 }
 
+/// Every item of `path`'s pages of `limit`, calling `between` after each
+/// page (to add rows while paging), and the number of pages.
+async fn every_page<S: Store>(
+    w: &mut World<S>,
+    base: &str,
+    path: &str,
+    limit: usize,
+    mut between: impl AsyncFnMut(&mut World<S>, usize),
+) -> (Vec<Value>, usize) {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let mut url = format!("{path}{separator}limit={limit}");
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let (status, _, body) = get(base, &url, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        let page = body["items"].as_array().expect("items").clone();
+        assert!(page.len() <= limit);
+        items.extend(page);
+        pages += 1;
+        between(w, pages).await;
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return (items, pages),
+        }
+    }
+}
+
+async fn requests_are_listed_in_stable_pages_while_more_arrive<S: Store>(mut w: World<S>) {
+    ledger(&mut w).await;
+    assert_eq!(w.purchase("acme", "p2", "1000").await, Outcome::Applied);
+    for n in 3..=7 {
+        let outcome = w
+            .request(&format!("r{n}"), "ACME-1234", "l1", &format!("c{n}"), "10")
+            .await;
+        assert_eq!(outcome, Outcome::Applied);
+    }
+    let base = serve(&w, Some(TOKEN)).await;
+    // Two more arrive after each of the first three pages.
+    let (items, pages) = every_page(
+        &mut w,
+        &base,
+        "/v1/accounts/acme/redemptions",
+        2,
+        async |w, page| {
+            if page <= 3 {
+                for n in 0..2 {
+                    let id = format!("late{page}-{n}");
+                    let outcome = w.request(&id, "ACME-1234", "l9", &id, "1").await;
+                    assert_eq!(outcome, Outcome::Applied);
+                }
+            }
+        },
+    )
+    .await;
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|i| i["request_id"].as_str().expect("an id"))
+        .collect();
+    let mut expected = vec!["r1", "r3", "r4", "r5", "r6", "r7"];
+    expected.extend([
+        "late1-0", "late1-1", "late2-0", "late2-1", "late3-0", "late3-1",
+    ]);
+    assert_eq!(ids, expected, "oldest first, none twice, none skipped");
+    assert!(pages >= 6);
+    assert!(items.iter().all(|i| i["learner"]["email"].is_string()));
+
+    assert_eq!(
+        w.request("big", "ACME-1234", "l1", "c99", "100000").await,
+        Outcome::Rejected(Rejection::InsufficientBalance)
+    );
+    let (_, _, body) = get(
+        &base,
+        "/v1/accounts/acme/redemptions?status=rejected",
+        Some(TOKEN),
+    )
+    .await;
+    let rejected: Vec<&Value> = body["items"].as_array().expect("items").iter().collect();
+    assert_eq!(rejected.len(), 1, "{body}");
+    assert_eq!(rejected[0]["request_id"], "big");
+    assert_eq!(rejected[0]["reason"], "insufficient_balance");
+    assert_eq!(body["next_cursor"], Value::Null);
+
+    for (query, mentions) in [
+        ("status=lost", "status"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=x", "cursor"),
+    ] {
+        let url = format!("/v1/accounts/acme/redemptions?{query}");
+        assert_problem(&get(&base, &url, Some(TOKEN)).await, 400, mentions);
+    }
+    assert_problem(
+        &get(&base, "/v1/accounts/nobody/redemptions", Some(TOKEN)).await,
+        404,
+        "nobody",
+    );
+}
+
+async fn the_journal_is_paged_oldest_first_within_its_window<S: Store>(mut w: World<S>) {
+    ledger(&mut w).await;
+    let start = w.now;
+    w.advance_days(1);
+    let middle = w.now;
+    assert_eq!(w.purchase("acme", "p2", "50").await, Outcome::Applied);
+    assert_eq!(
+        w.request("r3", "ACME-1234", "l3", "c3", "20").await,
+        Outcome::Applied
+    );
+    let base = serve(&w, Some(TOKEN)).await;
+    let (entries, _) = every_page(
+        &mut w,
+        &base,
+        "/v1/accounts/acme/journal",
+        1,
+        async |_, _| {},
+    )
+    .await;
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["entry"].as_str().expect("an entry"))
+        .collect();
+    assert_eq!(kinds, ["purchase", "redeem", "purchase", "redeem"]);
+    let columns: Vec<&str> = entries[1]
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        columns.len(),
+        10,
+        "the transactions report's columns: {columns:?}"
+    );
+    assert_eq!(entries[1]["amount"], "-30.00");
+    assert_eq!(entries[1]["balance_after"], "70.00");
+    assert_eq!(entries[1]["request_id"], "r1");
+    assert_eq!(entries[1]["learner_email"], "l1@learners.test");
+
+    let window = format!(
+        "/v1/accounts/acme/journal?from={}",
+        middle.utc().to_rfc3339()
+    );
+    let (_, _, body) = get(&base, &window.replace('+', "%2B"), Some(TOKEN)).await;
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
+    let before = format!("/v1/accounts/acme/journal?to={}", middle.utc().to_rfc3339());
+    let (_, _, body) = get(&base, &before.replace('+', "%2B"), Some(TOKEN)).await;
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
+    assert!(start < middle);
+
+    assert_problem(
+        &get(
+            &base,
+            "/v1/accounts/acme/journal?from=yesterday",
+            Some(TOKEN),
+        )
+        .await,
+        400,
+        "from",
+    );
+}
+
 on_both_backends!(
     the_api_needs_a_configured_token_and_is_off_without_one,
     an_account_is_shown_as_account_show_prints_it_with_its_learner_limit,
     a_request_is_shown_with_its_account_and_a_rejected_one_without,
+    requests_are_listed_in_stable_pages_while_more_arrive,
+    the_journal_is_paged_oldest_first_within_its_window,
 );
