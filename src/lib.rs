@@ -26,9 +26,9 @@
 //! |---|---|
 //! | 7 | [`cli`] |
 //! | 6 | [`worker`] |
-//! | 5 | [`consume`], [`dispatch`], [`schedule`] |
+//! | 5 | [`consume`], [`dispatch`], [`schedule`], [`api`] |
 //! | 4 | [`apply`] |
-//! | 3 | [`outbox`], [`report`], [`ops`], [`api`] |
+//! | 3 | [`outbox`], [`report`], [`ops`] |
 //! | 2 | [`store`] |
 //! | 1 | [`config`], [`decode`], [`notify`], [`broker`] |
 //! | 0 | [`domain`] |

@@ -66,6 +66,7 @@ pub async fn run<S: Store>(
         config.reports_dir.clone(),
     )?);
     let cron = start_cron(scheduler, config).await?;
+    let applier_for_api = applier.clone();
     let consumer = Consumer {
         applier,
         schemas,
@@ -95,7 +96,7 @@ pub async fn run<S: Store>(
     let http_stop = CancellationToken::new();
     let store_for_release = store.clone();
     let routes =
-        ops::router(store.clone(), health).merge(api::router(store, config.api_tokens.clone()));
+        ops::router(store, health).merge(api::router(applier_for_api, config.api_tokens.clone()));
     let http = tokio::spawn(ops::serve(listener, routes, http_stop.clone()));
     let dispatcher = Arc::new(dispatcher);
     let mut dispatching: Vec<_> = [(Lane::Events, events_inbox), (Lane::Mail, mail_inbox)]

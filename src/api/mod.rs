@@ -1,24 +1,30 @@
 //! The read API of SPEC §9 under `/v1`, beside the operations endpoints:
 //! JSON answers for portals and checkouts, a bearer token of `API_TOKENS`
 //! on every request, and every error an RFC 9457 problem. It reads the
-//! ledger through [`Books`] and changes nothing.
+//! ledger through [`Books`] and [`Reports`]; a quote runs the rules of a
+//! redemption request through [`Applier::quote`], and keeps only what a
+//! request would keep of an invalid code.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::apply::Applier;
 use crate::config::ApiTokens;
-use crate::domain::command::ReportKind;
-use crate::domain::model::{Account, Redemption, RedemptionStatus};
+use crate::domain::command::{RedemptionRequested, ReportKind};
+use crate::domain::model::{Account, Item, Learner, Redemption, RedemptionStatus};
 use crate::domain::report::Cell;
-use crate::domain::{Id, Ts};
-use crate::store::{Books, Reports, ToLoad};
+use crate::domain::rules::{REDEMPTION_COST_MAX, REDEMPTION_COST_MIN};
+use crate::domain::{Credits, Id, Ts};
+use crate::store::{Books, Reports, Store, ToLoad};
 
 /// Items per page: SPEC §9's default and most.
 const LIMIT_DEFAULT: u32 = 100;
@@ -61,11 +67,12 @@ impl IntoResponse for Problem {
 #[derive(Clone)]
 struct Api<S> {
     store: S,
+    applier: Arc<Applier<S>>,
 }
 
 /// The `/v1` routes, each behind a token of `tokens`; none at all when no
 /// token is configured (every `/v1` path is then unknown).
-pub fn router<S: Books + Reports + Clone + 'static>(store: S, tokens: Option<ApiTokens>) -> Router {
+pub fn router<S: Store + 'static>(applier: Arc<Applier<S>>, tokens: Option<ApiTokens>) -> Router {
     let Some(tokens) = tokens else {
         return Router::new();
     };
@@ -77,8 +84,12 @@ pub fn router<S: Books + Reports + Clone + 'static>(store: S, tokens: Option<Api
         )
         .route("/v1/accounts/{account_id}/journal", get(journal::<S>))
         .route("/v1/redemptions/{request_id}", get(redemption::<S>))
+        .route("/v1/quotes", post(quote::<S>))
         .route_layer(middleware::from_fn_with_state(tokens, authorized))
-        .with_state(Api { store })
+        .with_state(Api {
+            store: applier.store().clone(),
+            applier,
+        })
 }
 
 /// Lets a request through only with `Authorization: Bearer TOKEN` of a
@@ -242,6 +253,42 @@ async fn journal<S: Books + Reports>(
             .collect();
         Value::Object(entry)
     }))
+}
+
+/// A quote's body: a redemption request without its id (SPEC §9).
+#[derive(serde::Deserialize)]
+struct QuoteRequest {
+    code: String,
+    learner: Learner,
+    item: Item,
+    cost: Credits,
+}
+
+async fn quote<S: Store>(State(api): State<Api<S>>, body: Bytes) -> Result<Json<Value>, Problem> {
+    let asked: QuoteRequest = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("the body is not a quote request: {e}")))?;
+    if !(REDEMPTION_COST_MIN..=REDEMPTION_COST_MAX).contains(&asked.cost) {
+        return Err(bad_request(format!(
+            "cost {} outside {REDEMPTION_COST_MIN} … {REDEMPTION_COST_MAX}",
+            asked.cost
+        )));
+    }
+    let now = Ts::now();
+    let request = RedemptionRequested {
+        request_id: "quote".parse().expect("a valid id"),
+        code: asked.code,
+        learner: asked.learner,
+        item: asked.item,
+        cost: asked.cost,
+        requested_at: now,
+    };
+    let quote = api.applier.quote(request, now).await.map_err(unavailable)?;
+    Ok(Json(json!({
+        "accepted": quote.rejection.is_none(),
+        "reason": quote.rejection,
+        "approval_mode": quote.approval_mode,
+        "available": quote.available,
+    })))
 }
 
 fn cell_json(cell: Cell) -> Value {

@@ -11,11 +11,11 @@ use chrono::Duration;
 
 use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
-use crate::domain::command::Command;
+use crate::domain::command::{Command, RedemptionRequested};
 use crate::domain::ledger::Effect;
-use crate::domain::model::Account;
+use crate::domain::model::{Account, ApprovalMode};
 use crate::domain::rules::{self, Ctx, INVALID_CODE_WINDOW_MINUTES, LEARNER_LIMIT_DAYS};
-use crate::domain::{Code, CodeKey, DeadReason, Id, Outcome, Ts};
+use crate::domain::{Code, CodeKey, Credits, DeadReason, Id, Outcome, Rejection, Ts};
 use crate::notify::Renderer;
 use crate::outbox::handoff::{Handoff, Reservation};
 use crate::outbox::{OutboundEvent, derived_id};
@@ -283,6 +283,76 @@ impl<S: Store> Applier<S> {
             }
         }
         rows
+    }
+}
+
+/// What a redemption request would meet now (SPEC §9 quotes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quote {
+    /// `None`: it would be accepted.
+    pub rejection: Option<Rejection>,
+    /// Of the account whose code it names, where the code is valid.
+    pub approval_mode: Option<ApprovalMode>,
+    pub available: Option<Credits>,
+}
+
+impl<S: Store> Applier<S> {
+    /// Runs the rules of `request` on the ledger as committed, as the
+    /// request itself would run, and keeps nothing of it but an
+    /// `invalid_code` attempt, recorded as the request's would be: quotes
+    /// are no way to guess codes. A request applied while a quote runs is
+    /// ordered before it if it committed before the quote loaded the
+    /// ledger, after it otherwise.
+    pub async fn quote(&self, request: RedemptionRequested, now: Ts) -> Result<Quote, StoreError> {
+        let code = CodeKey::of(&request.code);
+        let input = Input {
+            key: EventKey {
+                source: "quote".to_owned(),
+                id: uuid::Uuid::new_v4().to_string(),
+            },
+            digest: String::new(),
+            causation_id: String::new(),
+            command: Command::RedemptionRequested(request),
+        };
+        let ledger = self
+            .store
+            .snapshot(&wanted(std::slice::from_ref(&input), now))
+            .await?;
+        let ctx = Ctx {
+            now,
+            staff: false,
+            event_id: &input.key.id,
+            fingerprint: "",
+            policy: &self.settings.policy,
+            fresh_code: Code::generate(),
+        };
+        let (outcome, changes) = rules::handle(&ledger, &input.command, &ctx);
+        if !changes.attempts.is_empty() {
+            let writes = Writes {
+                attempts: changes.attempts,
+                forget_attempts_until: Some(code_window_start(now)),
+                now: Some(now),
+                ..Writes::default()
+            };
+            self.store
+                .transact(&ToLoad::default(), |_| ((), writes))
+                .await?;
+        }
+        let rejection = match outcome {
+            Outcome::Applied => None,
+            Outcome::Rejected(reason) => Some(reason),
+            other => unreachable!("a new request is applied or rejected, not {other:?}"),
+        };
+        let account = ledger
+            .codes
+            .get(&code)
+            .and_then(|id| ledger.accounts.get(id))
+            .filter(|account| account.code.key() == code);
+        Ok(Quote {
+            rejection,
+            approval_mode: account.map(|a| a.approval_mode),
+            available: account.map(|a| a.available_at(now)),
+        })
     }
 }
 

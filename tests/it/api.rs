@@ -3,10 +3,13 @@
 
 use crate::support as common;
 
-use common::World;
-use serde_json::Value;
+use std::sync::Arc;
+
+use common::{STAFF, World};
+use serde_json::{Value, json};
+use training_credits::apply::Applier;
 use training_credits::config::Config;
-use training_credits::domain::{Outcome, Rejection};
+use training_credits::domain::{Outcome, Rejection, Ts};
 use training_credits::store::Store;
 
 const TOKEN: &str = "token-of-the-portal";
@@ -20,7 +23,8 @@ async fn serve<S: Store>(w: &World<S>, api_tokens: Option<&str>) -> String {
     })
     .expect("API_TOKENS parses")
     .api_tokens;
-    let router = training_credits::api::router(w.store().clone(), tokens);
+    let applier = Arc::new(Applier::new(w.store().clone(), common::settings()));
+    let router = training_credits::api::router(applier, tokens);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a local port");
@@ -343,10 +347,169 @@ async fn the_journal_is_paged_oldest_first_within_its_window<S: Store>(mut w: Wo
     );
 }
 
+/// The answer to a quote of what `w.request(…)` would send.
+async fn quote(base: &str, code: &str, learner: &str, item: &str, cost: &str) -> Value {
+    let body = json!({
+        "code": code,
+        "learner": {"id": learner, "email": format!("{learner}@learners.test"), "name": format!("Learner {learner}")},
+        "item": {"id": item, "kind": "course", "title": format!("Course {item}")},
+        "cost": cost,
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/quotes"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(response.status().as_u16(), 200);
+    serde_json::from_str(&response.text().await.expect("a body")).expect("JSON")
+}
+
+async fn open_account<S: Store>(w: &mut World<S>, id: &str, extra: Value) {
+    let mut data = json!({
+        "account_id": id,
+        "owners": [{"email": format!("boss@{id}.test"), "name": "Boss"}],
+        "approval_mode": "automatic",
+        "code": format!("{}-CODE", id.to_uppercase()),
+    });
+    if let (Some(data), Some(extra)) = (data.as_object_mut(), extra.as_object()) {
+        data.extend(extra.clone());
+    }
+    assert_eq!(
+        w.send("credits.account.opened", data).await,
+        Outcome::Applied
+    );
+    assert_eq!(
+        w.purchase(id, &format!("{id}-p"), "100").await,
+        Outcome::Applied
+    );
+}
+
+async fn a_quote_agrees_with_the_request_for_every_reason_and_changes_nothing<S: Store>(
+    mut w: World<S>,
+) {
+    w.now = Ts::now();
+    open_account(&mut w, "acme", json!({})).await;
+    open_account(&mut w, "idle", json!({})).await;
+    open_account(&mut w, "gone", json!({})).await;
+    open_account(
+        &mut w,
+        "narrow",
+        json!({"scope": {"kind": "activity", "ids": ["a1"]}}),
+    )
+    .await;
+    open_account(&mut w, "capped", json!({"learner_limit": "10"})).await;
+    let update = json!({"account_id": "idle", "actor": "boss@idle.test", "status": "inactive"});
+    assert_eq!(
+        w.send("credits.account.updated", update).await,
+        Outcome::Applied
+    );
+    let close = json!({"account_id": "gone", "actor": "staff@x.test"});
+    assert_eq!(
+        w.send_from(STAFF, "credits.account.closed", close).await,
+        Outcome::Applied
+    );
+    assert_eq!(
+        w.request("r0", "ACME-CODE", "l1", "c1", "5").await,
+        Outcome::Applied
+    );
+    let base = serve(&w, Some(TOKEN)).await;
+
+    let accepted = quote(&base, "acme-code", "l2", "c1", "5").await;
+    assert_eq!(
+        accepted,
+        json!({"accepted": true, "reason": null, "approval_mode": "automatic", "available": "95.00"})
+    );
+    let cases = [
+        ("NO-SUCH-CODE", "l2", "c1", "5", Rejection::InvalidCode),
+        ("IDLE-CODE", "l2", "c1", "5", Rejection::AccountInactive),
+        ("GONE-CODE", "l2", "c1", "5", Rejection::AccountClosed),
+        ("NARROW-CODE", "l2", "c1", "5", Rejection::OutOfScope),
+        (
+            "ACME-CODE",
+            "l2",
+            "c1",
+            "500",
+            Rejection::InsufficientBalance,
+        ),
+        ("ACME-CODE", "l1", "c1", "5", Rejection::AlreadyRedeemed),
+        ("CAPPED-CODE", "l2", "c1", "20", Rejection::LearnerLimit),
+    ];
+    let events = w.events().await.len();
+    let emails = w.emails().await.len();
+    let journal = w.journal().await.len();
+    for (code, learner, item, cost, reason) in cases {
+        let quoted = quote(&base, code, learner, item, cost).await;
+        assert_eq!(quoted["accepted"], false, "{reason:?}: {quoted}");
+        assert_eq!(quoted["reason"], reason.as_str(), "{quoted}");
+        if reason == Rejection::InvalidCode {
+            assert_eq!(quoted["available"], Value::Null);
+            assert_eq!(quoted["approval_mode"], Value::Null);
+        } else {
+            assert!(quoted["available"].is_string(), "{quoted}");
+        }
+    }
+    assert_eq!(w.events().await.len(), events, "a quote announces nothing");
+    assert_eq!(w.emails().await.len(), emails, "a quote sends no email");
+    assert_eq!(
+        w.journal().await.len(),
+        journal,
+        "a quote changes no balance"
+    );
+    assert_eq!(w.available("acme").await, "95.00");
+    for (n, (code, learner, item, cost, reason)) in cases.into_iter().enumerate() {
+        let outcome = w.request(&format!("q{n}"), code, learner, item, cost).await;
+        assert_eq!(
+            outcome,
+            Outcome::Rejected(reason),
+            "the request meets what its quote said"
+        );
+    }
+}
+
+async fn five_invalid_code_quotes_make_the_next_request_too_many_attempts<S: Store>(
+    mut w: World<S>,
+) {
+    w.now = Ts::now();
+    open_account(&mut w, "acme", json!({})).await;
+    let base = serve(&w, Some(TOKEN)).await;
+    for n in 0..5 {
+        let quoted = quote(&base, &format!("GUESS-{n}"), "l1", "c1", "5").await;
+        assert_eq!(quoted["reason"], "invalid_code");
+    }
+    let quoted = quote(&base, "ACME-CODE", "l1", "c1", "5").await;
+    assert_eq!(quoted["reason"], "too_many_attempts", "{quoted}");
+    assert_eq!(
+        w.request("r1", "ACME-CODE", "l1", "c1", "5").await,
+        Outcome::Rejected(Rejection::TooManyAttempts)
+    );
+    assert_eq!(
+        w.request("r2", "ACME-CODE", "l2", "c1", "5").await,
+        Outcome::Applied,
+        "another learner is not blocked"
+    );
+
+    for body in [json!({"code": "ACME-CODE"}), json!({"code": 1}), json!([])] {
+        let response = reqwest::Client::new()
+            .post(format!("{base}/v1/quotes"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("the API answers");
+        assert_eq!(response.status().as_u16(), 400, "{body}");
+    }
+}
+
 on_both_backends!(
     the_api_needs_a_configured_token_and_is_off_without_one,
     an_account_is_shown_as_account_show_prints_it_with_its_learner_limit,
     a_request_is_shown_with_its_account_and_a_rejected_one_without,
     requests_are_listed_in_stable_pages_while_more_arrive,
     the_journal_is_paged_oldest_first_within_its_window,
+    a_quote_agrees_with_the_request_for_every_reason_and_changes_nothing,
+    five_invalid_code_quotes_make_the_next_request_too_many_attempts,
 );
