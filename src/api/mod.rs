@@ -86,10 +86,18 @@ pub fn router<S: Store + 'static>(applier: Arc<Applier<S>>, tokens: Option<ApiTo
         .route("/v1/redemptions/{request_id}", get(redemption::<S>))
         .route("/v1/quotes", post(quote::<S>))
         .route_layer(middleware::from_fn_with_state(tokens, authorized))
+        .route("/v1/openapi.json", get(openapi))
         .with_state(Api {
             store: applier.store().clone(),
             applier,
         })
+}
+
+/// The OpenAPI 3.1 document of this API, the repository's `openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// Lets a request through only with `Authorization: Bearer TOKEN` of a

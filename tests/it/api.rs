@@ -504,6 +504,119 @@ async fn five_invalid_code_quotes_make_the_next_request_too_many_attempts<S: Sto
     }
 }
 
+/// Checks `body`, the answer of `method template` with `status`, against
+/// the schema the OpenAPI document gives that answer.
+fn assert_conforms(doc: &Value, template: &str, method: &str, status: u16, body: &Value) {
+    let response = &doc["paths"][template][method]["responses"][status.to_string()];
+    let content = response["content"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{method} {template} documents {status}"));
+    let (_, media) = content.iter().next().expect("a media type");
+    let schema = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "components": doc["components"],
+        "$ref": media["schema"]["$ref"],
+    });
+    let schema = if media["schema"]["$ref"].is_null() {
+        media["schema"].clone()
+    } else {
+        schema
+    };
+    let validator = jsonschema::validator_for(&schema).expect("the document's schema compiles");
+    if let Err(error) = validator.validate(body) {
+        panic!(
+            "{method} {template} {status}: {error} at {}: {body:#}",
+            error.instance_path()
+        );
+    }
+}
+
+async fn every_answer_conforms_to_the_openapi_document_which_is_served<S: Store>(mut w: World<S>) {
+    w.now = Ts::now();
+    ledger(&mut w).await;
+    let base = serve(&w, Some(TOKEN)).await;
+    let (status, content_type, served) = get(&base, "/v1/openapi.json", None).await;
+    assert_eq!(status, 200, "served without a token");
+    assert!(content_type.starts_with("application/json"));
+    let file: Value = serde_json::from_str(include_str!("../../openapi.json")).expect("JSON");
+    assert_eq!(served, file, "the repository's document");
+    assert_eq!(served["openapi"], "3.1.0");
+    let mut documented: Vec<&str> = file["paths"]
+        .as_object()
+        .expect("paths")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    documented.sort_unstable();
+    assert_eq!(
+        documented,
+        [
+            "/v1/accounts/{account_id}",
+            "/v1/accounts/{account_id}/journal",
+            "/v1/accounts/{account_id}/redemptions",
+            "/v1/openapi.json",
+            "/v1/quotes",
+            "/v1/redemptions/{request_id}",
+        ],
+        "every route of the API, and only those"
+    );
+    let gets = [
+        ("/v1/accounts/{account_id}", "/v1/accounts/acme", 200),
+        ("/v1/accounts/{account_id}", "/v1/accounts/nobody", 404),
+        ("/v1/accounts/{account_id}", "/v1/accounts/bad%20id", 400),
+        (
+            "/v1/accounts/{account_id}/redemptions",
+            "/v1/accounts/acme/redemptions",
+            200,
+        ),
+        (
+            "/v1/accounts/{account_id}/redemptions",
+            "/v1/accounts/acme/redemptions?limit=1",
+            200,
+        ),
+        (
+            "/v1/accounts/{account_id}/redemptions",
+            "/v1/accounts/acme/redemptions?limit=0",
+            400,
+        ),
+        (
+            "/v1/accounts/{account_id}/redemptions",
+            "/v1/accounts/nobody/redemptions",
+            404,
+        ),
+        (
+            "/v1/accounts/{account_id}/journal",
+            "/v1/accounts/acme/journal",
+            200,
+        ),
+        (
+            "/v1/accounts/{account_id}/journal",
+            "/v1/accounts/acme/journal?to=x",
+            400,
+        ),
+        (
+            "/v1/accounts/{account_id}/journal",
+            "/v1/accounts/nobody/journal",
+            404,
+        ),
+        ("/v1/redemptions/{request_id}", "/v1/redemptions/r1", 200),
+        ("/v1/redemptions/{request_id}", "/v1/redemptions/r2", 200),
+        ("/v1/redemptions/{request_id}", "/v1/redemptions/r404", 404),
+    ];
+    for (template, path, expected) in gets {
+        let (status, _, body) = get(&base, path, Some(TOKEN)).await;
+        assert_eq!(status, expected, "{path}: {body}");
+        assert_conforms(&file, template, "get", status, &body);
+        let (status, _, body) = get(&base, path, Some("wrong")).await;
+        assert_eq!(status, 401);
+        assert_conforms(&file, template, "get", status, &body);
+    }
+    for (code, learner) in [("ACME-1234", "l5"), ("NOPE", "l6")] {
+        let quoted = quote(&base, code, learner, "c9", "5").await;
+        assert_conforms(&file, "/v1/quotes", "post", 200, &quoted);
+    }
+}
+
 on_both_backends!(
     the_api_needs_a_configured_token_and_is_off_without_one,
     an_account_is_shown_as_account_show_prints_it_with_its_learner_limit,
@@ -512,4 +625,5 @@ on_both_backends!(
     the_journal_is_paged_oldest_first_within_its_window,
     a_quote_agrees_with_the_request_for_every_reason_and_changes_nothing,
     five_invalid_code_quotes_make_the_next_request_too_many_attempts,
+    every_answer_conforms_to_the_openapi_document_which_is_served,
 );
