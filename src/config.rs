@@ -3,13 +3,15 @@
 //! variable, so the worker never starts half-configured. Secrets in URLs are
 //! redacted whenever a setting is shown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
 
 use crate::domain::rules::Policy;
 
@@ -147,21 +149,28 @@ fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
         .collect()
 }
 
-/// The bearer tokens of the read API (SPEC §9). Never shown: `Debug` gives
-/// only how many there are.
+/// The bearer tokens of the read API (SPEC §9), kept only as their SHA-256
+/// digests. Never shown: `Debug` gives only how many there are.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ApiTokens(HashSet<String>);
+pub struct ApiTokens(Vec<[u8; 32]>);
 
 impl ApiTokens {
     fn parse(text: &str) -> Result<Option<ApiTokens>, String> {
-        let tokens: HashSet<String> = list(text, |token| Ok(token.to_owned()))?
+        let digests: BTreeSet<[u8; 32]> = list(text, |token| Ok(Sha256::digest(token).into()))?
             .into_iter()
             .collect();
-        Ok((!tokens.is_empty()).then_some(ApiTokens(tokens)))
+        Ok((!digests.is_empty()).then(|| ApiTokens(digests.into_iter().collect())))
     }
 
+    /// Whether `token` is one of these, in a time that tells nothing of how
+    /// close it came: the SHA-256 of what was sent is compared with every
+    /// token's, each in constant time.
     pub fn accepts(&self, token: &str) -> bool {
-        self.0.contains(token)
+        let sent: [u8; 32] = Sha256::digest(token).into();
+        self.0
+            .iter()
+            .fold(Choice::from(0), |any, digest| any | digest.ct_eq(&sent))
+            .into()
     }
 }
 
@@ -404,6 +413,25 @@ mod tests {
         assert_eq!(config.retry_delays.len(), 4);
         assert!(config.admin_sources.contains("admin"));
         assert!(config.smtp_url.is_none());
+    }
+
+    #[test]
+    fn api_tokens_accept_exactly_the_configured_ones_and_never_show() {
+        let tokens = config(&[("API_TOKENS", "alpha, beta-2")])
+            .unwrap()
+            .api_tokens
+            .expect("two tokens");
+        assert!(tokens.accepts("alpha") && tokens.accepts("beta-2"));
+        for wrong in ["", "alph", "alphaa", "beta", "ALPHA", "alpha,beta-2"] {
+            assert!(!tokens.accepts(wrong), "{wrong}");
+        }
+        assert_eq!(format!("{tokens:?}"), "ApiTokens(2 tokens)");
+        assert!(
+            config(&[("API_TOKENS", " , ")])
+                .unwrap()
+                .api_tokens
+                .is_none()
+        );
     }
 
     #[test]

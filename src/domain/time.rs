@@ -62,6 +62,18 @@ impl Ts {
     pub fn is_rfc3339(self) -> bool {
         (0..=9999).contains(&self.0.year())
     }
+
+    /// The first instant RFC 3339 can write and the first after the last
+    /// one: every instant the ledger keeps lies in `[start, end)`.
+    pub fn rfc3339_span() -> (Ts, Ts) {
+        let year = |y| {
+            chrono::NaiveDate::from_ymd_opt(y, 1, 1)
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| Ts::from(t.and_utc()))
+                .expect("years 0 and 10000 are instants")
+        };
+        (year(0), year(10_000))
+    }
 }
 
 impl From<DateTime<Utc>> for Ts {

@@ -566,8 +566,9 @@ pub trait Reports: Send + Sync {
     ) -> impl Future<Output = Result<Vec<(i64, Redemption)>, StoreError>> + Send;
 
     /// Up to `limit` of `account`'s journal entries at instants in
-    /// `[from, to)` written after position `after`, oldest first, each with
-    /// its position and the `transactions` report's columns.
+    /// `[from, to)` that come after the entry at position `after` (from the
+    /// start for 0), oldest first (by instant, then in the order written),
+    /// each with its position and the `transactions` report's columns.
     fn journal_page(
         &self,
         account: &Id,

@@ -211,6 +211,7 @@ pub struct Statements {
     balances_report: SqlStr,
     verify_requests: SqlStr,
     requests_page: SqlStr,
+    requests_page_of_status: SqlStr,
     transactions_report: SqlStr,
     journal_page: SqlStr,
 }
@@ -315,24 +316,34 @@ impl Statements {
             verify_requests: text(format!(
                 "{REQUEST_COLUMNS} status IN ('pending', 'approved', 'refunded', 'unenrolled')"
             )),
-            requests_page: text(format!(
-                "{}, {seq} AS position FROM redemptions WHERE account_id = $1 \
-                 AND ($2 IS NULL OR status = $2) AND {seq} > $3 ORDER BY {seq} LIMIT $4",
-                REQUEST_COLUMNS
-                    .strip_suffix(" FROM redemptions WHERE")
-                    .expect("the request columns end with their table"),
-                seq = D::REQUEST_SEQ,
-            )),
+            requests_page: requests_page::<D>(""),
+            requests_page_of_status: requests_page::<D>("AND status = $4 "),
             transactions_report: text(format!(
                 "{TRANSACTIONS} ($1 IS NULL OR j.account_id = $1) AND ($2 IS NULL OR j.at >= $2) \
                  AND ($3 IS NULL OR j.at < $3) ORDER BY j.seq"
             )),
+            // Oldest first: by instant, then by position among entries of
+            // one instant. The cursor's instant is read back from its row.
             journal_page: text(format!(
-                "{TRANSACTIONS} j.account_id = $1 AND ($2 IS NULL OR j.at >= $2) \
-                 AND ($3 IS NULL OR j.at < $3) AND j.seq > $4 ORDER BY j.seq LIMIT $5"
+                "{TRANSACTIONS} j.account_id = $1 AND j.at >= $2 AND j.at < $3 \
+                 AND (j.at, j.seq) > (COALESCE((SELECT c.at FROM journal c WHERE c.seq = $4), $2), $4) \
+                 ORDER BY j.at, j.seq LIMIT $5"
             )),
         }
     }
+}
+
+/// A page of an account's requests after position `$2`, `$3` of them, in
+/// the order they were written, narrowed by `filter`.
+fn requests_page<D: Backend>(filter: &str) -> SqlStr {
+    text(format!(
+        "{}, {seq} AS position FROM redemptions WHERE account_id = $1 {filter}\
+         AND {seq} > $2 ORDER BY {seq} LIMIT $3",
+        REQUEST_COLUMNS
+            .strip_suffix(" FROM redemptions WHERE")
+            .expect("the request columns end with their table"),
+        seq = D::REQUEST_SEQ,
+    ))
 }
 
 /// A statement text, shared: handing it to a query copies no text.
@@ -1533,13 +1544,20 @@ where
         after: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Redemption)>, StoreError> {
-        let rows = sqlx::query(D::statements().requests_page.clone())
-            .bind(account.to_string())
-            .bind(status.map(|s| s.as_str().to_owned()))
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let statements = D::statements();
+        let query = match status {
+            None => sqlx::query(statements.requests_page.clone()),
+            Some(_) => sqlx::query(statements.requests_page_of_status.clone()),
+        }
+        .bind(account.to_string())
+        .bind(after)
+        .bind(i64::from(limit));
+        let rows = match status {
+            None => query,
+            Some(status) => query.bind(status.as_str().to_owned()),
+        }
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("position")?, Self::request_from(row)?)))
             .collect()
@@ -1553,10 +1571,11 @@ where
         after: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Vec<Cell>)>, StoreError> {
+        let (start, end) = Ts::rfc3339_span();
         let rows = sqlx::query(D::statements().journal_page.clone())
             .bind(account.to_string())
-            .bind(from)
-            .bind(to)
+            .bind(from.unwrap_or(start))
+            .bind(to.unwrap_or(end))
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use common::{STAFF, World};
 use serde_json::{Value, json};
-use training_credits::apply::Applier;
+use training_credits::apply::{Applier, Input};
 use training_credits::config::Config;
+use training_credits::decode::{Schemas, decode};
 use training_credits::domain::{Outcome, Rejection, Ts};
 use training_credits::store::Store;
 
@@ -284,6 +285,89 @@ async fn requests_are_listed_in_stable_pages_while_more_arrive<S: Store>(mut w: 
     );
 }
 
+/// Several writers at once on one account (on PostgreSQL, transactions that
+/// really overlap, as several workers sharing a database run them): every
+/// walk through the pages taken while they write is a prefix of the final
+/// list, so no walk passed a row that then committed behind it.
+async fn pages_walked_while_several_writers_commit_never_skip_a_row<S: Store>(mut w: World<S>) {
+    const WRITERS: usize = 4;
+    const BATCHES: usize = 15;
+    const PER_BATCH: usize = 3;
+    ledger(&mut w).await;
+    assert_eq!(w.purchase("acme", "p2", "100000").await, Outcome::Applied);
+    let base = serve(&w, Some(TOKEN)).await;
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let batches: Vec<Vec<Value>> = (0..BATCHES)
+            .map(|batch| {
+                (0..PER_BATCH)
+                    .map(|n| {
+                        let id = format!("w{writer}-{batch}-{n}");
+                        w.request_event(&id, "ACME-1234", &id, &id, "1")
+                    })
+                    .collect()
+            })
+            .collect();
+        let applier = Applier::new(w.store().clone(), common::settings());
+        let schemas = Schemas::load().expect("the schemas compile");
+        let now = w.now;
+        writers.push(tokio::spawn(async move {
+            for events in batches {
+                let inputs: Vec<Input> = events
+                    .iter()
+                    .map(|e| {
+                        Input::from(decode(&schemas, e.to_string().as_bytes()).expect("valid"))
+                    })
+                    .collect();
+                // A lost race is an error the worker retries; so does this.
+                let outcomes = loop {
+                    if let Ok(outcomes) = applier.apply(&inputs, now).await {
+                        break outcomes;
+                    }
+                };
+                assert!(
+                    outcomes.iter().all(|o| *o == Outcome::Applied),
+                    "{outcomes:?}"
+                );
+            }
+        }));
+    }
+    let path = "/v1/accounts/acme/redemptions";
+    let ids = |items: Vec<Value>| -> Vec<String> {
+        items
+            .iter()
+            .map(|i| i["request_id"].as_str().expect("an id").to_owned())
+            .collect()
+    };
+    let mut walks = Vec::new();
+    while !writers.iter().all(|writer| writer.is_finished()) {
+        walks.push(ids(every_page(&mut w, &base, path, 4, async |_, _| {})
+            .await
+            .0));
+    }
+    for writer in writers {
+        writer.await.expect("the writer finished");
+    }
+    let all = ids(every_page(&mut w, &base, path, 7, async |_, _| {}).await.0);
+    assert_eq!(all.len(), 1 + WRITERS * BATCHES * PER_BATCH);
+    assert_eq!(
+        all.iter().collect::<std::collections::HashSet<_>>().len(),
+        all.len(),
+        "no request twice"
+    );
+    assert!(
+        walks.len() > 1,
+        "the pages were walked while the writers wrote"
+    );
+    for walk in &walks {
+        assert_eq!(
+            walk[..],
+            all[..walk.len()],
+            "a walk is a prefix of the final list"
+        );
+    }
+}
+
 async fn the_journal_is_paged_oldest_first_within_its_window<S: Store>(mut w: World<S>) {
     ledger(&mut w).await;
     let start = w.now;
@@ -334,6 +418,30 @@ async fn the_journal_is_paged_oldest_first_within_its_window<S: Store>(mut w: Wo
     let (_, _, body) = get(&base, &before.replace('+', "%2B"), Some(TOKEN)).await;
     assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
     assert!(start < middle);
+
+    // Written last but dated first (a message that was late): oldest first
+    // means by instant, and a window of instants is still paged whole.
+    w.now = start.plus(chrono::Duration::hours(-1));
+    assert_eq!(w.purchase("acme", "p0", "10").await, Outcome::Applied);
+    let window = format!(
+        "/v1/accounts/acme/journal?from={}&to={}",
+        w.now.utc().to_rfc3339().replace('+', "%2B"),
+        middle.utc().to_rfc3339().replace('+', "%2B")
+    );
+    let (entries, _) = every_page(&mut w, &base, &window, 1, async |_, _| {}).await;
+    let lots: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["entry"].as_str().unwrap(),
+                e["purchase_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lots,
+        [("purchase", "p0"), ("purchase", "p1"), ("redeem", "p1")]
+    );
 
     assert_problem(
         &get(
@@ -622,6 +730,7 @@ on_both_backends!(
     an_account_is_shown_as_account_show_prints_it_with_its_learner_limit,
     a_request_is_shown_with_its_account_and_a_rejected_one_without,
     requests_are_listed_in_stable_pages_while_more_arrive,
+    pages_walked_while_several_writers_commit_never_skip_a_row,
     the_journal_is_paged_oldest_first_within_its_window,
     a_quote_agrees_with_the_request_for_every_reason_and_changes_nothing,
     five_invalid_code_quotes_make_the_next_request_too_many_attempts,
