@@ -12,6 +12,7 @@
 mod support;
 
 mod api;
+mod asyncapi;
 mod authorization;
 mod cli;
 mod concurrency;
