@@ -7,6 +7,7 @@
 pub mod topology;
 pub mod upgrade;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -16,7 +17,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 
+use serde::Deserialize;
 use topology::{WORKER_QUEUE, long_string};
+
+use crate::domain::Ts;
 
 /// Header naming the routing key a message was first published with.
 const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
@@ -70,6 +74,63 @@ fn with_default_heartbeat(amqp_url: &str) -> String {
             url.to_string()
         }
         _ => amqp_url.to_owned(),
+    }
+}
+
+/// What the AMQP properties of a CloudEvent repeat of its JSON (SPEC §5),
+/// read without building the rest of it. Whatever is missing or malformed
+/// is left out: a property is never a reason not to publish.
+#[derive(Debug, Default, Deserialize)]
+pub struct Head<'a> {
+    #[serde(borrow, default, deserialize_with = "text")]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow, default, deserialize_with = "text")]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "text")]
+    pub source: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "text")]
+    pub time: Option<Cow<'a, str>>,
+}
+
+/// A string attribute; any other value counts as missing.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Attribute<'a> {
+        Text(#[serde(borrow)] Cow<'a, str>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Attribute::deserialize(d)? {
+        Attribute::Text(text) => Some(text),
+        Attribute::Other(_) => None,
+    })
+}
+
+impl<'a> Head<'a> {
+    pub fn read(json: &'a [u8]) -> Head<'a> {
+        serde_json::from_slice(json).unwrap_or_default()
+    }
+
+    /// The routing key: the event's `type`.
+    pub fn routing_key(&self) -> &str {
+        self.kind.as_deref().unwrap_or_default()
+    }
+
+    /// [`persistent_cloudevent`] with the event's `type`, its `time` (whole
+    /// seconds, as AMQP keeps them) and its `source` as the `app_id`.
+    pub fn properties(&self) -> BasicProperties {
+        let mut properties = persistent_cloudevent(self.id.as_deref().unwrap_or_default());
+        if let Some(kind) = &self.kind {
+            properties = properties.with_type(kind.as_ref().into());
+        }
+        if let Some(source) = &self.source {
+            properties = properties.with_app_id(source.as_ref().into());
+        }
+        let seconds = self.time.as_deref().and_then(|t| Ts::parse(t).ok());
+        if let Some(seconds) = seconds.and_then(|t| u64::try_from(t.utc().timestamp()).ok()) {
+            properties = properties.with_timestamp(seconds);
+        }
+        properties
     }
 }
 
@@ -174,7 +235,38 @@ pub(crate) fn keep_original_routing_key(headers: &mut FieldTable, delivery: &Del
 
 #[cfg(test)]
 mod tests {
-    use super::with_default_heartbeat;
+    use super::{Head, with_default_heartbeat};
+
+    #[test]
+    fn a_cloudevent_gives_its_properties_and_a_malformed_one_what_it_can() {
+        let event = br#"{"id":"e1","type":"training-credits.purchase.recorded","source":"tc","time":"2026-12-07T10:00:00.5+01:00","data":{}}"#;
+        let head = Head::read(event);
+        let properties = head.properties();
+        assert_eq!(head.routing_key(), "training-credits.purchase.recorded");
+        assert_eq!(
+            properties.message_id().as_ref().map(|v| v.as_str()),
+            Some("e1")
+        );
+        assert_eq!(
+            properties.kind().as_ref().map(|v| v.as_str()),
+            Some("training-credits.purchase.recorded")
+        );
+        assert_eq!(properties.app_id().as_ref().map(|v| v.as_str()), Some("tc"));
+        assert_eq!(*properties.timestamp(), Some(1_796_634_000));
+        assert_eq!(*properties.delivery_mode(), Some(2));
+        assert_eq!(
+            properties.content_type().as_ref().map(|v| v.as_str()),
+            Some("application/cloudevents+json")
+        );
+
+        let odd = Head::read(br#"{"id":7,"type":"credits.x","time":"yesterday","source":null}"#);
+        assert_eq!(odd.routing_key(), "credits.x");
+        let properties = odd.properties();
+        assert_eq!(*properties.message_id(), None);
+        assert_eq!(*properties.timestamp(), None);
+        assert_eq!(*properties.app_id(), None);
+        assert_eq!(Head::read(b"[1, 2]").routing_key(), "");
+    }
 
     #[test]
     fn a_heartbeat_is_asked_for_unless_the_url_names_one() {

@@ -9,7 +9,7 @@ use lapin::options::BasicPublishOptions;
 use serde_json::Value;
 
 use crate::broker::topology::INBOUND_EXCHANGE;
-use crate::broker::{broker_user, connect, persistent_cloudevent};
+use crate::broker::{Head, broker_user, connect};
 use crate::config::Config;
 
 /// Publishes at most this many events before waiting for their confirms.
@@ -42,17 +42,16 @@ pub async fn run(config: &Config, file: &std::path::Path) -> anyhow::Result<Exit
     for chunk in events.chunks(IN_FLIGHT_MAX) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for event in chunk {
-            let type_name = event["type"].as_str().unwrap_or_default();
-            let id = event["id"].as_str().unwrap_or_default();
             let body = serde_json::to_vec(event).context("an event serialises")?;
+            let head = Head::read(&body);
             confirms.push(
                 channel
                     .basic_publish(
                         INBOUND_EXCHANGE.into(),
-                        type_name.into(),
+                        head.routing_key().into(),
                         BasicPublishOptions::default(),
                         &body,
-                        persistent_cloudevent(id).with_user_id(user.as_str().into()),
+                        head.properties().with_user_id(user.as_str().into()),
                     )
                     .await?,
             );

@@ -14,7 +14,7 @@ use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 
 use super::{DispatchError, Dispatcher, Outstanding};
 use crate::broker::topology::OUTBOUND_EXCHANGE;
-use crate::broker::{connect, persistent_cloudevent};
+use crate::broker::{Head, connect};
 use crate::config::redact;
 use crate::ops::metric;
 use crate::store::{OutboxRow, Store, StoreError};
@@ -62,17 +62,15 @@ pub(super) async fn publish(
     confirming: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
 ) -> Result<(), (Vec<OutboxRow>, DispatchError)> {
     let publishes = events.iter().map(|row| {
-        let routing_key = serde_json::from_str::<EventType>(&row.payload)
-            .map(|event| event.kind)
-            .unwrap_or_default();
+        let head = Head::read(row.payload.as_bytes());
         async move {
             channel
                 .basic_publish(
                     OUTBOUND_EXCHANGE.into(),
-                    routing_key.as_ref().into(),
+                    head.routing_key().into(),
                     BasicPublishOptions::default(),
                     row.payload.as_bytes(),
-                    persistent_cloudevent(&row.id),
+                    head.properties(),
                 )
                 .await
         }
@@ -92,14 +90,6 @@ pub(super) async fn publish(
         None => Ok(()),
         Some(error) => Err((unsent, error.into())),
     }
-}
-
-/// The `type` of an outbound CloudEvent, its routing key; read without
-/// building the rest of the event.
-#[derive(serde::Deserialize)]
-struct EventType<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
 }
 
 impl<S: Store> Dispatcher<S> {

@@ -202,6 +202,9 @@ fn every_outbound_type_is_a_message_a_routing_key_of_the_outbound_exchange_and_a
     assert!(!outbound.is_empty(), "schemas/out has the outbound types");
     for kind in &outbound {
         assert_described(&document, kind, &OUTBOUND);
+        // The worker sets the AMQP `type` of what it publishes (SPEC §5).
+        let message = &document["components"]["messages"][kind.as_str()];
+        assert_eq!(message["bindings"]["amqp"]["messageType"], kind.as_str());
     }
 }
 

@@ -6,6 +6,7 @@ use crate::support as common;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use training_credits::domain::Ts;
 use training_credits::store::Store;
 
 use common::broker::{Client, SmtpSink, TestWorker, Vhost, config, eventually, publish_confirmed};
@@ -114,6 +115,30 @@ async fn a_whole_account_life_cycle_yields_its_events_and_emails<S: Store>(store
     assert_eq!(refunded["data"]["available"], "80.00");
     assert_eq!(refunded["subject"], "acme");
     assert_eq!(refunded["datacontenttype"], "application/json");
+    // SPEC §5: what the AMQP properties of every outbound message repeat.
+    for message in client.captured() {
+        let (event, properties) = (&message.event, &message.properties);
+        let text = |value: &Option<lapin::types::ShortString>| {
+            value.as_ref().map(|v| v.as_str().to_owned())
+        };
+        assert_eq!(
+            text(properties.message_id()).as_deref(),
+            event["id"].as_str()
+        );
+        assert_eq!(text(properties.kind()).as_deref(), event["type"].as_str());
+        assert_eq!(message.routing_key, event["type"]);
+        assert_eq!(
+            text(properties.app_id()).as_deref(),
+            Some("training-credits")
+        );
+        assert_eq!(
+            text(properties.content_type()).as_deref(),
+            Some("application/cloudevents+json")
+        );
+        assert_eq!(*properties.delivery_mode(), Some(2));
+        let time = Ts::parse(event["time"].as_str().expect("a time")).expect("RFC 3339");
+        assert_eq!(*properties.timestamp(), Some(time.utc().timestamp() as u64));
+    }
 
     eventually(Duration::from_secs(30), "the emails", || async {
         smtp.received().len() >= 6

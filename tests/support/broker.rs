@@ -261,7 +261,16 @@ impl TestWorker {
 pub struct Client {
     pub connection: Connection,
     pub channel: Channel,
-    captured: Arc<Mutex<Vec<Value>>>,
+    captured: Arc<Mutex<Vec<Captured>>>,
+}
+
+/// An outbound message as it arrived: its event, routing key and AMQP
+/// properties.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub event: Value,
+    pub routing_key: String,
+    pub properties: lapin::BasicProperties,
 }
 
 impl Client {
@@ -310,7 +319,11 @@ impl Client {
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
                 if let Ok(event) = serde_json::from_slice::<Value>(&delivery.data) {
-                    sink.lock().expect("the capture lock").push(event);
+                    sink.lock().expect("the capture lock").push(Captured {
+                        event,
+                        routing_key: delivery.routing_key.to_string(),
+                        properties: delivery.properties.clone(),
+                    });
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
@@ -334,6 +347,11 @@ impl Client {
 
     /// Every outbound event captured so far.
     pub fn outbound(&self) -> Vec<Value> {
+        self.captured().into_iter().map(|c| c.event).collect()
+    }
+
+    /// Every outbound message captured so far, whole.
+    pub fn captured(&self) -> Vec<Captured> {
         self.captured.lock().expect("the capture lock").clone()
     }
 
