@@ -112,9 +112,10 @@ pub fn prometheus() -> &'static PrometheusHandle {
 /// labels are known in advance: every dead-letter reason the worker gives,
 /// both email and confirm results, the histograms. A series of
 /// [`metric::MESSAGES`] appears with the first message of its type and
-/// outcome (of the types times the outcomes, most never occur); the outbox
-/// gauges are set at every scrape, for every kind; the cron gauges by the
-/// scheduler's first tick, at start (a zero would read as overdue).
+/// outcome (of the types times the outcomes, most never occur); readiness
+/// and the outbox gauges (for every kind) are set at every scrape; the cron
+/// gauges by the scheduler's first tick, at start (a zero would read as
+/// overdue).
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -196,7 +197,6 @@ fn describe() {
         metrics::counter!(metric::PUBLISH_CONFIRMS, "result" => result).increment(0);
     }
     metrics::counter!(metric::DATABASE_WAITS).increment(0);
-    metrics::gauge!(metric::READY).set(0.0);
     metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
