@@ -28,7 +28,7 @@ use crate::broker::upgrade::{self, UpgradeError};
 use crate::broker::{connect, first_publisher, keep_original_routing_key, republished};
 use crate::config::{Publishers, redact};
 use crate::decode::{Decoded, Malformed, Schemas, decode};
-use crate::domain::{DeadReason, Outcome, RetryReason, Ts};
+use crate::domain::{DeadReason, InboundType, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
 
@@ -311,8 +311,15 @@ impl<S: Store> Consumer<S> {
         for refusal in malformed {
             let fate = match refusal {
                 Some(malformed) => {
-                    let type_name = malformed.type_name.as_deref().unwrap_or("unknown");
-                    metrics::counter!(metric::MESSAGES, "type" => type_name.to_owned(), "outcome" => "dead_letter").increment(1);
+                    // Only the types this worker knows: a label taken from
+                    // whatever a message says would let publishers add series
+                    // without end.
+                    let type_name = malformed
+                        .type_name
+                        .as_deref()
+                        .and_then(InboundType::parse)
+                        .map_or("unknown", InboundType::as_str);
+                    metrics::counter!(metric::MESSAGES, "type" => type_name, "outcome" => "dead_letter").increment(1);
                     Disposition::Dead {
                         reason: malformed.reason,
                         detail: malformed.detail,

@@ -400,7 +400,7 @@ mod tests {
         let backlog = d.store.outbox_backlog().await.expect("the backlog");
         (
             d.store.sent_marks().len(),
-            backlog.iter().map(|(_, count)| count).sum(),
+            backlog.iter().map(|b| b.rows).sum(),
         )
     }
 

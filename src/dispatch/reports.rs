@@ -83,10 +83,10 @@ impl<S: Store> Dispatcher<S> {
             .to_owned(),
             path: path.display().to_string(),
         });
-        self.mailer
-            .send(&self.mail_from, &email)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(error) = self.mailer.send(&self.mail_from, &email).await {
+            metrics::counter!(metric::EMAILS, "result" => "failed").increment(1);
+            return Err(error.to_string());
+        }
         metrics::counter!(metric::EMAILS, "result" => "sent").increment(1);
         if !job.announce {
             return Ok(Vec::new());

@@ -23,6 +23,11 @@ impl Ts {
         self.0.timestamp_micros()
     }
 
+    /// Seconds since the Unix epoch, as Prometheus gives times.
+    pub fn unix_seconds(self) -> f64 {
+        self.0.timestamp_micros() as f64 / 1e6
+    }
+
     pub fn utc(self) -> DateTime<Utc> {
         self.0
     }

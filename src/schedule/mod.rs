@@ -10,7 +10,9 @@
 //! that several workers sharing it never run a firing twice, and a firing
 //! missed while no worker ran is caught up at the next tick. The worker calls
 //! it at start and at every cron occurrence (tokio-cron-scheduler); tests call
-//! it with the instants they choose.
+//! it with the instants they choose. Each tick also sets, per job, the time
+//! of its latest firing done in the database (`/metrics`), which alerts
+//! compare with the job's schedule.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use crate::config::parse_cron;
 use crate::decode::EventKey;
 use crate::domain::command::{Command, ReportFormat, ReportKind, ReportRequested};
 use crate::domain::{Id, Outcome, Ts};
+use crate::ops::metric;
 use crate::outbox::derived_uuid;
 use crate::report::{self, ReportError, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError, ToLoad};
@@ -183,6 +186,12 @@ impl<S: Store> Scheduler<S> {
                         ran.push((*job, due));
                     }
                 }
+            }
+            // From the database, so that every worker sharing it shows the
+            // firings any of them ran, from the first tick after its start.
+            if let Some(done) = store.last_done_firing(job.name()).await? {
+                metrics::gauge!(metric::CRON_LAST_SUCCESS, "cron_job" => job.name())
+                    .set(done.unix_seconds());
             }
         }
         Ok(ran)

@@ -204,6 +204,8 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
+    pub const ALL: [OutboxKind; 3] = [OutboxKind::Event, OutboxKind::Email, OutboxKind::Report];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxKind::Event => "event",
@@ -213,10 +215,17 @@ impl OutboxKind {
     }
 
     pub fn parse(text: &str) -> Option<OutboxKind> {
-        [OutboxKind::Event, OutboxKind::Email, OutboxKind::Report]
-            .into_iter()
-            .find(|k| k.as_str() == text)
+        OutboxKind::ALL.into_iter().find(|k| k.as_str() == text)
     }
+}
+
+/// The outbox rows of one kind not dispatched yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    pub kind: OutboxKind,
+    pub rows: i64,
+    /// When the oldest of them was written.
+    pub oldest: Ts,
 }
 
 /// Everything a batch writes, in the same transaction as its loads.
@@ -488,10 +497,8 @@ pub trait Outbox: Send + Sync {
         error: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Outbox rows not dispatched yet, per kind.
-    fn outbox_backlog(
-        &self,
-    ) -> impl Future<Output = Result<Vec<(OutboxKind, i64)>, StoreError>> + Send;
+    /// Outbox rows not dispatched yet, per kind that has any.
+    fn outbox_backlog(&self) -> impl Future<Output = Result<Vec<Backlog>, StoreError>> + Send;
 
     /// Adds outbox rows outside any batch (scheduled statements); a row whose
     /// id is already there is left as it is.
@@ -536,6 +543,13 @@ pub trait Firings: Send + Sync {
         job: &str,
         fire_at: Ts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The latest firing of a job that is done: run to success, or the
+    /// baseline where its schedule began.
+    fn last_done_firing(
+        &self,
+        job: &str,
+    ) -> impl Future<Output = Result<Option<Ts>, StoreError>> + Send;
 
     /// The latest firing of a job that is done or still within its lease.
     fn last_firing(

@@ -42,7 +42,7 @@ use super::rows::{
     REDEMPTIONS, Rows, from_json, from_text, id, opt_id, to_json, to_text,
 };
 use super::{
-    Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, LotWrite, Outbox, OutboxKind,
+    Backlog, Books, FIRING_LEASE, Firings, Holder, HolderId, Loaded, LotWrite, Outbox, OutboxKind,
     OutboxRow, Reports, SentMarks, StoreError, ToLoad, Writes,
 };
 use crate::decode::EventKey;
@@ -1373,18 +1373,22 @@ where
         Ok(())
     }
 
-    async fn outbox_backlog(&self) -> Result<Vec<(OutboxKind, i64)>, StoreError> {
+    async fn outbox_backlog(&self) -> Result<Vec<Backlog>, StoreError> {
         let rows = sqlx::query(
-            "SELECT kind, COUNT(*) AS backlog FROM outbox WHERE dispatched_at IS NULL GROUP BY kind",
+            "SELECT kind, COUNT(*) AS backlog, MIN(created_at) AS oldest \
+             FROM outbox WHERE dispatched_at IS NULL GROUP BY kind",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|row| {
                 let kind: String = row.try_get("kind")?;
-                let kind = OutboxKind::parse(&kind)
-                    .ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?;
-                Ok((kind, row.try_get("backlog")?))
+                Ok(Backlog {
+                    kind: OutboxKind::parse(&kind)
+                        .ok_or_else(|| StoreError::corrupt(format!("outbox kind `{kind}`")))?,
+                    rows: row.try_get("backlog")?,
+                    oldest: row.try_get("oldest")?,
+                })
             })
             .collect()
     }
@@ -1463,6 +1467,15 @@ where
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    async fn last_done_firing(&self, job: &str) -> Result<Option<Ts>, StoreError> {
+        let row =
+            sqlx::query("SELECT MAX(fire_at) AS last FROM job_firings WHERE job = $1 AND done")
+                .bind(job.to_owned())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get::<Option<Ts>, _>("last")?)
     }
 
     async fn last_firing(&self, job: &str, now: Ts) -> Result<Option<Ts>, StoreError> {

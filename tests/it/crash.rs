@@ -168,7 +168,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing<S: Store>(
             .await
             .expect("the outbox backlog")
             .iter()
-            .all(|(_, count)| *count == 0)
+            .all(|b| b.rows == 0)
     })
     .await;
     let drained_at = started.elapsed();

@@ -155,7 +155,7 @@ impl Rig {
                     .await
                     .expect("the outbox backlog")
                     .iter()
-                    .all(|(_, count)| *count == 0)
+                    .all(|b| b.rows == 0)
                     && self.client.distinct_outbound_ids() >= self.stream.outbound.len()
                     && self.smtp.received().len() >= self.stream.emails.len()
             },

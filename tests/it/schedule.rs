@@ -60,6 +60,11 @@ async fn tick<S: Store>(scheduler: &Scheduler<S>, at: &str) -> Vec<(Job, Ts)> {
         .unwrap_or_else(|e| panic!("the tick at {at} succeeds: {e}"))
 }
 
+/// The latest firing of `job` done, as `/metrics` shows it.
+async fn last_done<S: Store>(w: &World<S>, job: &str) -> Option<Ts> {
+    w.store().last_done_firing(job).await.expect("the firings")
+}
+
 /// Ticks at `at` and returns the jobs of the firings that ran.
 async fn jobs_at<S: Store>(scheduler: &Scheduler<S>, at: &str) -> Vec<Job> {
     tick(scheduler, at)
@@ -219,6 +224,11 @@ async fn the_first_tick_only_marks_the_baseline_and_each_later_occurrence_runs_o
         "the baseline is the latest occurrence before the first tick"
     );
     assert_eq!(
+        last_done(&w, "sweep").await,
+        Some(ts("2026-01-01T09:00:00Z")),
+        "before its first run a job counts from its baseline (/metrics)"
+    );
+    assert_eq!(
         files_in(dir.path()),
         Vec::<String>::new(),
         "no report written by the baseline"
@@ -233,6 +243,10 @@ async fn the_first_tick_only_marks_the_baseline_and_each_later_occurrence_runs_o
         tick(&s, "2026-01-01T09:05:00Z").await,
         vec![(Job::Sweep, ts("2026-01-01T09:05:00Z"))],
         "the next occurrence runs the sweep"
+    );
+    assert_eq!(
+        last_done(&w, "sweep").await,
+        Some(ts("2026-01-01T09:05:00Z"))
     );
     assert_eq!(
         tick(&s, "2026-01-01T09:05:00Z").await,
@@ -1131,6 +1145,15 @@ async fn a_failed_job_is_given_back_and_a_later_tick_runs_it<S: Store>(w: World<
             .expect("the firings"),
         Some(ts("2026-01-02T02:00:00Z")),
         "the sweep that succeeded keeps its claim"
+    );
+    assert_eq!(
+        last_done(&w, "daily_reports").await,
+        Some(ts("2026-01-01T02:00:00Z")),
+        "the last success of a failing job stays where it was (/metrics)"
+    );
+    assert_eq!(
+        last_done(&w, "sweep").await,
+        Some(ts("2026-01-02T02:00:00Z"))
     );
     assert!(
         s.tick(ts("2026-01-02T02:05:00Z")).await.is_err(),

@@ -24,7 +24,7 @@ use training_credits::broker::topology::{
 };
 use training_credits::domain::Ts;
 use training_credits::notify::Email;
-use training_credits::store::{OutboxKind, Store};
+use training_credits::store::{Backlog, OutboxKind, Store};
 
 use common::broker::{
     BrokerConnection, Client, SmtpSink, TestWorker, Vhost, bare_message_id, config, eventually,
@@ -32,6 +32,7 @@ use common::broker::{
 };
 use common::child::{Finished, Site};
 use common::events::{event, opened, purchase};
+use common::metrics;
 use common::{assert_verified, available_now as available};
 
 /// Long enough for anything the worker does at once, on a loaded machine.
@@ -1361,6 +1362,148 @@ async fn health_readiness_and_metrics_are_served_over_http<S: Store>(store: S, u
     rig.worker.stop().await;
 }
 
+/// The prefix of every metric of this crate (`ops::metric`).
+const METRIC_PREFIX: &str = "training_credits_";
+
+/// Every string under a key `expr`, however deep: the queries of a Grafana
+/// dashboard's panels, the expressions of Prometheus rules.
+fn exprs(value: &Value) -> Vec<&str> {
+    match value {
+        Value::Object(fields) => fields
+            .iter()
+            .flat_map(|(key, value)| match (key.as_str(), value) {
+                ("expr", Value::String(expr)) => vec![expr.as_str()],
+                _ => exprs(value),
+            })
+            .collect(),
+        Value::Array(values) => values.iter().flat_map(exprs).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The metric names a PromQL expression uses, by a plain tokenisation:
+/// every word (a run of letters, digits, `_` and `:`) that starts with
+/// [`METRIC_PREFIX`]. Functions, label names, label values, durations and
+/// Grafana's `$variables` never start with it.
+fn metric_names(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with(METRIC_PREFIX))
+}
+
+/// A misspelt metric in the dashboard or the alert rules shows an empty
+/// panel or an alert that can never fire, and nothing else says so: every
+/// metric they name must be on a live `/metrics` after a little traffic (a
+/// histogram's `_bucket`, `_sum` and `_count` as the histogram's).
+async fn every_metric_the_dashboard_and_the_alert_rules_name_is_on_metrics<S: Store>(
+    store: S,
+    url: String,
+) {
+    let read = |path: &str| {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let dashboard: Value =
+        serde_json::from_str(&read("ops/grafana/dashboard.json")).expect("the dashboard is JSON");
+    let rules: Value =
+        serde_saphyr::from_str(&read("ops/prometheus/alerts.yml")).expect("the rules are YAML");
+    let named: BTreeMap<&str, BTreeSet<&str>> = [
+        ("ops/grafana/dashboard.json", &dashboard),
+        ("ops/prometheus/alerts.yml", &rules),
+    ]
+    .into_iter()
+    .map(|(file, document)| {
+        let names: BTreeSet<&str> = exprs(document).into_iter().flat_map(metric_names).collect();
+        assert!(!names.is_empty(), "{file} names no metric");
+        (file, names)
+    })
+    .collect();
+
+    let rig = rig(&store, &url, None).await;
+    rig.client
+        .publish(&opened("n-open", "names", &["boss@names.test"]))
+        .await;
+    rig.client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    rig.client.publish_bytes("none", b"not json at all").await;
+    await_dead_letters(&rig.client, 1, SOON).await;
+    let (status, body) = http_get(rig.worker.http_addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    rig.worker.stop().await;
+
+    let samples = metrics::samples(&body);
+    let exposed: BTreeSet<&str> = samples.iter().map(|s| s.metric.as_str()).collect();
+    let histograms: BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| matches!(s.value, prometheus_parse::Value::Histogram(_)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    let on_metrics = |name: &str| {
+        exposed.contains(name)
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|histogram| histograms.contains(histogram))
+            })
+    };
+    let missing: Vec<String> = named
+        .iter()
+        .flat_map(|(file, names)| {
+            names
+                .iter()
+                .filter(|name| !on_metrics(name))
+                .map(move |name| format!("{name} (in {file})"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named but not on /metrics: {missing:?}\non /metrics: {exposed:?}"
+    );
+}
+
+/// What `/metrics` shows of the outbox: rows not dispatched yet by kind,
+/// and when the oldest of each kind was written.
+async fn the_outbox_backlog_counts_unsent_rows_by_kind_with_the_oldest<S: Store>(
+    store: S,
+    _url: String,
+) {
+    let at = |text: &str| Ts::parse(text).expect("an instant");
+    let row = |id: &str, kind, written| {
+        training_credits::store::OutboxRow::new(id.to_owned(), kind, "{}".to_owned(), at(written))
+    };
+    assert_eq!(store.outbox_backlog().await.expect("the backlog"), vec![]);
+    store
+        .enqueue_outbox(&[
+            row("e1", OutboxKind::Email, "2026-03-01T10:00:00Z"),
+            row("e2", OutboxKind::Email, "2026-03-01T09:00:00Z"),
+            row("e3", OutboxKind::Email, "2026-03-01T08:00:00Z"),
+            row("v1", OutboxKind::Event, "2026-03-01T11:00:00Z"),
+        ])
+        .await
+        .expect("rows written");
+    store
+        .outbox_complete("e3", &[], at("2026-03-01T12:00:00Z"))
+        .await
+        .expect("one sent");
+    let mut backlog = store.outbox_backlog().await.expect("the backlog");
+    backlog.sort_by_key(|b| b.kind.as_str());
+    assert_eq!(
+        backlog,
+        vec![
+            Backlog {
+                kind: OutboxKind::Email,
+                rows: 2,
+                oldest: at("2026-03-01T09:00:00Z"),
+            },
+            Backlog {
+                kind: OutboxKind::Event,
+                rows: 1,
+                oldest: at("2026-03-01T11:00:00Z"),
+            },
+        ],
+        "the sent row counts no more; no report waits"
+    );
+}
+
 on_both_stores!(
     malformed_messages_are_dead_lettered_at_once_with_their_reason_and_kept_whole,
     a_purchase_for_an_unknown_account_is_retried_then_dead_lettered_unknown_account,
@@ -1377,4 +1520,6 @@ on_both_stores!(
     the_worker_reconnects_when_the_broker_closes_its_connection_and_applies_each_message_once,
     a_dead_letter_the_broker_refuses_is_kept_until_the_dead_letter_queue_takes_it,
     health_readiness_and_metrics_are_served_over_http,
+    every_metric_the_dashboard_and_the_alert_rules_name_is_on_metrics,
+    the_outbox_backlog_counts_unsent_rows_by_kind_with_the_oldest,
 );
