@@ -208,16 +208,27 @@ COMMIT;"
     )
 }
 
+/// The history's first redemption is this many days old…
+pub const HISTORY_DAYS: i64 = 730;
+/// …and redemption `hist-req-I` of account `acct-(I % accounts)` came
+/// `I` × this many seconds after it.
+pub const HISTORY_STEP_SECONDS: i64 = 30;
+
+/// How many redemptions (`hist-req-0…`) a history of `entries` journal
+/// entries on `accounts` accounts holds: the rest are purchases.
+pub fn history_redeems(accounts: u64, entries: u64) -> u64 {
+    entries.saturating_sub(accounts + accounts * OLD_LOTS)
+}
+
 /// A history on the same accounts that brings the journal to `entries`:
 /// per account 19 old lots, bought two years ago, spent by approved
 /// redemptions of 25.00 and expired a year ago; a redemption row, an
 /// idempotency record and a dispatched outbound event per entry. The
 /// redemptions belong to 100,000 learners, among them the workload's.
 pub fn history_sql(dialect: &Dialect, accounts: u64, entries: u64) -> String {
-    let old_purchases = accounts * OLD_LOTS;
-    let redeems = entries.saturating_sub(accounts + old_purchases);
+    let redeems = history_redeems(accounts, entries);
     let (prefix, from) = dialect.series("i", redeems);
-    let at = dialect.instant(-730, Some(("i", 30)));
+    let at = dialect.instant(-HISTORY_DAYS, Some(("i", HISTORY_STEP_SECONDS)));
     let bought = dialect.instant(-731, None);
     let expired = dialect.instant(-365, None);
     let lot = format!("'old-' || (i % {accounts}) || '-' || ((i / {accounts}) % {OLD_LOTS})");

@@ -20,7 +20,9 @@
 //!    broker alone (a relay in the bench instead of the worker, in step 1);
 //! 4. the worker's peak RSS (`VmHWM`, polled);
 //! 5. step 2 again on a ledger that already holds 1,000,000 journal entries
-//!    (filled by SQL in the binary's own schema), and its ratio to step 2.
+//!    (filled by SQL in the binary's own schema), and its ratio to step 2;
+//! 6. the read API on such a ledger over only ten accounts: p50 and p99 of
+//!    each GET (`api`), in a table of its own.
 //!
 //! After every worker run it runs `training-credits verify` and checks that
 //! exactly the expected outbound events arrived (one per applied inbound
@@ -29,11 +31,13 @@
 //! reported, never asserted.
 //!
 //! Options (after `--`): `--events N` (20000), `--accounts N` (1000),
-//! `--history N` (1000000; 0 skips step 5), `--backends sqlite,postgres`,
+//! `--history N` (1000000; 0 skips steps 5 and 6), `--backends sqlite,postgres`,
 //! `--rate N` (1000) and `--latency-seconds N` (10) for step 3,
 //! `--postgres URL` (admin URL; default `TEST_POSTGRES_URL` or
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `--amqp URL` (broker
-//! without vhost; default `amqp://guest:guest@127.0.0.1:5672`). `PREFETCH`
+//! without vhost; default `amqp://guest:guest@127.0.0.1:5672`),
+//! `--api-samples N` (200; 0 skips step 6), `--api-accounts N` (10),
+//! `--api-only` (step 6 alone). `PREFETCH`
 //! and `BATCH_SIZE` in the environment are passed on to the worker. `--keep`
 //! keeps the databases (and prints their URLs) for inspection.
 
@@ -46,6 +50,7 @@ mod support;
 // capturing), the broker alone (step 1, `relay`), the databases, the worker
 // process and its commands, where the CPU went, one worker run (steps 2–5)
 // and the table. Each sees the others through `use crate::*`.
+mod api;
 mod broker;
 mod cpu;
 mod database;
@@ -56,6 +61,7 @@ mod table;
 mod worker;
 mod workload;
 
+use api::*;
 use broker::*;
 use cpu::*;
 use database::*;
@@ -104,10 +110,13 @@ struct Row {
     fill_seconds: f64,
 }
 
+/// A ledger of `accounts` seeded accounts and `history` journal entries
+/// (none when 0), and the seconds it took to fill.
 async fn prepare(
     backend: Backend,
     options: &Options,
     tag: &str,
+    accounts: u64,
     history: u64,
 ) -> BenchResult<(Database, f64)> {
     let database = Database::create(backend, options, tag).await?;
@@ -117,7 +126,6 @@ async fn prepare(
         backend,
         now_micros: chrono::Utc::now().timestamp_micros(),
     };
-    let accounts = options.accounts as u64;
     database.execute(&seed_sql(&dialect, accounts)).await?;
     if history > 0 {
         database
@@ -144,6 +152,7 @@ async fn bench_backend(
 ) -> BenchResult<Row> {
     let pid = std::process::id();
     let tag = backend.tag();
+    let accounts = options.accounts as u64;
     eprintln!("{}:", backend.label());
     let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}"), &options.amqp)?;
     let steady = (options.latency_seconds > 0).then_some((steady, options.rate));
@@ -152,7 +161,7 @@ async fn bench_backend(
         "  broker ceiling: published {:.0} msg/s, consumed {:.0} msg/s; relayed {:.0} msg/s",
         ceiling.publish_per_second, ceiling.consume_per_second, ceiling.relay_per_second
     );
-    let (database, _) = prepare(backend, options, &format!("{tag}_empty"), 0).await?;
+    let (database, _) = prepare(backend, options, &format!("{tag}_empty"), accounts, 0).await?;
     let empty = worker_run("empty ledger", &vhost, &database, workload, steady).await?;
     drop(database);
     drop(vhost);
@@ -170,8 +179,14 @@ async fn bench_backend(
             "  filling a ledger with {} journal entries…",
             thousands(options.history as f64)
         );
-        let (database, seconds) =
-            prepare(backend, options, &format!("{tag}_history"), options.history).await?;
+        let (database, seconds) = prepare(
+            backend,
+            options,
+            &format!("{tag}_history"),
+            accounts,
+            options.history,
+        )
+        .await?;
         fill_seconds = seconds;
         let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}_history"), &options.amqp)?;
         let run = worker_run("with history", &vhost, &database, workload, None).await?;
@@ -211,17 +226,30 @@ async fn bench(options: Options) -> BenchResult<bool> {
         std::env::var("BATCH_SIZE").map_or(String::new(), |v| format!(", BATCH_SIZE={v}")),
     );
     let mut rows = Vec::new();
+    let mut api_rows = Vec::new();
     let mut failures = Vec::new();
     for backend in &options.backends {
-        match bench_backend(*backend, &options, &workload, &steady).await {
-            Ok(row) => rows.push(row),
-            Err(error) => {
-                eprintln!("WARNING: {}: {error}", backend.label());
-                failures.push(format!("{}: {error}", backend.label()));
+        let mut failed = |error: String| {
+            eprintln!("WARNING: {}: {error}", backend.label());
+            failures.push(format!("{}: {error}", backend.label()));
+        };
+        if !options.api_only {
+            match bench_backend(*backend, &options, &workload, &steady).await {
+                Ok(row) => rows.push(row),
+                Err(error) => failed(error),
+            }
+        }
+        if options.api_samples > 0 && options.history > 0 {
+            match api_step(*backend, &options).await {
+                Ok(row) => api_rows.push(row),
+                Err(error) => failed(error),
             }
         }
     }
-    print_table(&rows, &options, &workload);
+    if !options.api_only {
+        print_table(&rows, &options, &workload);
+    }
+    print_api_table(&api_rows, &options);
     let mut correct = failures.is_empty();
     for row in &rows {
         for run in std::iter::once(&row.empty).chain(row.history.as_ref()) {

@@ -46,10 +46,16 @@ pub struct Options {
     pub amqp: String,
     /// Keep the databases (for inspection) instead of dropping them.
     pub keep: bool,
+    /// Step 6: samples of each read API GET (0 skips it), on a ledger of
+    /// `history` entries over this many accounts; `api_only` skips 1–5.
+    pub api_samples: usize,
+    pub api_accounts: u64,
+    pub api_only: bool,
 }
 
 pub const USAGE: &str = "cargo bench --bench throughput [-- [--events N] [--accounts N] [--history N] \
-[--backends sqlite,postgres] [--rate N] [--latency-seconds N] [--postgres URL] [--amqp URL] [--keep]]";
+[--backends sqlite,postgres] [--rate N] [--latency-seconds N] [--api-samples N] [--api-accounts N] [--api-only] \
+[--postgres URL] [--amqp URL] [--keep]]";
 
 pub fn parse_options() -> BenchResult<Options> {
     let mut options = Options {
@@ -63,6 +69,9 @@ pub fn parse_options() -> BenchResult<Options> {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
         amqp: "amqp://guest:guest@127.0.0.1:5672".to_owned(),
         keep: false,
+        api_samples: 200,
+        api_accounts: 10,
+        api_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -85,6 +94,9 @@ pub fn parse_options() -> BenchResult<Options> {
             // What cargo passes to every bench binary.
             "--bench" => {}
             "--keep" => options.keep = true,
+            "--api-only" => options.api_only = true,
+            "--api-samples" => options.api_samples = number(&name, value()?)?,
+            "--api-accounts" => options.api_accounts = number(&name, value()?)?,
             "--events" => options.events = number(&name, value()?)?,
             "--accounts" => options.accounts = number(&name, value()?)?,
             "--history" => options.history = number(&name, value()?)?,
@@ -111,6 +123,9 @@ pub fn parse_options() -> BenchResult<Options> {
     }
     if options.events < 100 || options.accounts < 10 || options.rate == 0 {
         return Err("--events must be ≥ 100, --accounts ≥ 10 and --rate ≥ 1".to_owned());
+    }
+    if options.api_accounts == 0 {
+        return Err("--api-accounts must be ≥ 1".to_owned());
     }
     Ok(options)
 }

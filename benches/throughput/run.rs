@@ -26,12 +26,18 @@ impl Times {
         sent: &HashMap<&str, Instant>,
         arrivals: impl Iterator<Item = (&'a str, Instant)>,
     ) -> Times {
-        let mut millis: Vec<f64> = arrivals
-            .filter_map(|(id, at)| {
-                sent.get(id)
-                    .map(|sent| at.duration_since(*sent).as_secs_f64() * 1000.0)
-            })
-            .collect();
+        Times::of(
+            arrivals
+                .filter_map(|(id, at)| {
+                    sent.get(id)
+                        .map(|sent| at.duration_since(*sent).as_secs_f64() * 1000.0)
+                })
+                .collect(),
+        )
+    }
+
+    /// The quantiles of `millis`.
+    pub fn of(mut millis: Vec<f64>) -> Times {
         millis.sort_by(f64::total_cmp);
         let quantile = |q: f64| {
             if millis.is_empty() {
@@ -127,7 +133,7 @@ pub async fn worker_run(
     );
 
     let started = Instant::now();
-    let mut worker = Worker::start(&database.url, &vhost.url())?;
+    let mut worker = Worker::start(&database.url, &vhost.url(), &[])?;
     let cpu_at_start = CpuReading::take(worker.child.id());
     worker.ready().await?;
     run.startup_seconds = started.elapsed().as_secs_f64();

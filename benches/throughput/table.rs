@@ -253,3 +253,38 @@ pub fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
 pub fn met(flag: bool) -> &'static str {
     if flag { "met" } else { "MISSED" }
 }
+
+pub fn print_api_table(rows: &[ApiRow], options: &Options) {
+    let Some(first) = rows.first() else {
+        return;
+    };
+    println!();
+    println!(
+        "Read API, {} journal entries over {} accounts; {} samples of each GET, one at a time \
+         (p50 / p99 ms; pages of 100 unless said; a deep page comes after {} rows of its account)",
+        thousands(options.history as f64),
+        options.api_accounts,
+        options.api_samples,
+        thousands(first.depth as f64)
+    );
+    println!();
+    let backends: Vec<&str> = rows.iter().map(|row| row.backend.label()).collect();
+    println!("| GET | {} |", backends.join(" | "));
+    println!("|---|{}", "---|".repeat(rows.len()));
+    for (n, (name, _)) in first.gets.iter().enumerate() {
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|row| {
+                let times = &row.gets[n].1;
+                format!("{:.1} / {:.1}", times.p50_ms, times.p99_ms)
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    let fills: Vec<String> = rows
+        .iter()
+        .map(|row| format!("{} {:.0} s", row.backend.label(), row.fill_seconds))
+        .collect();
+    println!();
+    println!("Ledger fill (not timed above): {}.", fills.join(", "));
+}

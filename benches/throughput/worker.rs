@@ -93,7 +93,8 @@ pub fn worker_dir() -> std::io::Result<tempfile::TempDir> {
 }
 
 impl Worker {
-    pub fn start(database_url: &str, amqp_url: &str) -> BenchResult<Worker> {
+    /// Starts the worker on `database_url` and `amqp_url`, with `env` set.
+    pub fn start(database_url: &str, amqp_url: &str, env: &[(&str, &str)]) -> BenchResult<Worker> {
         let dir = worker_dir().map_err(fail("a temporary folder"))?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -102,6 +103,7 @@ impl Worker {
         let child = binary(&["run"], database_url, dir.path())
             .env("AMQP_URL", amqp_url)
             .env("HTTP_ADDR", http.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -61,7 +61,9 @@ use crate::domain::{CodeKey, Credits, Id, Ts};
 /// Public, with what it names ([`Rows`], [`Statements`], [`Value`]), only
 /// because the impls of the public [`SqlStore`] are bounded by it; its module
 /// is private, so nothing outside `store` implements or calls it.
-pub trait Backend: Database<Arguments: IntoArguments<Self>, Connection: Migrate> {
+pub trait Backend:
+    Database<Arguments: IntoArguments<Self>, Connection: Migrate> + sqlx::database::HasStatementCache
+{
     /// How a write transaction begins.
     const BEGIN: &'static str;
     /// Appended to the load of the accounts a batch writes: locks them for
@@ -214,6 +216,7 @@ pub struct Statements {
     requests_page_of_status: SqlStr,
     transactions_report: SqlStr,
     journal_page: SqlStr,
+    journal_entry_at: SqlStr,
 }
 
 impl Statements {
@@ -323,12 +326,12 @@ impl Statements {
                  AND ($3 IS NULL OR j.at < $3) ORDER BY j.seq"
             )),
             // Oldest first: by instant, then by position among entries of
-            // one instant. The cursor's instant is read back from its row.
+            // one instant; the page starts after the bound `($2, $3)`.
             journal_page: text(format!(
-                "{TRANSACTIONS} j.account_id = $1 AND j.at >= $2 AND j.at < $3 \
-                 AND (j.at, j.seq) > (COALESCE((SELECT c.at FROM journal c WHERE c.seq = $4), $2), $4) \
+                "{TRANSACTIONS} j.account_id = $1 AND (j.at, j.seq) > ($2, $3) AND j.at < $4 \
                  ORDER BY j.at, j.seq LIMIT $5"
             )),
+            journal_entry_at: text("SELECT at FROM journal WHERE seq = $1".to_owned()),
         }
     }
 }
@@ -1550,6 +1553,9 @@ where
             .boxed()
     }
 
+    // The pages are planned with their values each time (not prepared): a
+    // plan made for any values would take `journal_by_at` for a window, or
+    // the account's every request for a status none has.
     async fn requests_page(
         &self,
         account: &Id,
@@ -1564,7 +1570,8 @@ where
         }
         .bind(account.to_string())
         .bind(after)
-        .bind(i64::from(limit));
+        .bind(i64::from(limit))
+        .persistent(false);
         let rows = match status {
             None => query,
             Some(status) => query.bind(status.as_str().to_owned()),
@@ -1585,12 +1592,28 @@ where
         limit: u32,
     ) -> Result<Vec<(i64, Vec<Cell>)>, StoreError> {
         let (start, end) = Ts::rfc3339_span();
+        // The page starts after its cursor's entry, and at `from` at the
+        // earliest: one bound, so that both backends seek straight to it.
+        let window_start = (from.unwrap_or(start), 0);
+        let cursor = if after > 0 {
+            sqlx::query(D::statements().journal_entry_at.clone())
+                .bind(after)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| row.try_get::<Ts, _>("at"))
+                .transpose()?
+                .map(|at| (at, after))
+        } else {
+            None
+        };
+        let (bound_at, bound_seq) = cursor.map_or(window_start, |cursor| cursor.max(window_start));
         let rows = sqlx::query(D::statements().journal_page.clone())
             .bind(account.to_string())
-            .bind(from.unwrap_or(start))
+            .bind(bound_at)
+            .bind(bound_seq)
             .bind(to.unwrap_or(end))
-            .bind(after)
             .bind(i64::from(limit))
+            .persistent(false)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
