@@ -1332,14 +1332,7 @@ async fn health_readiness_and_metrics_are_served_over_http<S: Store>(store: S, u
         json!({"ready": true, "database_reachable": true, "broker_connected": true, "consumer_running": true})
     );
 
-    rig.client
-        .publish(&opened("h-open", "ops", &["boss@ops.test"]))
-        .await;
-    rig.client
-        .await_outbound("training-credits.account.opened", 1)
-        .await;
-    rig.client.publish_bytes("none", b"not json at all").await;
-    await_dead_letters(&rig.client, 1, SOON).await;
+    a_little_traffic(&rig.client, "ops").await;
 
     let (status, metrics) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
@@ -1419,14 +1412,7 @@ async fn every_metric_the_dashboard_and_the_alert_rules_name_is_on_metrics<S: St
     .collect();
 
     let rig = rig(&store, &url, None).await;
-    rig.client
-        .publish(&opened("n-open", "names", &["boss@names.test"]))
-        .await;
-    rig.client
-        .await_outbound("training-credits.account.opened", 1)
-        .await;
-    rig.client.publish_bytes("none", b"not json at all").await;
-    await_dead_letters(&rig.client, 1, SOON).await;
+    a_little_traffic(&rig.client, "names").await;
     let (status, body) = http_get(rig.worker.http_addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");
     rig.worker.stop().await;
@@ -1523,3 +1509,21 @@ on_both_stores!(
     every_metric_the_dashboard_and_the_alert_rules_name_is_on_metrics,
     the_outbox_backlog_counts_unsent_rows_by_kind_with_the_oldest,
 );
+
+/// One account opened (its event out) and one message dead-lettered, so
+/// that `/metrics` has a sample of each kind of series.
+async fn a_little_traffic(client: &Client, account: &str) {
+    let owner = format!("boss@{account}.test");
+    client
+        .publish(&opened(
+            &format!("{account}-open"),
+            account,
+            &[owner.as_str()],
+        ))
+        .await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    client.publish_bytes("none", b"not json at all").await;
+    await_dead_letters(client, 1, SOON).await;
+}
