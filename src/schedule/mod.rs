@@ -18,6 +18,8 @@ use std::sync::Arc;
 use chrono::{Datelike, SubsecRound, TimeZone, Utc};
 use croner::Cron;
 use serde_json::Value;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::apply::{Applier, Input};
 use crate::config::parse_cron;
@@ -27,6 +29,7 @@ use crate::domain::{Id, Outcome, Ts};
 use crate::outbox::derived_uuid;
 use crate::report::{self, ReportError, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError, ToLoad};
+use crate::trace::Trace;
 
 /// Accounts per transaction: bounds how long one sweep batch holds its locks.
 pub const SWEEP_ACCOUNTS_PER_BATCH: usize = 200;
@@ -38,8 +41,9 @@ pub struct JobsReport {
     pub accounts_changed: usize,
 }
 
-/// The sweep of one account at `at`, as a ledger input.
-pub fn sweep_input(account_id: &Id, at: Ts) -> Input {
+/// The sweep of one account at `at`, as a ledger input of the job's `span`
+/// and `trace`.
+pub fn sweep_input(account_id: &Id, at: Ts, span: &Span, trace: Option<&Trace>) -> Input {
     Input {
         key: EventKey {
             source: "schedule".to_owned(),
@@ -50,29 +54,43 @@ pub fn sweep_input(account_id: &Id, at: Ts) -> Input {
         command: Command::Sweep {
             account_id: account_id.clone(),
         },
+        span: span.clone(),
+        trace: trace.cloned(),
     }
 }
 
-/// Runs every scheduled job once as of `at`.
+/// Runs every scheduled job once as of `at`, in one span: when spans are
+/// exported, the root of a trace that the events of the job continue.
 pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsReport, StoreError> {
-    let timeout = applier.settings().policy.pending_timeout_days;
-    let accounts = applier
-        .store()
-        .sweep_candidates(at, at.plus_days(-timeout))
-        .await?;
-    let mut report = JobsReport {
-        accounts_examined: accounts.len(),
-        ..JobsReport::default()
-    };
-    for chunk in accounts.chunks(SWEEP_ACCOUNTS_PER_BATCH) {
-        let inputs: Vec<Input> = chunk.iter().map(|id| sweep_input(id, at)).collect();
-        let outcomes = applier.apply(&inputs, at).await?;
-        report.accounts_changed += outcomes
-            .iter()
-            .filter(|o| matches!(o, Outcome::Applied))
-            .count();
+    // At the level of the warnings it may hold (see `consume`).
+    let span =
+        tracing::warn_span!(parent: None, "job", job = Job::Sweep.name(), %at, trace_id = Empty);
+    let trace = Trace::start(&span, None);
+    async {
+        let timeout = applier.settings().policy.pending_timeout_days;
+        let accounts = applier
+            .store()
+            .sweep_candidates(at, at.plus_days(-timeout))
+            .await?;
+        let mut report = JobsReport {
+            accounts_examined: accounts.len(),
+            ..JobsReport::default()
+        };
+        for chunk in accounts.chunks(SWEEP_ACCOUNTS_PER_BATCH) {
+            let inputs: Vec<Input> = chunk
+                .iter()
+                .map(|id| sweep_input(id, at, &span, trace.as_ref()))
+                .collect();
+            let outcomes = applier.apply(&inputs, at).await?;
+            report.accounts_changed += outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Applied))
+                .count();
+        }
+        Ok(report)
     }
-    Ok(report)
+    .instrument(span.clone())
+    .await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +254,7 @@ impl<S: Store> Scheduler<S> {
                             columns: None,
                         },
                         causation_id: format!("schedule:statements:{due}"),
+                        trace: None,
                         title: format!(
                             "Your training credits statement for {}, {month}",
                             account.name
