@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::{Value, json};
+use training_credits::domain::Outcome;
 use training_credits::store::Store;
 
 use common::broker::{Client, TestWorker, Vhost, config, eventually};
@@ -353,6 +354,71 @@ async fn each_message_s_span_reaches_the_otlp_receiver_as_a_child_of_its_tracepa
             "00-{}-{}-01",
             hex::encode(&root.trace_id),
             hex::encode(&root.span_id)
+        )
+    );
+}
+
+/// A scheduled job has no inbound trace. Without exporting, its events
+/// carry none; with spans exported (here by `sweep`, whose spans are sent
+/// as it exits), the job's span is the root of a trace that they continue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_s_events_continue_its_own_trace_when_spans_are_exported() {
+    let mut w = common::sqlite_world().await;
+    assert_eq!(
+        w.open("acme", "automatic", "boss@acme.test", "ACME-1234")
+            .await,
+        Outcome::Applied
+    );
+    for (purchase_id, days) in [("p1", 1), ("p2", 3)] {
+        let expires_at = w.now.plus_days(days);
+        assert_eq!(
+            w.purchase_expiring("acme", purchase_id, "10", expires_at)
+                .await,
+            Outcome::Applied
+        );
+    }
+    w.advance_days(2);
+    w.sweep().await;
+    let expired = |events: Vec<Value>, purchase_id: &str| {
+        events
+            .into_iter()
+            .find(|e| {
+                e["type"] == "training-credits.lot.expired"
+                    && e["data"]["purchase_id"] == purchase_id
+            })
+            .unwrap_or_else(|| panic!("{purchase_id} expired"))
+    };
+    let untraced = expired(w.events().await, "p1");
+    assert!(untraced.get("traceparent").is_none(), "{untraced:#}");
+
+    let receiver = Receiver::start().await;
+    let site = Site::with_amqp_url(&w.url, "amqp://127.0.0.1:5672/%2f")
+        .with_env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .with_env("OTEL_BSP_SCHEDULE_DELAY", "60000");
+    let at = w.now.plus_days(2).to_string();
+    let swept = site
+        .output(&["sweep", "--at", &at], Duration::from_secs(60))
+        .await;
+    assert_eq!(swept.code(), Some(0), "{}", swept.stderr);
+    let traced = expired(w.events().await, "p2");
+    let jobs: Vec<Span> = receiver
+        .spans
+        .lock()
+        .expect("the spans")
+        .iter()
+        .filter(|(_, span)| span.name == "job")
+        .map(|(_, span)| span.clone())
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    let job = &jobs[0];
+    assert_eq!(text_attribute(&job.attributes, "job"), "sweep");
+    assert!(job.parent_span_id.is_empty(), "a root: {job:?}");
+    assert_eq!(
+        traced["traceparent"],
+        format!(
+            "00-{}-{}-01",
+            hex::encode(&job.trace_id),
+            hex::encode(&job.span_id)
         )
     );
 }
