@@ -20,6 +20,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
+use opentelemetry::trace::SpanContext;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
@@ -32,7 +33,7 @@ use crate::decode::{Decoded, EventKey, Malformed, Schemas, decode};
 use crate::domain::{DeadReason, Id, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
-use crate::trace::Trace;
+use crate::trace::{Trace, trace_id_field};
 
 /// Bounds of the consumer, from the configuration.
 #[derive(Clone, Debug)]
@@ -149,13 +150,19 @@ impl Batch {
                     Some(&decoded.key),
                     Some(decoded.kind.as_str()),
                     decoded.command.account_id(),
+                    decoded.traceparent.as_ref(),
                 );
                 self.spans.push(span.clone());
                 self.inputs.push(Input::within(decoded, span));
                 self.malformed.push(None);
             }
             Err(refusal) => {
-                let span = message_span(refusal.key.as_ref(), refusal.type_name.as_deref(), None);
+                let span = message_span(
+                    refusal.key.as_ref(),
+                    refusal.type_name.as_deref(),
+                    None,
+                    refusal.traceparent.as_deref(),
+                );
                 // It causes no event, but its span is still part of its trace.
                 let _ = Trace::start(&span, refusal.traceparent.as_deref().cloned());
                 self.spans.push(span);
@@ -166,13 +173,18 @@ impl Batch {
     }
 }
 
-/// The worker's span for one message: from its decoding to its settling,
-/// entered while its rules run and while its outcome is logged and settled,
-/// with what it says of itself. Its `trace_id` is recorded by
-/// [`Trace::start`]. At level WARN: a span's fields show on the lines logged
-/// within it only if the log filter lets the span itself through, and the
-/// default filter (`warn`) must show a message's trace on its warnings.
-fn message_span(key: Option<&EventKey>, type_name: Option<&str>, account: Option<&Id>) -> Span {
+/// The worker's span for one message, child of its `traceparent` (see
+/// [`Trace::start`]): from its decoding to its settling, entered while its
+/// rules run and while its outcome is logged and settled, with what it says
+/// of itself. At level WARN: a span's fields show on the lines logged within
+/// it only if the log filter lets the span itself through, and the default
+/// filter (`warn`) must show a message's trace on its warnings.
+fn message_span(
+    key: Option<&EventKey>,
+    type_name: Option<&str>,
+    account: Option<&Id>,
+    traceparent: Option<&SpanContext>,
+) -> Span {
     tracing::warn_span!(
         parent: None,
         "message",
@@ -180,7 +192,7 @@ fn message_span(key: Option<&EventKey>, type_name: Option<&str>, account: Option
         r#type = type_name,
         account = account.map(tracing::field::display),
         source = key.map(|key| key.source.as_str()),
-        trace_id = tracing::field::Empty,
+        trace_id = trace_id_field(traceparent),
     )
 }
 

@@ -18,6 +18,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::Span;
+use tracing::field::{DisplayValue, display};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 const TRACEPARENT: &str = "traceparent";
@@ -32,6 +33,12 @@ pub fn parent_of(event: &Value) -> Option<SpanContext> {
     span_context.is_valid().then_some(span_context)
 }
 
+/// The `trace_id` field of the worker's span for a unit of work whose
+/// inbound parent is `parent`: the parent's trace id, which the span keeps.
+pub fn trace_id_field(parent: Option<&SpanContext>) -> Option<DisplayValue<TraceId>> {
+    parent.map(|parent| display(parent.trace_id()))
+}
+
 /// The trace what one unit of work produces continues: the context of the
 /// worker's span for it (its trace id, the span's own id, the sampling flag
 /// and `tracestate` as they came in).
@@ -39,14 +46,19 @@ pub fn parent_of(event: &Value) -> Option<SpanContext> {
 pub struct Trace(SpanContext);
 
 impl Trace {
-    /// Makes `span`, which must declare a `trace_id` field, the worker's span
-    /// for a unit of work whose inbound parent is `parent`, and records the
-    /// trace id on it. When spans are exported, `span` is an OpenTelemetry
-    /// span, a child of `parent` or else the root of a new trace, and the
-    /// trace is its own. Otherwise the trace is `parent`'s, under a span id
-    /// drawn for `span`, and there is none without a parent: a trace id that
-    /// nobody records would link nothing.
+    /// Makes `span` the worker's span for a unit of work whose inbound
+    /// parent is `parent`. When spans are exported, `span` is an
+    /// OpenTelemetry span, a child of `parent` or else the root of a new
+    /// trace, and the trace is its own. Otherwise the trace is `parent`'s,
+    /// under a span id drawn for `span`, and there is none without a parent:
+    /// a trace id that nobody records would link nothing.
+    ///
+    /// `span` declares a `trace_id` field, given [`trace_id_field`] of
+    /// `parent` when it is created (a value recorded later costs the JSON
+    /// log a second formatting of every field); a new root's is recorded
+    /// here.
     pub fn start(span: &Span, parent: Option<SpanContext>) -> Option<Trace> {
+        let root = parent.is_none();
         if let Some(parent) = &parent {
             // Fails only when no OpenTelemetry layer is installed (spans are
             // not exported), or the span is disabled: nothing to set then.
@@ -65,7 +77,9 @@ impl Trace {
                 parent.trace_state().clone(),
             )
         };
-        span.record("trace_id", tracing::field::display(context.trace_id()));
+        if root {
+            span.record("trace_id", display(context.trace_id()));
+        }
         Some(Trace(context))
     }
 
