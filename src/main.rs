@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     if let Err(usage) = cli.check() {
         usage.exit();
     }
-    let exporting = match Exporting::from_vars(|name| std::env::var(name).ok()) {
+    let exporting = match Exporting::from_env() {
         Ok(exporting) => exporting,
         Err(error) => {
             eprintln!("training-credits: bad configuration: the OTLP exporter: {error}");

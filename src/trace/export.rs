@@ -32,11 +32,10 @@ pub struct Exporting {
 }
 
 impl Exporting {
-    /// The pipeline, if an endpoint is set (`var` reads the environment).
-    pub fn from_vars(
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<Exporting>, ExporterBuildError> {
-        let set = |name: &str| var(name).is_some_and(|value| !value.is_empty());
+    /// The pipeline, if an endpoint is set in the environment (which the
+    /// SDK reads for the rest).
+    pub fn from_env() -> Result<Option<Exporting>, ExporterBuildError> {
+        let set = |name: &str| std::env::var_os(name).is_some_and(|value| !value.is_empty());
         if !set(VARIABLES[0]) && !set(VARIABLES[1]) {
             return Ok(None);
         }
