@@ -18,8 +18,8 @@ use std::sync::Arc;
 use chrono::{Datelike, SubsecRound, TimeZone, Utc};
 use croner::Cron;
 use serde_json::Value;
+use tracing::Span;
 use tracing::field::Empty;
-use tracing::{Instrument, Span};
 
 use crate::apply::{Applier, Input};
 use crate::config::parse_cron;
@@ -59,38 +59,38 @@ pub fn sweep_input(account_id: &Id, at: Ts, span: &Span, trace: Option<&Trace>) 
     }
 }
 
-/// Runs every scheduled job once as of `at`, in one span: when spans are
-/// exported, the root of a trace that the events of the job continue.
+/// Runs every scheduled job once as of `at`, in one span, entered while the
+/// rules run for each account: when spans are exported, the root of a trace
+/// that the events of the job continue. It is not entered around the
+/// database's work: SQLite's connection threads keep the span that was
+/// current for a statement a moment after they answer, which could end it
+/// after the spans of a command that exits were sent.
 pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsReport, StoreError> {
     // At the level of the warnings it may hold (see `consume`).
     let span =
         tracing::warn_span!(parent: None, "job", job = Job::Sweep.name(), %at, trace_id = Empty);
     let trace = Trace::start(&span, None);
-    async {
-        let timeout = applier.settings().policy.pending_timeout_days;
-        let accounts = applier
-            .store()
-            .sweep_candidates(at, at.plus_days(-timeout))
-            .await?;
-        let mut report = JobsReport {
-            accounts_examined: accounts.len(),
-            ..JobsReport::default()
-        };
-        for chunk in accounts.chunks(SWEEP_ACCOUNTS_PER_BATCH) {
-            let inputs: Vec<Input> = chunk
-                .iter()
-                .map(|id| sweep_input(id, at, &span, trace.as_ref()))
-                .collect();
-            let outcomes = applier.apply(&inputs, at).await?;
-            report.accounts_changed += outcomes
-                .iter()
-                .filter(|o| matches!(o, Outcome::Applied))
-                .count();
-        }
-        Ok(report)
+    let timeout = applier.settings().policy.pending_timeout_days;
+    let accounts = applier
+        .store()
+        .sweep_candidates(at, at.plus_days(-timeout))
+        .await?;
+    let mut report = JobsReport {
+        accounts_examined: accounts.len(),
+        ..JobsReport::default()
+    };
+    for chunk in accounts.chunks(SWEEP_ACCOUNTS_PER_BATCH) {
+        let inputs: Vec<Input> = chunk
+            .iter()
+            .map(|id| sweep_input(id, at, &span, trace.as_ref()))
+            .collect();
+        let outcomes = applier.apply(&inputs, at).await?;
+        report.accounts_changed += outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Applied))
+            .count();
     }
-    .instrument(span.clone())
-    .await
+    Ok(report)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

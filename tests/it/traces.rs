@@ -409,7 +409,7 @@ async fn a_scheduled_job_s_events_continue_its_own_trace_when_spans_are_exported
         .filter(|(_, span)| span.name == "job")
         .map(|(_, span)| span.clone())
         .collect();
-    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(jobs.len(), 1, "{jobs:#?}\n{}", swept.stderr);
     let job = &jobs[0];
     assert_eq!(text_attribute(&job.attributes, "job"), "sweep");
     assert!(job.parent_span_id.is_empty(), "a root: {job:?}");
