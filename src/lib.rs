@@ -16,8 +16,9 @@
 //! [`apply`], [`report`] writes CSV and XLSX reports, [`ops`] serves health
 //! and metrics, [`api`] the read API of SPEC §9. [`store`] keeps the ledger (SQLite or PostgreSQL), [`broker`]
 //! holds what every AMQP user shares (connections, topology), [`config`]
-//! reads the environment, [`worker`] ties the pieces together for `run`, and
-//! [`cli`] holds one file per command.
+//! reads the environment, [`trace`] carries an inbound trace context to what
+//! a message causes and exports spans, [`worker`] ties the pieces together
+//! for `run`, and [`cli`] holds one file per command.
 //!
 //! Dependencies run one way, each module using only those of the layers
 //! below its own (`tests/it/layers.rs` reads this table and checks every use):
@@ -31,7 +32,7 @@
 //! | 3 | [`outbox`], [`report`], [`ops`] |
 //! | 2 | [`store`] |
 //! | 1 | [`config`], [`decode`], [`notify`], [`broker`] |
-//! | 0 | [`domain`] |
+//! | 0 | [`domain`], [`trace`] |
 
 pub mod api;
 pub mod apply;
@@ -48,4 +49,5 @@ pub mod outbox;
 pub mod report;
 pub mod schedule;
 pub mod store;
+pub mod trace;
 pub mod worker;

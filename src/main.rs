@@ -1,13 +1,17 @@
 //! The `training-credits` binary: parse and check the command line (bad
-//! usage exits 2), run the command, print any failure with its whole cause
-//! chain on one line.
+//! usage exits 2), set up logging and span export, run the command, send the
+//! spans not sent yet, print any failure with its whole cause chain on one
+//! line.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use training_credits::cli::{self, Cli};
+use training_credits::trace::export::Exporting;
 
 /// mimalloc instead of the system allocator: the worker allocates and frees
 /// many small values per message (decoded JSON, SQL binds), which glibc's
@@ -24,16 +28,25 @@ fn main() -> ExitCode {
     if let Err(usage) = cli.check() {
         usage.exit();
     }
+    let exporting = match Exporting::from_env() {
+        Ok(exporting) => exporting,
+        Err(error) => {
+            eprintln!("training-credits: bad configuration: the OTLP exporter: {error}");
+            return ExitCode::from(1);
+        }
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        subscriber.json().init();
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = if json {
+        log.json().boxed()
     } else {
-        subscriber.init();
-    }
+        log.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(exporting.as_ref().map(Exporting::layer))
+        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -41,7 +54,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let ran = runtime.block_on(cli::run(cli));
+    // The tasks still held end with the runtime, and so do their spans,
+    // which are then among those sent.
+    drop(runtime);
+    if let Some(exporting) = exporting {
+        exporting.shutdown();
+    }
+    match ran {
         Ok(code) => code,
         Err(error) => {
             eprintln!("training-credits: {error:#}");

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Duration;
+use tracing::Span;
 
 use crate::config::Settings;
 use crate::decode::{Decoded, EventKey};
@@ -23,6 +24,7 @@ use crate::report::ReportJob;
 use crate::store::{
     AccountWrite, Loaded, LotWrite, OutboxKind, OutboxRow, Store, StoreError, ToLoad, Writes,
 };
+use crate::trace::Trace;
 
 /// One unit of work for the ledger: an inbound event or a scheduled job.
 #[derive(Clone, Debug)]
@@ -33,16 +35,32 @@ pub struct Input {
     /// `schedule:JOB:INSTANT`.
     pub causation_id: String,
     pub command: Command,
+    /// The worker's span for it, entered while its rules run.
+    pub span: Span,
+    /// The trace its outbound events continue, if any.
+    pub trace: Option<Trace>,
 }
 
-impl From<Decoded> for Input {
-    fn from(decoded: Decoded) -> Input {
+impl Input {
+    /// `decoded`, with `span` as the worker's span for it: a child of the
+    /// message's `traceparent`, if it has one (see [`Trace::start`]).
+    pub fn within(decoded: Decoded, span: Span) -> Input {
+        let trace = Trace::start(&span, decoded.traceparent);
         Input {
             causation_id: decoded.key.id.clone(),
             key: decoded.key,
             digest: decoded.digest,
             command: decoded.command,
+            span,
+            trace,
         }
+    }
+}
+
+impl From<Decoded> for Input {
+    /// Without a span of its own: outside the worker (tests, benches).
+    fn from(decoded: Decoded) -> Input {
+        Input::within(decoded, Span::none())
     }
 }
 
@@ -129,6 +147,7 @@ impl<S: Store> Applier<S> {
         let mut requests: BTreeSet<Id> = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for input in batch {
+            let _entered = input.span.enter();
             if let Some(digest) = seen.get(&input.key) {
                 outcomes.push(if *digest == input.digest {
                     Outcome::Duplicate
@@ -235,6 +254,7 @@ impl<S: Store> Applier<S> {
                         event,
                         account_id: account_id.as_ref(),
                         causation_id: &input.causation_id,
+                        trace: input.trace.as_ref(),
                         time: now,
                     }
                     .to_cloud_event(&self.settings.event_source);
@@ -271,6 +291,7 @@ impl<S: Store> Applier<S> {
                         title: format!("Your {:?} report", report.report).to_lowercase(),
                         request: report.clone(),
                         causation_id: input.causation_id.clone(),
+                        trace: input.trace.clone(),
                         announce: true,
                     };
                     rows.push(OutboxRow::new(
@@ -313,6 +334,8 @@ impl<S: Store> Applier<S> {
             digest: String::new(),
             causation_id: String::new(),
             command: Command::RedemptionRequested(request),
+            span: Span::none(),
+            trace: None,
         };
         let ledger = self
             .store

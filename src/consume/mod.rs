@@ -20,17 +20,20 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
+use opentelemetry::trace::SpanContext;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 
 use crate::apply::{Applier, Input};
 use crate::broker::topology::{DEAD_QUEUE, WORKER_QUEUE, long_string, retry_queue};
 use crate::broker::upgrade::{self, UpgradeError};
 use crate::broker::{connect, first_publisher, keep_original_routing_key, republished};
 use crate::config::{Publishers, redact};
-use crate::decode::{Decoded, Malformed, Schemas, decode};
-use crate::domain::{DeadReason, InboundType, Outcome, RetryReason, Ts};
+use crate::decode::{Decoded, EventKey, Malformed, Schemas, decode};
+use crate::domain::{DeadReason, Id, InboundType, Outcome, RetryReason, Ts};
 use crate::ops::{Health, metric};
 use crate::store::{Store, StoreError};
+use crate::trace::{Trace, trace_id_field};
 
 /// Bounds of the consumer, from the configuration.
 #[derive(Clone, Debug)]
@@ -102,6 +105,7 @@ impl Trust {
             detail: format!("{who} may not claim source `{}`", decoded.key.source),
             key: Some(decoded.key.clone()),
             type_name: Some(decoded.kind.as_str().to_owned()),
+            traceparent: decoded.traceparent.clone().map(Box::new),
         })
     }
 }
@@ -124,6 +128,8 @@ struct Batch {
     inputs: Vec<Input>,
     /// Per delivery, the reason it could not be decoded, if any.
     malformed: Vec<Option<Malformed>>,
+    /// Per delivery, the worker's span for it.
+    spans: Vec<Span>,
 }
 
 impl Batch {
@@ -140,13 +146,54 @@ impl Batch {
         });
         match decoded {
             Ok(decoded) => {
-                self.inputs.push(Input::from(decoded));
+                let span = message_span(
+                    Some(&decoded.key),
+                    Some(decoded.kind.as_str()),
+                    decoded.command.account_id(),
+                    decoded.traceparent.as_ref(),
+                );
+                self.spans.push(span.clone());
+                self.inputs.push(Input::within(decoded, span));
                 self.malformed.push(None);
             }
-            Err(refusal) => self.malformed.push(Some(refusal)),
+            Err(refusal) => {
+                let span = message_span(
+                    refusal.key.as_ref(),
+                    refusal.type_name.as_deref(),
+                    None,
+                    refusal.traceparent.as_deref(),
+                );
+                // It causes no event, but its span is still part of its trace.
+                let _ = Trace::start(&span, refusal.traceparent.as_deref().cloned());
+                self.spans.push(span);
+                self.malformed.push(Some(refusal));
+            }
         }
         self.deliveries.push(delivery);
     }
+}
+
+/// The worker's span for one message, child of its `traceparent` (see
+/// [`Trace::start`]): from its decoding to its settling, entered while its
+/// rules run and while its outcome is logged and settled, with what it says
+/// of itself. At level WARN: a span's fields show on the lines logged within
+/// it only if the log filter lets the span itself through, and the default
+/// filter (`warn`) must show a message's trace on its warnings.
+fn message_span(
+    key: Option<&EventKey>,
+    type_name: Option<&str>,
+    account: Option<&Id>,
+    traceparent: Option<&SpanContext>,
+) -> Span {
+    tracing::warn_span!(
+        parent: None,
+        "message",
+        event_id = key.map(|key| key.id.as_str()),
+        r#type = type_name,
+        account = account.map(tracing::field::display),
+        source = key.map(|key| key.source.as_str()),
+        trace_id = trace_id_field(traceparent),
+    )
 }
 
 /// What is done with one delivery once its batch is applied: acknowledged
@@ -301,6 +348,7 @@ impl<S: Store> Consumer<S> {
             deliveries: batch,
             inputs,
             malformed,
+            spans,
         } = batch;
         metrics::histogram!(metric::BATCH_SIZE).record(batch.len() as f64);
         let Some(outcomes) = self.apply(&inputs, cancel).await else {
@@ -308,7 +356,8 @@ impl<S: Store> Consumer<S> {
         };
         let mut applied = inputs.iter().zip(outcomes);
         let mut fates = Vec::with_capacity(batch.len());
-        for refusal in malformed {
+        for (refusal, span) in malformed.into_iter().zip(&spans) {
+            let _entered = span.enter();
             let fate = match refusal {
                 Some(malformed) => {
                     // Only the types this worker knows: a label taken from
@@ -328,7 +377,8 @@ impl<S: Store> Consumer<S> {
                 None => {
                     let (input, outcome) = applied.next().expect("one outcome per input");
                     metrics::counter!(metric::MESSAGES, "type" => input.command.type_name(), "outcome" => outcome.label()).increment(1);
-                    tracing::debug!(event_id = %input.key.id, source = %input.key.source, r#type = input.command.type_name(), account = ?input.command.account_id(), outcome = outcome.label(), "Applied.");
+                    // The message's span names it.
+                    tracing::debug!(outcome = outcome.label(), "Applied.");
                     match outcome {
                         Outcome::Applied
                         | Outcome::Duplicate
@@ -342,8 +392,12 @@ impl<S: Store> Consumer<S> {
             fates.push(fate);
         }
         let mut confirms = Vec::new();
-        for (delivery, fate) in batch.iter().zip(fates) {
-            confirms.extend(self.settle(channel, delivery, fate).await?);
+        for ((delivery, fate), span) in batch.iter().zip(fates).zip(spans) {
+            confirms.extend(
+                self.settle(channel, delivery, fate)
+                    .instrument(span)
+                    .await?,
+            );
         }
         // A nack (the broker would not take the message) must keep the batch
         // unacknowledged, or the message would be lost.

@@ -6,6 +6,7 @@ mod schemas;
 
 pub use schemas::{SchemaError, Schemas};
 
+use opentelemetry::trace::SpanContext;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -15,6 +16,7 @@ use crate::domain::command::{Command, InboundType, PurchaseRefunded};
 use crate::domain::rules::{
     PURCHASE_CREDITS_MAX, PURCHASE_CREDITS_MIN, REDEMPTION_COST_MAX, REDEMPTION_COST_MIN,
 };
+use crate::trace;
 
 /// SPEC §5: a larger message is dead-lettered `too_large`.
 pub const MESSAGE_BYTES_MAX: usize = 256 * 1024;
@@ -35,6 +37,9 @@ pub struct Decoded {
     /// another digest is an `id_conflict`.
     pub digest: String,
     pub command: Command,
+    /// Its `traceparent` and `tracestate`, where valid: the parent of the
+    /// worker's span for it.
+    pub traceparent: Option<SpanContext>,
 }
 
 /// A message that can never be applied.
@@ -45,6 +50,10 @@ pub struct Malformed {
     /// The event key, where the envelope got far enough to have one.
     pub key: Option<EventKey>,
     pub type_name: Option<String>,
+    /// Its trace context, where it got far enough to have a valid one
+    /// (boxed: most messages have none, and every refusal would carry its
+    /// room).
+    pub traceparent: Option<Box<SpanContext>>,
 }
 
 impl Malformed {
@@ -54,6 +63,7 @@ impl Malformed {
             detail: detail.into(),
             key: None,
             type_name: None,
+            traceparent: None,
         }
     }
 }
@@ -83,11 +93,13 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| Malformed::new(DeadReason::InvalidJson, short(e.to_string())))?;
     let key = peek_key(&value);
+    let traceparent = trace::parent_of(&value);
     let with_key = |reason, detail: String| Malformed {
         reason,
         detail: short(detail),
         key: key.clone(),
         type_name: value.get("type").and_then(Value::as_str).map(str::to_owned),
+        traceparent: traceparent.clone().map(Box::new),
     };
     if let Err(error) = schemas.envelope().validate(&value) {
         return Err(with_key(
@@ -135,6 +147,7 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         digest,
         kind,
         command,
+        traceparent,
     })
 }
 

@@ -102,6 +102,7 @@ impl<S: Store> Dispatcher<S> {
             },
             account_id: request.account_id.as_ref(),
             causation_id: &job.causation_id,
+            trace: job.trace.as_ref(),
             time: now,
         }
         .to_cloud_event(&self.event_source);

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::decode::EventKey;
 use crate::domain::event::Event;
 use crate::domain::{Id, Ts};
+use crate::trace::Trace;
 
 /// Namespace of the ids derived for outbound events and emails: the same
 /// cause always yields the same ids.
@@ -24,12 +25,15 @@ pub struct OutboundEvent<'a> {
     pub event: &'a Event,
     pub account_id: Option<&'a Id>,
     pub causation_id: &'a str,
+    /// The trace of its cause, continued in its `traceparent`.
+    pub trace: Option<&'a Trace>,
     pub time: Ts,
 }
 
 impl OutboundEvent<'_> {
     /// The complete CloudEvent of SPEC §5.2: `subject` is the account,
-    /// `data` carries `account_id` and `causation_id`.
+    /// `data` carries `account_id` and `causation_id`; `traceparent` and
+    /// `tracestate` (SPEC §5) continue the trace of its cause, if any.
     pub fn to_cloud_event(&self, source: &str) -> Value {
         let mut data = serde_json::to_value(self.event).expect("an event serialises");
         data["account_id"] = json!(self.account_id);
@@ -45,6 +49,9 @@ impl OutboundEvent<'_> {
         });
         if let Some(account_id) = self.account_id {
             event["subject"] = json!(account_id);
+        }
+        if let Some(trace) = self.trace {
+            trace.write(event.as_object_mut().expect("a CloudEvent is an object"));
         }
         event
     }
@@ -64,24 +71,39 @@ mod tests {
     use super::*;
     use crate::decode::Schemas;
     use crate::domain::event::one_of_each;
+    use crate::trace::parent_of;
 
     #[test]
     fn every_outbound_event_is_a_cloud_event_its_schema_accepts() {
         let schemas = Schemas::load().expect("the schemas compile");
         let account: Id = "acct-1".parse().expect("an id");
+        let traced = parent_of(&json!({
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate": "congo=t61rcWkgMzE",
+        }));
+        let trace = Trace::start(&tracing::Span::none(), traced);
+        assert!(trace.is_some());
         let events = one_of_each();
         for event in &events {
-            let cloud_event = OutboundEvent {
-                id: &derived_uuid("ev-1"),
-                event,
-                account_id: Some(&account),
-                causation_id: "ev-1",
-                time: Ts::now(),
+            for trace in [None, trace.as_ref()] {
+                let cloud_event = OutboundEvent {
+                    id: &derived_uuid("ev-1"),
+                    event,
+                    account_id: Some(&account),
+                    causation_id: "ev-1",
+                    trace,
+                    time: Ts::now(),
+                }
+                .to_cloud_event("training-credits");
+                assert_eq!(
+                    cloud_event.get("tracestate").is_some(),
+                    trace.is_some(),
+                    "{cloud_event:#}"
+                );
+                schemas
+                    .check_outbound(&cloud_event)
+                    .unwrap_or_else(|e| panic!("{e}: {cloud_event:#}"));
             }
-            .to_cloud_event("training-credits");
-            schemas
-                .check_outbound(&cloud_event)
-                .unwrap_or_else(|e| panic!("{e}: {cloud_event:#}"));
         }
         let mut sampled: Vec<String> = events.iter().map(|e| e.type_name().to_owned()).collect();
         sampled.sort_unstable();

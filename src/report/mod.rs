@@ -15,6 +15,7 @@ use crate::domain::command::{ReportFormat, ReportKind, ReportRequested};
 pub use crate::domain::report::{Cell, ReportQuery};
 use crate::domain::{Id, Ts};
 use crate::store::{Reports, StoreError};
+use crate::trace::Trace;
 
 /// A report to build and email, as an outbox row carries it: a requested
 /// report (announced by `training-credits.report.generated` once sent) or a
@@ -23,6 +24,9 @@ use crate::store::{Reports, StoreError};
 pub struct ReportJob {
     pub request: ReportRequested,
     pub causation_id: String,
+    /// The trace of its cause, which the event announcing it continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
     /// The email's subject and heading.
     pub title: String,
     /// Whether sending it is announced by an outbound event.

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use chrono::{Datelike, SubsecRound, TimeZone, Utc};
 use croner::Cron;
 use serde_json::Value;
+use tracing::Span;
+use tracing::field::Empty;
 
 use crate::apply::{Applier, Input};
 use crate::config::parse_cron;
@@ -30,6 +32,7 @@ use crate::ops::metric;
 use crate::outbox::derived_uuid;
 use crate::report::{self, ReportError, ReportJob, ReportQuery, choose_columns};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError, ToLoad};
+use crate::trace::Trace;
 
 /// Accounts per transaction: bounds how long one sweep batch holds its locks.
 pub const SWEEP_ACCOUNTS_PER_BATCH: usize = 200;
@@ -41,8 +44,9 @@ pub struct JobsReport {
     pub accounts_changed: usize,
 }
 
-/// The sweep of one account at `at`, as a ledger input.
-pub fn sweep_input(account_id: &Id, at: Ts) -> Input {
+/// The sweep of one account at `at`, as a ledger input of the job's `span`
+/// and `trace`.
+pub fn sweep_input(account_id: &Id, at: Ts, span: &Span, trace: Option<&Trace>) -> Input {
     Input {
         key: EventKey {
             source: "schedule".to_owned(),
@@ -53,11 +57,22 @@ pub fn sweep_input(account_id: &Id, at: Ts) -> Input {
         command: Command::Sweep {
             account_id: account_id.clone(),
         },
+        span: span.clone(),
+        trace: trace.cloned(),
     }
 }
 
-/// Runs every scheduled job once as of `at`.
+/// Runs every scheduled job once as of `at`, in one span, entered while the
+/// rules run for each account: when spans are exported, the root of a trace
+/// that the events of the job continue. It is not entered around the
+/// database's work: SQLite's connection threads keep the span that was
+/// current for a statement a moment after they answer, which could end it
+/// after the spans of a command that exits were sent.
 pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsReport, StoreError> {
+    // At the level of the warnings it may hold (see `consume`).
+    let span =
+        tracing::warn_span!(parent: None, "job", job = Job::Sweep.name(), %at, trace_id = Empty);
+    let trace = Trace::start(&span, None);
     let timeout = applier.settings().policy.pending_timeout_days;
     let accounts = applier
         .store()
@@ -68,7 +83,10 @@ pub async fn run_jobs_at<S: Store>(applier: &Applier<S>, at: Ts) -> Result<JobsR
         ..JobsReport::default()
     };
     for chunk in accounts.chunks(SWEEP_ACCOUNTS_PER_BATCH) {
-        let inputs: Vec<Input> = chunk.iter().map(|id| sweep_input(id, at)).collect();
+        let inputs: Vec<Input> = chunk
+            .iter()
+            .map(|id| sweep_input(id, at, &span, trace.as_ref()))
+            .collect();
         let outcomes = applier.apply(&inputs, at).await?;
         report.accounts_changed += outcomes
             .iter()
@@ -245,6 +263,7 @@ impl<S: Store> Scheduler<S> {
                             columns: None,
                         },
                         causation_id: format!("schedule:statements:{due}"),
+                        trace: None,
                         title: format!(
                             "Your training credits statement for {}, {month}",
                             account.name

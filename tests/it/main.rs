@@ -33,5 +33,6 @@ mod schedule;
 mod secrets;
 mod shutdown;
 mod smoke;
+mod traces;
 mod worker;
 mod worker_faults;

@@ -90,11 +90,11 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_training-credits");
 /// Every variable the binary reads, removed from the environment of each run
 /// so that none leaks in from the one the tests run in.
 pub fn contract_variables() -> impl Iterator<Item = &'static str> {
-    training_credits::config::VARIABLES.iter().copied().chain([
-        "RUST_LOG",
-        "LOG_FORMAT",
-        "TEST_POSTGRES_URL",
-    ])
+    training_credits::config::VARIABLES
+        .iter()
+        .copied()
+        .chain(training_credits::trace::export::VARIABLES)
+        .chain(["RUST_LOG", "LOG_FORMAT", "TEST_POSTGRES_URL"])
 }
 
 pub fn settings() -> Settings {
