@@ -42,6 +42,17 @@ fn traced(mut event: Value, traceparent: &str, tracestate: Option<&str>) -> Valu
 
 /// The fields of an outbound event's `traceparent`: version, trace id,
 /// parent id, flags.
+/// Opens `acme` with a sampled `traceparent` of [`TRACE`] and [`PARENT`].
+async fn open_acme_traced(client: &Client) {
+    client
+        .publish(&traced(
+            opened("open", "acme", &["boss@acme.test"]),
+            &format!("00-{TRACE}-{PARENT}-01"),
+            None,
+        ))
+        .await;
+}
+
 fn traceparent_of(event: &Value) -> [String; 4] {
     let traceparent = event["traceparent"]
         .as_str()
@@ -194,13 +205,7 @@ async fn the_log_lines_of_a_message_carry_its_trace_id() {
     );
     worker.await_ready().await;
 
-    client
-        .publish(&traced(
-            opened("open", "acme", &["boss@acme.test"]),
-            &format!("00-{TRACE}-{PARENT}-01"),
-            None,
-        ))
-        .await;
+    open_acme_traced(&client).await;
     // Credits out of range: dead-lettered, which is logged at the default
     // level, `warn`.
     client
@@ -309,13 +314,7 @@ async fn each_message_s_span_reaches_the_otlp_receiver_as_a_child_of_its_tracepa
     let mut worker = site.start_worker("the exporting worker");
     worker.await_ready().await;
 
-    client
-        .publish(&traced(
-            opened("open", "acme", &["boss@acme.test"]),
-            &format!("00-{TRACE}-{PARENT}-01"),
-            None,
-        ))
-        .await;
+    open_acme_traced(&client).await;
     client.publish(&purchase("buy-1", "acme", "p1", "10")).await;
     client
         .await_outbound("training-credits.purchase.recorded", 1)
