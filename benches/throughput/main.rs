@@ -104,6 +104,8 @@ fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
 
 struct Row {
     backend: Backend,
+    /// Which of the `--runs` this was (from 1).
+    run: usize,
     ceiling: Ceiling,
     empty: Run,
     history: Option<Run>,
@@ -146,6 +148,7 @@ async fn prepare(
 
 async fn bench_backend(
     backend: Backend,
+    run: usize,
     options: &Options,
     workload: &Workload,
     steady: &Workload,
@@ -153,7 +156,7 @@ async fn bench_backend(
     let pid = std::process::id();
     let tag = backend.tag();
     let accounts = options.accounts as u64;
-    eprintln!("{}:", backend.label());
+    eprintln!("{}, run {run}:", backend.label());
     let vhost = Vhost::create(format!("tc_bench_{pid}_{tag}"), &options.amqp)?;
     let steady = (options.latency_seconds > 0).then_some((steady, options.rate));
     let ceiling = broker_ceiling(&vhost, &workload.messages, steady).await?;
@@ -201,6 +204,7 @@ async fn bench_backend(
     }
     Ok(Row {
         backend,
+        run,
         ceiling,
         empty,
         history,
@@ -228,21 +232,26 @@ async fn bench(options: Options) -> BenchResult<bool> {
     let mut rows = Vec::new();
     let mut api_rows = Vec::new();
     let mut failures = Vec::new();
-    for backend in &options.backends {
-        let mut failed = |error: String| {
-            eprintln!("WARNING: {}: {error}", backend.label());
-            failures.push(format!("{}: {error}", backend.label()));
-        };
-        if !options.api_only {
-            match bench_backend(*backend, &options, &workload, &steady).await {
+    let mut failed = |backend: Backend, error: String| {
+        eprintln!("WARNING: {}: {error}", backend.label());
+        failures.push(format!("{}: {error}", backend.label()));
+    };
+    // The backends take turns, run after run, so that a slow spell of the
+    // machine weighs on both alike.
+    let runs = if options.api_only { 0 } else { options.runs };
+    for run in 1..=runs {
+        for backend in &options.backends {
+            match bench_backend(*backend, run, &options, &workload, &steady).await {
                 Ok(row) => rows.push(row),
-                Err(error) => failed(error),
+                Err(error) => failed(*backend, error),
             }
         }
-        if options.api_samples > 0 && options.history > 0 {
+    }
+    if options.api_samples > 0 && options.history > 0 {
+        for backend in &options.backends {
             match api_step(*backend, &options).await {
                 Ok(row) => api_rows.push(row),
-                Err(error) => failed(error),
+                Err(error) => failed(*backend, error),
             }
         }
     }

@@ -25,7 +25,12 @@ pub fn binary(args: &[&str], database_url: &str, dir: &std::path::Path) -> Comma
         .env("DATABASE_URL", database_url)
         .env("MAIL_DIR", dir.join("mail"))
         .env("REPORTS_DIR", dir.join("reports"))
-        .env("RUST_LOG", "warn")
+        // BENCH_WORKER_LOG: the worker's log filter while profiling
+        // (`sqlx::query=info` logs every statement and its time).
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .env("NO_COLOR", "1");
     command
 }

@@ -74,7 +74,6 @@ struct Envelope {
     source: String,
     #[serde(rename = "type")]
     type_name: String,
-    data: Value,
 }
 
 /// Longest `detail` kept, in characters: it travels in the `x-error-detail`
@@ -90,15 +89,16 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
             format!("{} bytes, more than {MESSAGE_BYTES_MAX}", bytes.len()),
         ));
     }
-    let value: Value = serde_json::from_slice(bytes)
+    let mut value: Value = serde_json::from_slice(bytes)
         .map_err(|e| Malformed::new(DeadReason::InvalidJson, short(e.to_string())))?;
     let key = peek_key(&value);
     let traceparent = trace::parent_of(&value);
+    let type_name = value.get("type").and_then(Value::as_str).map(str::to_owned);
     let with_key = |reason, detail: String| Malformed {
         reason,
         detail: short(detail),
         key: key.clone(),
-        type_name: value.get("type").and_then(Value::as_str).map(str::to_owned),
+        type_name: type_name.clone(),
         traceparent: traceparent.clone().map(Box::new),
     };
     if let Err(error) = schemas.envelope().validate(&value) {
@@ -112,29 +112,33 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         .into_iter()
         .flatten()
         .filter(|(name, _)| *name != "data")
-        .find_map(|(name, attribute)| nul_in(attribute, format!("/{name}")))
+        .find(|(_, attribute)| holds_nul(attribute))
+        .and_then(|(name, attribute)| nul_in(attribute, format!("/{name}")))
     {
         return Err(with_key(DeadReason::InvalidEnvelope, nul_detail(&path)));
     }
-    let envelope: Envelope = serde_json::from_value(value.clone())
+    let envelope = Envelope::deserialize(&value)
         .map_err(|e| with_key(DeadReason::InvalidEnvelope, e.to_string()))?;
+    // Taken out of the event rather than copied; the envelope's schema
+    // requires it.
+    let data = value.get_mut("data").map(Value::take).unwrap_or_default();
     let Some(kind) = InboundType::parse(&envelope.type_name) else {
         return Err(with_key(
             DeadReason::UnknownType,
             format!("`{}` is not an inbound type", envelope.type_name),
         ));
     };
-    if let Err(error) = schemas.inbound(kind).validate(&envelope.data) {
+    if let Err(error) = schemas.inbound(kind).validate(&data) {
         return Err(with_key(
             DeadReason::SchemaViolation,
             format!("{error}{}", at(&format!("/data{}", error.instance_path()))),
         ));
     }
-    if let Some(path) = nul_in(&envelope.data, "/data".to_owned()) {
+    if let Some(path) = nul_in(&data, "/data".to_owned()) {
         return Err(with_key(DeadReason::SchemaViolation, nul_detail(&path)));
     }
-    let digest = digest(kind.as_str(), &envelope.data);
-    let command = Command::decode(kind, envelope.data)
+    let digest = digest(kind.as_str(), &data);
+    let command = Command::decode(kind, data)
         .map_err(|e| with_key(DeadReason::SchemaViolation, e.to_string()))?;
     if let Err(detail) = check_ranges(&command) {
         return Err(with_key(DeadReason::SchemaViolation, detail));
@@ -181,22 +185,40 @@ fn short(detail: String) -> String {
 
 /// Where in `value` a string or key holds U+0000, which PostgreSQL cannot
 /// keep in text: such a message could never be stored as sent, and failing
-/// in the database would spoil the other messages of its batch.
+/// in the database would spoil the other messages of its batch. The path is
+/// written only down to the offending value.
 fn nul_in(value: &Value, path: String) -> Option<String> {
     match value {
-        Value::String(text) if text.contains('\0') => Some(path),
+        Value::String(text) => text.contains('\0').then_some(path),
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .find_map(|(i, item)| nul_in(item, format!("{path}/{i}"))),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') {
-                Some(format!("{path}/{key}"))
-            } else {
-                nul_in(item, format!("{path}/{key}"))
-            }
-        }),
+            .find(|(_, item)| holds_nul(item))
+            .and_then(|(i, item)| nul_in(item, format!("{path}/{i}"))),
+        Value::Object(map) => map
+            .iter()
+            .find(|(key, item)| key.contains('\0') || holds_nul(item))
+            .and_then(|(key, item)| {
+                let path = format!("{path}/{key}");
+                if key.contains('\0') {
+                    Some(path)
+                } else {
+                    nul_in(item, path)
+                }
+            }),
         _ => None,
+    }
+}
+
+/// Whether a string or key anywhere in `value` holds U+0000.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        _ => false,
     }
 }
 
