@@ -3,6 +3,7 @@
 //! race surfaces as a database error that is retried.
 
 use std::collections::BTreeSet;
+use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{
-    PgArguments, PgConnection, PgHasArrayType, PgPool, PgPoolOptions, PgQueryResult, PgTypeInfo,
+    PgArguments, PgConnectOptions, PgConnection, PgHasArrayType, PgPool, PgQueryResult, PgTypeInfo,
     PgValueRef,
 };
 use sqlx::query::Query;
@@ -19,7 +20,7 @@ use sqlx::{Decode, Encode, Postgres, Type};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::rows::{Column, Kind, Rows};
-use super::sql::{Backend, SqlStore, Statements};
+use super::sql::{self, Backend, SqlStore, Statements};
 use super::{Holder, HolderId, StoreError};
 use crate::domain::Ts;
 
@@ -57,10 +58,10 @@ pub type PgStore = SqlStore<Postgres>;
 
 impl SqlStore<Postgres> {
     pub async fn connect(url: &str) -> Result<PgStore, sqlx::Error> {
-        let pool = PgPoolOptions::new()
+        let pool = sql::pool_options()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(sql::quiet(PgConnectOptions::from_str(url)?))
             .await?;
         Ok(SqlStore::new(pool.clone(), pool, None))
     }

@@ -29,11 +29,11 @@ use std::sync::Arc;
 
 use futures_util::stream::{BoxStream, StreamExt};
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::pool::Pool;
+use sqlx::pool::{Pool, PoolOptions};
 use sqlx::query::Query;
 use sqlx::{
-    AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, SqlSafeStr,
-    SqlStr, Type,
+    AssertSqlSafe, ColumnIndex, ConnectOptions, Database, Decode, Encode, Executor, IntoArguments,
+    Row, SqlSafeStr, SqlStr, Type,
 };
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -347,6 +347,21 @@ fn requests_page<D: Backend>(filter: &str) -> SqlStr {
             .expect("the request columns end with their table"),
         seq = D::REQUEST_SEQ,
     ))
+}
+
+/// A pool that tells of a long wait for a connection at `info`, not `warn`.
+/// sqlx's slow-statement and slow-acquire messages are figures of load,
+/// which the metrics show, not faults: at `warn` they would break a
+/// command's one-line reason on stderr (SPEC §3) when the machine is busy,
+/// and fill a loaded worker's log with whole multi-row statements.
+pub(super) fn pool_options<DB: Database>() -> PoolOptions<DB> {
+    PoolOptions::new().acquire_slow_level(log::LevelFilter::Info)
+}
+
+/// Connection options that log a statement slower than a second at `info`
+/// (see [`pool_options`]).
+pub(super) fn quiet<O: ConnectOptions>(options: O) -> O {
+    options.log_slow_statements(log::LevelFilter::Info, std::time::Duration::from_secs(1))
 }
 
 /// A statement text, shared: handing it to a query copies no text.

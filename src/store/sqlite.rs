@@ -13,13 +13,13 @@ use sqlx::pool::Pool;
 use sqlx::query::Query;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
-    SqlitePoolOptions, SqliteQueryResult, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
+    SqliteQueryResult, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
 };
 use sqlx::{Decode, Encode, Sqlite, Type};
 use tokio::sync::Mutex;
 
 use super::rows::{self, BINDS_PER_STATEMENT_MAX, Column, Rows};
-use super::sql::{Backend, SqlStore, Statements};
+use super::sql::{self, Backend, SqlStore, Statements};
 use super::{Holder, HolderId, StoreError};
 use crate::domain::Ts;
 
@@ -67,7 +67,7 @@ pub type SqliteStore = SqlStore<Sqlite>;
 impl SqlStore<Sqlite> {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH`).
     pub async fn connect(url: &str) -> Result<SqliteStore, sqlx::Error> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let options = sql::quiet(SqliteConnectOptions::from_str(url)?)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // A batch is acknowledged only once it is on disk.
@@ -75,7 +75,7 @@ impl SqlStore<Sqlite> {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .pragma("temp_store", "memory");
-        let writer = SqlitePoolOptions::new()
+        let writer = sql::pool_options()
             .max_connections(1)
             // 16 MiB of page cache for the writer instead of SQLite's 2 MiB:
             // the batch's lookups into the idempotency, outbox and lot
@@ -90,7 +90,7 @@ impl SqlStore<Sqlite> {
                     .pragma("wal_autocheckpoint", "10000"),
             )
             .await?;
-        let pool = SqlitePoolOptions::new()
+        let pool = sql::pool_options()
             .max_connections(4)
             .connect_with(options)
             .await?;

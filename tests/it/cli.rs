@@ -661,3 +661,55 @@ on_both_backends!(
     sweep_at_an_instant_expires_what_is_due_by_then,
     verify_names_the_problem_when_the_ledger_is_tampered_with,
 );
+
+// ---------------------------------------------------------------------------
+// On a busy PostgreSQL database.
+
+/// A statement that waits over a second is a figure of load, not a fault:
+/// the one-line reason stays one line (sqlx notes slow statements at `warn`
+/// unless told otherwise).
+#[tokio::test]
+async fn a_statement_slowed_by_a_busy_database_adds_nothing_to_the_one_line_reason() {
+    use sqlx::Connection;
+    let db = Db::postgres().await;
+    cli(&db.url, &["migrate"]).await.assert_code(0, "migrate");
+    let mut holder = sqlx::PgConnection::connect(&db.url)
+        .await
+        .expect("a connection");
+    let mut watcher = sqlx::PgConnection::connect(&db.url)
+        .await
+        .expect("a connection");
+    sqlx::raw_sql("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("the accounts are locked");
+    let url = db.url.clone();
+    let show = tokio::spawn(async move { cli(&url, &["account", "show", "ghost"]).await });
+    // Once the command waits for the lock, it waits over a second more.
+    let waiting = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .expect("the activity is read");
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("the command reaches the locked table");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("the lock is released");
+    show.await
+        .expect("the command ran")
+        .assert_failure_naming(&["ghost"], "account show ghost on a busy database");
+}
