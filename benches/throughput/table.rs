@@ -50,12 +50,11 @@ pub fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
         options.runs
     );
     println!();
-    println!(
-        "| backend | relay msg/s | worker events/s | of the relay | worker CPU µs | PostgreSQL CPU µs \
-         | events/s, {} entries of history | vs empty | p99 ms | relay p99 ms | peak RSS MiB | verify | outbound |",
+    let history = format!(
+        "events/s, {} entries of history",
         thousands(options.history as f64)
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    header(&["backend"], &history);
     let mut medians = Vec::new();
     for backend in &options.backends {
         let runs: Vec<Figures> = rows
@@ -73,11 +72,7 @@ pub fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
     println!();
     println!("The runs:");
     println!();
-    println!(
-        "| run | backend | relay msg/s | worker events/s | of the relay | worker CPU µs | PostgreSQL CPU µs \
-         | events/s with history | vs empty | p99 ms | relay p99 ms | peak RSS MiB | verify | outbound |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    header(&["run", "backend"], &history);
     for row in rows {
         println!(
             "| {} {}",
@@ -205,6 +200,30 @@ pub fn print_table(rows: &[Row], options: &Options, workload: &Workload) {
             println!("    history fill (not timed): {:.1} s", row.fill_seconds);
         }
     }
+}
+
+/// The header of a table of [`Figures`]: `first` columns, then the figures'.
+fn header(first: &[&str], history: &str) {
+    let columns: Vec<&str> = first
+        .iter()
+        .copied()
+        .chain([
+            "relay msg/s",
+            "worker events/s",
+            "of the relay",
+            "worker CPU µs",
+            "PostgreSQL CPU µs",
+            history,
+            "vs empty",
+            "p99 ms",
+            "relay p99 ms",
+            "peak RSS MiB",
+            "verify",
+            "outbound",
+        ])
+        .collect();
+    println!("| {} |", columns.join(" | "));
+    println!("|{}", "---|".repeat(columns.len()));
 }
 
 pub fn met(flag: bool) -> &'static str {

@@ -93,18 +93,23 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         .map_err(|e| Malformed::new(DeadReason::InvalidJson, short(e.to_string())))?;
     let key = peek_key(&value);
     let traceparent = trace::parent_of(&value);
-    let type_name = value.get("type").and_then(Value::as_str).map(str::to_owned);
-    let with_key = |reason, detail: String| Malformed {
+    // The type, as far as the message has one, is copied only into a
+    // refusal.
+    let with_key = |reason, detail: String, type_name: Option<&str>| Malformed {
         reason,
         detail: short(detail),
         key: key.clone(),
-        type_name: type_name.clone(),
+        type_name: type_name.map(str::to_owned),
         traceparent: traceparent.clone().map(Box::new),
     };
+    fn type_of(value: &Value) -> Option<&str> {
+        value.get("type").and_then(Value::as_str)
+    }
     if let Err(error) = schemas.envelope().validate(&value) {
         return Err(with_key(
             DeadReason::InvalidEnvelope,
             format!("{error}{}", at(&error.instance_path().to_string())),
+            type_of(&value),
         ));
     }
     if let Some(path) = value
@@ -115,10 +120,14 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         .find(|(_, attribute)| holds_nul(attribute))
         .and_then(|(name, attribute)| nul_in(attribute, format!("/{name}")))
     {
-        return Err(with_key(DeadReason::InvalidEnvelope, nul_detail(&path)));
+        return Err(with_key(
+            DeadReason::InvalidEnvelope,
+            nul_detail(&path),
+            type_of(&value),
+        ));
     }
     let envelope = Envelope::deserialize(&value)
-        .map_err(|e| with_key(DeadReason::InvalidEnvelope, e.to_string()))?;
+        .map_err(|e| with_key(DeadReason::InvalidEnvelope, e.to_string(), type_of(&value)))?;
     // Taken out of the event rather than copied; the envelope's schema
     // requires it.
     let data = value.get_mut("data").map(Value::take).unwrap_or_default();
@@ -126,22 +135,37 @@ pub fn decode(schemas: &Schemas, bytes: &[u8]) -> Result<Decoded, Malformed> {
         return Err(with_key(
             DeadReason::UnknownType,
             format!("`{}` is not an inbound type", envelope.type_name),
+            Some(&envelope.type_name),
         ));
     };
     if let Err(error) = schemas.inbound(kind).validate(&data) {
         return Err(with_key(
             DeadReason::SchemaViolation,
             format!("{error}{}", at(&format!("/data{}", error.instance_path()))),
+            Some(kind.as_str()),
         ));
     }
     if let Some(path) = nul_in(&data, "/data".to_owned()) {
-        return Err(with_key(DeadReason::SchemaViolation, nul_detail(&path)));
+        return Err(with_key(
+            DeadReason::SchemaViolation,
+            nul_detail(&path),
+            Some(kind.as_str()),
+        ));
     }
     let digest = digest(kind.as_str(), &data);
-    let command = Command::decode(kind, data)
-        .map_err(|e| with_key(DeadReason::SchemaViolation, e.to_string()))?;
+    let command = Command::decode(kind, data).map_err(|e| {
+        with_key(
+            DeadReason::SchemaViolation,
+            e.to_string(),
+            Some(kind.as_str()),
+        )
+    })?;
     if let Err(detail) = check_ranges(&command) {
-        return Err(with_key(DeadReason::SchemaViolation, detail));
+        return Err(with_key(
+            DeadReason::SchemaViolation,
+            detail,
+            Some(kind.as_str()),
+        ));
     }
     Ok(Decoded {
         key: EventKey {
