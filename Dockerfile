@@ -16,8 +16,10 @@ WORKDIR /build
 
 # The dependencies first, in a layer of their own, built against an empty
 # crate: it is built again only when Cargo.toml or Cargo.lock change, not on
-# every change of the sources.
+# every change of the sources. `.cargo/config.toml` holds the flags the
+# bundled SQLite is compiled with.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
