@@ -100,8 +100,8 @@ pub trait Backend:
         pairs: &BTreeSet<[&str; 2]>,
     ) -> Query<'q, Self, Self::Arguments>;
 
-    /// Inserts the rows of `tables` (each has some), in order, in one
-    /// exchange with the database.
+    /// Inserts the rows of `tables` (each has some), in order, in as few
+    /// exchanges with the database as its statements allow.
     fn insert(
         conn: &mut Self::Connection,
         tables: Vec<Rows>,
@@ -397,9 +397,9 @@ fn outbox_rows(outbox: &[OutboxRow], tail: &'static str) -> Rows {
     rows
 }
 
-/// Inserts the rows of `tables` (those that have any), in order, in one
-/// exchange with the database: a batch's writes are one statement, not one
-/// per table.
+/// Inserts the rows of `tables` (those that have any), in order: a batch's
+/// writes are one exchange with the database (on SQLite, a large batch's
+/// prepared chunks one each), not one per table.
 async fn insert<D: Backend>(
     conn: &mut D::Connection,
     tables: Vec<Rows>,

@@ -864,6 +864,49 @@ async fn a_learner_may_cancel_and_ask_for_the_same_item_again_in_one_batch<S: St
     w.verify_ok().await;
 }
 
+/// A batch with hundreds of rows for a table: on SQLite they go in prepared
+/// chunks of a power of two (here 256 and 128) and a rest. Every row lands,
+/// and a row finds the rows it refers to (a lot, its account opened by the
+/// same batch).
+async fn a_batch_of_hundreds_of_rows_per_table_writes_every_row<S: Store>(mut w: World<S>) {
+    const ACCOUNTS: usize = 400;
+    let now = w.now;
+    let mut events = Vec::new();
+    for i in 0..ACCOUNTS {
+        events.push(w.event(
+            "portal",
+            "credits.account.opened",
+            json!({
+                "account_id": format!("bulk{i}"),
+                "owners": [{"email": format!("owner{i}@bulk.test"), "name": "Owner"}],
+                "approval_mode": "automatic",
+            }),
+        ));
+        events.push(w.event(
+            "shop",
+            "credits.purchase.completed",
+            json!({
+                "account_id": format!("bulk{i}"),
+                "purchase_id": format!("p{i}"),
+                "credits": (i + 1).to_string(),
+                "purchased_at": now,
+            }),
+        ));
+    }
+    let outcomes = w.deliver_batch(&events).await;
+    assert!(
+        outcomes.iter().all(|o| *o == Ok(Outcome::Applied)),
+        "{outcomes:?}"
+    );
+    for i in 0..ACCOUNTS {
+        assert_eq!(
+            w.available(&format!("bulk{i}")).await,
+            format!("{}.00", i + 1)
+        );
+    }
+    w.verify_ok().await;
+}
+
 async fn an_account_changed_by_several_messages_of_one_batch_keeps_every_change<S: Store>(
     mut w: World<S>,
 ) {
@@ -2690,6 +2733,7 @@ async fn owner_changes_code_rotation_and_closing_email_the_owners_with_who_did_i
 
 on_both_backends!(
     a_code_that_matches_no_account_is_rejected_invalid_code,
+    a_batch_of_hundreds_of_rows_per_table_writes_every_row,
     an_inactive_account_rejects_redemptions_until_it_is_active_again,
     a_closed_account_rejects_redemptions_account_closed,
     an_item_outside_an_activity_scope_is_rejected_out_of_scope,
