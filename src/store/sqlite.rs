@@ -153,6 +153,20 @@ fn push_rows(
     });
 }
 
+/// Sends the statements `rest` holds, if any, in one query not kept
+/// prepared ([`Backend::insert`] on SQLite), and empties it.
+async fn send_rest(
+    rest: &mut sqlx::QueryBuilder<Sqlite>,
+    conn: &mut SqliteConnection,
+) -> Result<(), sqlx::Error> {
+    if rest.sql().as_str().is_empty() {
+        return Ok(());
+    }
+    rest.build().persistent(false).execute(&mut *conn).await?;
+    rest.reset();
+    Ok(())
+}
+
 /// The migrations of the SQLite schema.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -198,7 +212,6 @@ impl Backend for Sqlite {
     /// texts hardly come twice. A small batch is thus still one exchange.
     async fn insert(conn: &mut SqliteConnection, tables: Vec<Rows>) -> Result<(), sqlx::Error> {
         let mut rest = sqlx::QueryBuilder::<Sqlite>::new("");
-        let mut rest_empty = true;
         for rows in tables {
             let len = rows.len();
             let Rows {
@@ -214,11 +227,7 @@ impl Backend for Sqlite {
                 let size = prepared_rows(len - start, most);
                 // The rows before these, of this table or an earlier one,
                 // go first: a later row may refer to them.
-                if !rest_empty {
-                    rest.build().persistent(false).execute(&mut *conn).await?;
-                    rest.reset();
-                    rest_empty = true;
-                }
+                send_rest(&mut rest, conn).await?;
                 let mut chunk = sqlx::QueryBuilder::<Sqlite>::new(&head);
                 push_rows(&mut chunk, &mut columns, start..start + size);
                 chunk.push(tail);
@@ -230,13 +239,9 @@ impl Backend for Sqlite {
                 push_rows(&mut rest, &mut columns, start..len);
                 rest.push(tail);
                 rest.push(";\n");
-                rest_empty = false;
             }
         }
-        if !rest_empty {
-            rest.build().persistent(false).execute(&mut *conn).await?;
-        }
-        Ok(())
+        send_rest(&mut rest, conn).await
     }
 
     fn migrator() -> &'static Migrator {
