@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// A process as `/proc/PID/stat` shows it: its name, its start (clock ticks
-/// after boot, which with the pid tells one process from a later one with
-/// the same pid) and the CPU time (user + system) it has used so far, in
+/// A process as `/proc/PID/stat` shows it (or a thread: `PID/task/TID`):
+/// its name, its start (clock ticks after boot, which with the pid tells one
+/// process from a later one with the same pid) and the CPU time (user + system) it has used so far, in
 /// seconds: unlike wall time, barely moved by whatever else the machine is
 /// doing.
 pub fn process_stat(pid: &str) -> Option<(String, u64, f64)> {
@@ -27,6 +27,8 @@ pub fn process_stat(pid: &str) -> Option<(String, u64, f64)> {
 #[derive(Default)]
 pub struct CpuReading {
     pub processes: HashMap<(String, u64), (&'static str, f64)>,
+    /// The worker's threads, by (tid, start), with their names.
+    pub worker_threads: HashMap<(String, u64), (String, f64)>,
     pub idle_ticks: f64,
     pub total_ticks: f64,
 }
@@ -57,6 +59,13 @@ impl CpuReading {
             };
             reading.processes.insert((pid, start), (who, seconds));
         }
+        let tasks = std::fs::read_dir(format!("/proc/{worker}/task"));
+        for entry in tasks.into_iter().flatten().flatten() {
+            let tid = entry.file_name().to_string_lossy().into_owned();
+            if let Some((name, start, seconds)) = process_stat(&format!("{worker}/task/{tid}")) {
+                reading.worker_threads.insert((tid, start), (name, seconds));
+            }
+        }
         // The "cpu" line of /proc/stat: ticks of every kind summed over the
         // machine's CPUs; the fourth and fifth are idle and iowait.
         let ticks: Vec<f64> = std::fs::read_to_string("/proc/stat")
@@ -79,14 +88,10 @@ impl CpuReading {
     /// in between is missed (short-lived ones only: the worker, the broker
     /// and the database's connections live through a step).
     pub fn until(&self, later: &Self) -> CpuSplit {
-        let mut seconds: BTreeMap<&'static str, f64> = BTreeMap::new();
-        for (process, (who, used)) in &later.processes {
-            let before = self.processes.get(process).map_or(0.0, |(_, used)| *used);
-            *seconds.entry(who).or_default() += used - before;
-        }
         let total = later.total_ticks - self.total_ticks;
         CpuSplit {
-            seconds,
+            seconds: used_between(&self.processes, &later.processes),
+            worker_threads: used_between(&self.worker_threads, &later.worker_threads),
             idle_share: if total > 0.0 {
                 (later.idle_ticks - self.idle_ticks) / total
             } else {
@@ -96,6 +101,21 @@ impl CpuReading {
     }
 }
 
+/// The CPU seconds used between two readings of processes or threads
+/// (`before`, `after`: CPU seconds so far and whom they count for, by id and
+/// start), summed by whom they count for.
+fn used_between<K: Eq + std::hash::Hash, W: Ord + Clone>(
+    before: &HashMap<K, (W, f64)>,
+    after: &HashMap<K, (W, f64)>,
+) -> BTreeMap<W, f64> {
+    let mut seconds = BTreeMap::new();
+    for (id, (who, used)) in after {
+        let earlier = before.get(id).map_or(0.0, |(_, used)| *used);
+        *seconds.entry(who.clone()).or_default() += used - earlier;
+    }
+    seconds
+}
+
 /// Where the machine's CPU went during a step: CPU seconds by who used them
 /// (the worker, the broker, PostgreSQL, the bench, everything else) and the
 /// share of the machine's CPU time left idle, which shows how much of the
@@ -103,6 +123,9 @@ impl CpuReading {
 #[derive(Default)]
 pub struct CpuSplit {
     pub seconds: BTreeMap<&'static str, f64>,
+    /// The worker's CPU seconds by thread name (threads that ended within
+    /// the step are missed): SQLite's own threads apart from the rest.
+    pub worker_threads: BTreeMap<String, f64>,
     pub idle_share: f64,
 }
 
@@ -122,8 +145,20 @@ impl CpuSplit {
                 format!("{who} {:.0}", seconds * 1e6 / messages)
             })
             .collect();
+        let mut threads: Vec<(&String, &f64)> = self.worker_threads.iter().collect();
+        threads.sort_by(|a, b| b.1.total_cmp(a.1));
+        let threads: Vec<String> = threads
+            .into_iter()
+            .filter(|(_, seconds)| **seconds > 0.0)
+            .map(|(name, seconds)| format!("{name} {:.0}", seconds * 1e6 / messages))
+            .collect();
+        let threads = if threads.is_empty() {
+            String::new()
+        } else {
+            format!(" (the worker's threads: {})", threads.join(", "))
+        };
         format!(
-            "{} µs per message; cores idle {:.0} %",
+            "{} µs per message{threads}; cores idle {:.0} %",
             used.join(", "),
             100.0 * self.idle_share
         )
