@@ -6,10 +6,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+use training_credits::broker::upgrade::ProbeRefusals;
 use training_credits::cli::{self, Cli};
 use training_credits::trace::export::Exporting;
 
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
         log.boxed()
     };
     tracing_subscriber::registry()
-        .with(log.with_filter(filter))
+        .with(log.with_filter(filter.and(ProbeRefusals)))
         .with(exporting.as_ref().map(Exporting::layer))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {

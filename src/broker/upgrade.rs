@@ -68,6 +68,9 @@ use lapin::options::{
 use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Queue};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata};
+use tracing_subscriber::layer::{Context, Filter};
 
 use super::topology::{
     INBOUND_EXCHANGE, WORKER_QUEUE, WorkerQueue, bind_inbound, declare_protected, is_refusal,
@@ -274,6 +277,39 @@ async fn inspect(connection: &Connection, queue: &str) -> Result<Option<Queue>, 
     }
 }
 
+/// Keeps lapin's own `ERROR` line for a channel the broker closed out of the
+/// log when it only answers [`inspect`]: `404` to a passive `queue.declare`
+/// (class 50, method 10), the sole way AMQP has to ask whether a queue
+/// exists. Every start asks after the holding queues, which are normally
+/// gone, and the answer is handled there; any other close stays logged.
+pub struct ProbeRefusals;
+
+impl<S> Filter<S> for ProbeRefusals {
+    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+        if event.metadata().target() != "lapin::channel" {
+            return true;
+        }
+        let mut method = CloseMethod(String::new());
+        event.record(&mut method);
+        !(method.0.contains("reply_code: 404,") && method.0.contains("class_id: 50, method_id: 10"))
+    }
+}
+
+/// The `method` field of lapin's line for a closed channel, as text.
+struct CloseMethod(String);
+
+impl Visit for CloseMethod {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "method" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
 /// Moves every message of `from` into `to` through the default exchange,
 /// with its properties and headers; the routing key it was published with
 /// and its first publisher are kept in headers, as for a retry. Each batch is confirmed by the
@@ -337,5 +373,55 @@ async fn move_all(
             .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await?;
         tracing::info!(from, to, moved, "Moved messages.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use lapin::protocol::channel::Close;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Counts the events that reach it.
+    struct Count(Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Count {
+        fn on_event(&self, _: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many of lapin's lines for a channel closed with `close` pass.
+    fn logged(close: Close) -> usize {
+        let count = Arc::new(AtomicUsize::new(0));
+        let subscriber =
+            tracing_subscriber::registry().with(Count(count.clone()).with_filter(ProbeRefusals));
+        tracing::subscriber::with_default(subscriber, || {
+            // As lapin's `on_channel_close_received` logs it.
+            tracing::error!(target: "lapin::channel", channel = 5, method = ?close, "Channel closed");
+        });
+        count.load(Ordering::SeqCst)
+    }
+
+    fn close(reply_code: u16, class_id: u16, method_id: u16) -> Close {
+        Close {
+            reply_code,
+            reply_text: format!("{reply_code} - no queue '{BACKLOG_QUEUE}' in vhost 'v'").into(),
+            class_id,
+            method_id,
+        }
+    }
+
+    #[test]
+    fn only_the_refusal_of_a_passive_queue_declare_is_kept_out_of_the_log() {
+        assert_eq!(logged(close(404, 50, 10)), 0, "queue.declare, 404");
+        assert_eq!(logged(close(406, 50, 10)), 1, "queue.declare, 406");
+        assert_eq!(logged(close(404, 60, 20)), 1, "basic.consume, 404");
+        assert_eq!(logged(close(404, 40, 10)), 1, "exchange.declare, 404");
     }
 }

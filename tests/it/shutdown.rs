@@ -350,9 +350,43 @@ async fn run_refuses_a_taken_http_port<S: Store>(_store: S, url: String) {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
 
+/// A worker started on a fresh vhost and database, given a message and
+/// stopped logs no warning and no error: an alert on such lines fires only
+/// for a fault. (Every start asks the broker after the upgrade's holding
+/// queues, which are gone; lapin had logged each answer as an error.)
+async fn a_clean_start_and_stop_log_no_warning_and_no_error<S: Store>(_store: S, url: String) {
+    let vhost = Vhost::new();
+    let site = Site::new(&url, &vhost);
+    let client = Client::new(&vhost).await;
+    let mut worker = site.start_worker_with("the worker", &[("LOG_FORMAT", "json")]);
+    worker.await_ready().await;
+    client.publish(&account_opened("acme")).await;
+    client
+        .await_outbound("training-credits.account.opened", 1)
+        .await;
+    let log_file = worker.log.clone();
+    worker.stop_with("TERM").await;
+    let log = std::fs::read_to_string(log_file).expect("the worker's log");
+    let levels: Vec<String> = log
+        .lines()
+        .map(|line| {
+            let line: Value = serde_json::from_str(line).expect("a JSON log line");
+            line["level"].as_str().expect("a level").to_owned()
+        })
+        .collect();
+    assert!(levels.contains(&"INFO".to_owned()), "{log}");
+    assert!(
+        levels
+            .iter()
+            .all(|level| level != "WARN" && level != "ERROR"),
+        "{log}"
+    );
+}
+
 on_both_stores!(
     sigterm_during_a_stream_loses_nothing_and_doubles_nothing,
     publish_sends_a_file_of_events_with_confirms,
     run_stops_cleanly_on_sigint_too,
     run_refuses_a_taken_http_port,
+    a_clean_start_and_stop_log_no_warning_and_no_error,
 );
