@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 
 /// A process as `/proc/PID/stat` shows it (or a thread: `PID/task/TID`):
 /// its name, its start (clock ticks after boot, which with the pid tells one
-/// process from a later one with the same pid) and the CPU time (user + system) it has used so far, in
-/// seconds: unlike wall time, barely moved by whatever else the machine is
-/// doing.
+/// process from a later one with the same pid) and the CPU time (user +
+/// system) it has used so far, in seconds: unlike wall time, barely moved by
+/// whatever else the machine is doing.
 pub fn process_stat(pid: &str) -> Option<(String, u64, f64)> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -69,6 +69,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Queue};
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Metadata};
 use tracing_subscriber::layer::{Context, Filter};
 
@@ -284,9 +285,18 @@ async fn inspect(connection: &Connection, queue: &str) -> Result<Option<Queue>, 
 /// gone, and the answer is handled there; any other close stays logged.
 pub struct ProbeRefusals;
 
+/// It passes every level, so beside the log's level filter it keeps the
+/// most verbose level that filter lets through (without the hint the pair
+/// would claim every level, and each `debug!` or `trace!` anywhere would ask
+/// the filters). Its callsites stay "sometimes", the default: with "always"
+/// tracing-subscriber does not reset what a refused event leaves behind.
 impl<S> Filter<S> for ProbeRefusals {
     fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
         true
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::TRACE)
     }
 
     fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
@@ -415,6 +425,17 @@ mod tests {
             class_id,
             method_id,
         }
+    }
+
+    #[test]
+    fn beside_the_level_filter_it_keeps_the_most_verbose_level_that_filter_allows() {
+        use tracing_subscriber::filter::{EnvFilter, FilterExt};
+        use tracing_subscriber::registry::Registry;
+        let log = EnvFilter::new("warn").and(ProbeRefusals);
+        assert_eq!(
+            Filter::<Registry>::max_level_hint(&log),
+            Some(LevelFilter::WARN)
+        );
     }
 
     #[test]
